@@ -1,0 +1,3 @@
+from preftune.cli import main
+
+raise SystemExit(main())

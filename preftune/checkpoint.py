@@ -1,0 +1,268 @@
+"""Checkpoints that are either complete or absent, keep-last-k rotation, and exact resume.
+
+A checkpoint is written into a hidden temporary directory beside its final place, every file
+flushed to disk, a `COMPLETE` marker written last, and then the directory is renamed into place
+(`os.replace` is atomic on one filesystem). A directory without the marker is never picked up,
+and old checkpoints are deleted only after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Where the loop is: optimizer steps taken and pairs consumed (the data position)."""
+
+    global_step: int = 0
+    pairs_seen: int = 0
+    nonfinite_steps: int = 0
+
+    @classmethod
+    def from_json(cls, path: Path) -> TrainState:
+        data = json.loads(Path(path).read_text())
+        return cls(**{k: data[k] for k in ("global_step", "pairs_seen", "nonfinite_steps") if k in data})
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def check_writable(directory: Path) -> None:
+    """Fail before training, not at the first save, when the output directory cannot be written."""
+    probe = Path(directory) / f".write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(
+            f"output_dir {directory} is not writable ({e.strerror}); choose another --output_dir or fix its permissions"
+        ) from e
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _assert_finite(model) -> None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise CheckpointError(f"refusing to save: parameter {name} has non-finite values")
+
+
+def _versions() -> dict:
+    import accelerate
+    import transformers
+
+    import preftune
+
+    out = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
+           "accelerate": accelerate.__version__, "preftune": preftune.__version__}
+    try:
+        import peft
+
+        out["peft"] = peft.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(output_dir: Path, trainer, state: TrainState, accelerator) -> Path:
+    """Write `<output_dir>/checkpoint-<step>/` atomically; then apply `save_total_limit`."""
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{state.global_step}"
+    tmp = output_dir / f".tmp-checkpoint-{state.global_step}-{os.getpid()}"
+    model = accelerator.unwrap_model(trainer.model)
+    _assert_finite(model)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp / "model", safe_serialization=True)
+        trainer.tokenizer.save_pretrained(tmp / "model")
+        torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng_state.pt")
+        ref_state = getattr(trainer.reference, "state_dict", None)
+        if callable(ref_state) and (sd := ref_state()):
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / "reference.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
+        trainer.args.to_yaml(tmp / "config.yaml")
+        (tmp / "versions.json").write_text(json.dumps(_versions(), indent=1))
+        _fsync_tree(tmp)
+        (tmp / MARKER).write_text("ok\n")
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(output_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"could not write checkpoint {final} ({e.strerror or e}); the previous checkpoint is untouched. "
+            "Free disk space or choose another output_dir, then resume with --resume_from_checkpoint latest"
+        ) from e
+    logger.info("saved checkpoint %s", final)
+    _rotate(output_dir, trainer.args.save_total_limit, keep=final)
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    found = []
+    if not Path(output_dir).is_dir():
+        return found
+    for p in Path(output_dir).iterdir():
+        m = _CKPT_RE.match(p.name)
+        if m and (p / MARKER).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def _rotate(output_dir: Path, limit: int | None, keep: Path) -> None:
+    if not limit or limit <= 0:
+        return
+    ckpts = list_checkpoints(output_dir)
+    for old in ckpts[: max(0, len(ckpts) - limit)]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in Path(output_dir).glob(".tmp-checkpoint-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def resolve_checkpoint(output_dir: Path, spec) -> Path:
+    """A checkpoint path from `resume_from_checkpoint`: a directory, or "latest"/True."""
+    if spec is True or (isinstance(spec, str) and spec.lower() in ("latest", "true")):
+        ckpts = list_checkpoints(output_dir)
+        if not ckpts:
+            raise CheckpointError(f"resume_from_checkpoint=latest: no complete checkpoint in {output_dir}")
+        return ckpts[-1]
+    path = Path(spec)
+    if not (path / MARKER).is_file():
+        raise CheckpointError(
+            f"resume_from_checkpoint={spec}: not a complete checkpoint directory (no {MARKER} marker); "
+            "use 'latest' to pick the newest complete one"
+        )
+    return path
+
+
+def load_checkpoint(path: Path, trainer, accelerator) -> TrainState:
+    """Restore weights, optimizer, scheduler, RNG and reference state from `path`."""
+    from safetensors.torch import load_file
+
+    model = accelerator.unwrap_model(trainer.model)
+    model_dir = Path(path) / "model"
+    if (model_dir / "adapter_model.safetensors").is_file():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(model_dir / "adapter_model.safetensors")))
+    else:
+        sd = {}
+        for f in sorted(model_dir.glob("*.safetensors")):
+            sd.update(load_file(str(f)))
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not _is_tied(model, k)]
+        if missing or unexpected:
+            raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    trainer.optimizer.load_state_dict(torch.load(Path(path) / "optimizer.pt", map_location="cpu", weights_only=True))
+    trainer.scheduler.load_state_dict(torch.load(Path(path) / "scheduler.pt", weights_only=True))
+    _set_rng_state(torch.load(Path(path) / "rng_state.pt", weights_only=False))
+    ref_file = Path(path) / "reference.safetensors"
+    if ref_file.is_file() and hasattr(trainer.reference, "load_state_dict"):
+        trainer.reference.load_state_dict(load_file(str(ref_file)))
+    return TrainState.from_json(Path(path) / "trainer_state.json")
+
+
+def _is_tied(model, key: str) -> bool:
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and key.endswith("lm_head.weight")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """After a resume, drop logged rows past the checkpoint's step (and a torn last line)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if int(row.get("step", 0)) <= step:
+            keep.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_pretrained_atomic(model, tokenizer, out_dir: Path) -> None:
+    """Save a Hugging Face model (or adapter) and tokenizer into out_dir, each file replaced atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _assert_finite(model)
+    tmp = out_dir / f".tmp-final-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _fsync_tree(tmp)
+        for f in tmp.iterdir():
+            os.replace(f, out_dir / f.name)
+        _fsync_dir(out_dir)
+    except OSError as e:
+        raise CheckpointError(f"could not save the model to {out_dir} ({e.strerror or e}); free space or change output_dir") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

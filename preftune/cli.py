@@ -1,0 +1,131 @@
+"""Command line: preftune train | eval | precompute-ref | losses | report | data demo.
+
+`preftune train` with no arguments runs DPO on the embedded SmolLM2-135M-Instruct with the bundled
+demo preference data. Every DPOConfig field is a flag (`preftune train --help` lists them);
+`--config FILE.yaml` loads a file and flags override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+USAGE = """preftune <command> [options]
+
+commands:
+  train            train with DPO (no arguments: embedded default model + bundled demo data)
+  eval             reward metrics and generation-based evaluation of a trained model
+  precompute-ref   run only the reference log-prob pass into the on-disk cache
+  losses           list every preference loss with its parameters and defaults
+  report RUN_DIR   write plots and an HTML report from a run directory
+  data demo --out DIR   write the bundled demo preference data as JSONL
+"""
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "accelerate.utils.other"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_train(argv: list[str]) -> int:
+    from preftune.config import DPOConfig
+    from preftune.trainer import train
+
+    config, _extras = DPOConfig.parse_cli(argv, prog="preftune train", use_demo_defaults_when_empty=True)
+    train(config)
+    return 0
+
+
+def cmd_precompute_ref(argv: list[str]) -> int:
+    from preftune.config import DPOConfig
+    from preftune.trainer import DPOTrainer
+
+    config, _ = DPOConfig.parse_cli(argv, prog="preftune precompute-ref", use_demo_defaults_when_empty=True)
+    config.precompute_ref_log_probs = True
+    trainer = DPOTrainer(args=config)
+    trainer.reference = trainer._build_reference()
+    print(f"reference log-probs cached for {len(trainer.train_split)} train pairs"
+          + (f" and {len(trainer.eval_split)} eval pairs" if trainer.eval_split is not None else ""))
+    return 0
+
+
+def cmd_losses(argv: list[str]) -> int:
+    from preftune.losses import describe_losses
+
+    print(describe_losses())
+    return 0
+
+
+def cmd_report(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="preftune report", description="plots and an HTML page from a run directory")
+    p.add_argument("run_dir")
+    a = p.parse_args(argv)
+    from preftune.report import detect_likelihood_collapse, print_collapse_warning, read_metrics, write_report
+
+    path = write_report(a.run_dir)
+    train_rows, _ = read_metrics(a.run_dir)
+    print_collapse_warning(detect_likelihood_collapse(train_rows))
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_data(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="preftune data", description="bundled data utilities")
+    sub = p.add_subparsers(dest="what", required=True)
+    d = sub.add_parser("demo", help="write the bundled demo preference data as JSONL")
+    d.add_argument("--out", required=True, help="output directory")
+    a = p.parse_args(argv)
+    from preftune.data.demo import write_demo
+
+    for path in write_demo(a.out):
+        print(path)
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from preftune.evaluate_cli import run_eval_cli
+
+    return run_eval_cli(argv)
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "precompute-ref": cmd_precompute_ref,
+    "losses": cmd_losses,
+    "report": cmd_report,
+    "data": cmd_data,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"preftune: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    _setup_logging("--verbose" in rest)
+    rest = [a for a in rest if a != "--verbose"]
+    try:
+        return COMMANDS[cmd](rest) or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise
+        print(f"preftune {cmd}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

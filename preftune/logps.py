@@ -1,0 +1,285 @@
+"""Per-response sequence log-probs (eq 6.3, 6.7, 6.8): completion-only, chunked output head.
+
+``model_logps`` runs the decoder once over a batch from ``preftune.data.batching.collate``,
+gathers the K hidden states whose next token is a completion token (``batch["positions"]``)
+and applies the output head to them ``chunk_size`` rows at a time (logits upcast to float32
+before the log-softmax; the decoder is reached through the outer model, see ``_final_hidden``,
+so PEFT, DDP and autocast wrappers apply). Neither the
+forward nor the backward holds a (tokens, vocab) tensor: the head is a custom autograd
+function that keeps only its inputs and recomputes one chunk's logits at a time in backward.
+Prompt and padding positions never reach the head, so they get no gradient (section 6.5.6).
+
+``logps_from_logits`` is the plain twin over full logits; the tests hold the fast path to it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from preftune.data.batching import IGNORE_INDEX
+
+
+@dataclass
+class ResponseLogps:
+    """Per-pair results of ``model_logps``; all (B,), float32 except the long lengths."""
+
+    chosen_logps: torch.Tensor  # summed (or mean, with average=True) log pi(y_w | x), eq 6.7
+    rejected_logps: torch.Tensor  # same for y_l, eq 6.8
+    chosen_lengths: torch.Tensor  # completion tokens of y_w
+    rejected_lengths: torch.Tensor  # completion tokens of y_l
+    chosen_nll: torch.Tensor  # -sum log pi(y_w | x) / |y_w|: mean per-token NLL (rpo)
+
+
+def logps_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, average: bool = False):
+    """Plain full-logits log-probs, eq 6.3 with the prompt/padding mask of eq 6.7/6.8.
+
+    logits (N, T, V) any float dtype; labels (N, T) unshifted, -100 = not a completion token.
+    Position t predicts labels[t + 1]. Returns (logps (N,) float32 sums (means with
+    average=True), counts (N,) long).
+    """
+    labels = labels[:, 1:]  # (N, T-1)
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (N, T-1, V)
+    mask = labels != IGNORE_INDEX
+    token = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * mask  # (N, T-1)
+    logps, counts = token.sum(-1), mask.sum(-1)
+    return (logps / counts.clamp(min=1) if average else logps), counts
+
+
+def _head_logits(h, weight, bias, scale, softcap):
+    """(n, H) -> (n, V) logits upcast to float32, then the config's scaling and soft-capping.
+
+    The matmul runs in the inputs' common dtype (bf16 in bf16 training, float32 accumulate),
+    exactly like ``lm_head`` followed by ``.float()``; everything after it is float32.
+    """
+    dt = torch.promote_types(h.dtype, weight.dtype)
+    z = F.linear(h.to(dt), weight.to(dt), None if bias is None else bias.to(dt)).float()
+    if scale is not None:
+        z = z * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """token_logps[k] = log softmax(head(h[k]))[targets[k]], chunk by chunk; (K,) float32.
+
+    Saves only h (K, H), W (V, H), bias and targets. Backward recomputes each chunk's logits
+    and uses d logp / d z = onehot(target) - softmax(z), then chains through soft-capping
+    (d cap*tanh(u/cap) / du = 1 - tanh^2) and scaling, so it holds one (chunk, V) at a time.
+    Under CUDA autocast, backward runs with forward's autocast state (custom_fwd/custom_bwd).
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, h, weight, bias, targets, chunk_size, scale, softcap):
+        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk_size):
+            z = _head_logits(h[s : s + chunk_size], weight, bias, scale, softcap)  # (c, V)
+            t = targets[s : s + chunk_size, None]
+            out[s : s + chunk_size] = (z.gather(1, t) - torch.logsumexp(z, dim=1, keepdim=True))[:, 0]
+        ctx.save_for_backward(h, weight, bias, targets)
+        ctx.chunk_size, ctx.scale, ctx.softcap = chunk_size, scale, softcap
+        return out
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_out):  # grad_out (K,) float32
+        h, weight, bias, targets = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dt = torch.promote_types(h.dtype, weight.dtype)
+        w = weight.to(dt)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if need_b else None
+        for s in range(0, h.shape[0], ctx.chunk_size):
+            hc, tc = h[s : s + ctx.chunk_size].to(dt), targets[s : s + ctx.chunk_size, None]  # (c, H), (c, 1)
+            z = _head_logits(hc, w, bias, ctx.scale, ctx.softcap)  # (c, V) float32
+            dcap = 1 - (z / ctx.softcap) ** 2 if ctx.softcap is not None else None
+            dz = z.sub_(z.logsumexp(1, keepdim=True)).exp_().neg_()  # -softmax, in place
+            dz.scatter_add_(1, tc, torch.ones_like(tc, dtype=dz.dtype))  # onehot - softmax
+            dz.mul_(grad_out[s : s + ctx.chunk_size, None] * (ctx.scale if ctx.scale is not None else 1.0))
+            if dcap is not None:
+                dz.mul_(dcap)
+            if need_b:
+                grad_b += dz.sum(0)
+            dz = dz.to(dt)
+            if need_h:
+                grad_h[s : s + ctx.chunk_size] = (dz @ w).to(h.dtype)
+            if need_w:
+                grad_w += (dz.T @ hc).float()
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+
+
+def _module_token_logps(head, h, targets, chunk_size, scale, softcap):
+    """Fallback when the head is not a plain Linear (e.g. LoRA-wrapped): call the module on
+    chunks, each under activation checkpointing so only one chunk's (c, V) is alive."""
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk(hc, tc):
+        z = head(hc).float()
+        z = z * scale if scale is not None else z
+        z = softcap * torch.tanh(z / softcap) if softcap is not None else z
+        return z.gather(1, tc[:, None])[:, 0] - torch.logsumexp(z, dim=1)
+
+    outs = [
+        checkpoint(chunk, h[s : s + chunk_size], targets[s : s + chunk_size], use_reentrant=False)
+        if torch.is_grad_enabled()
+        else chunk(h[s : s + chunk_size], targets[s : s + chunk_size])
+        for s in range(0, h.shape[0], chunk_size)
+    ]
+    return torch.cat(outs) if outs else h.new_zeros(0, dtype=torch.float32)
+
+
+def sequence_logps(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor | None,
+    positions: torch.Tensor,
+    targets: torch.Tensor,
+    segments: torch.Tensor,
+    num_segments: int,
+    *,
+    lm_head_bias: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    logit_scale: float | None = None,
+    logit_softcap: float | None = None,
+    head_module: torch.nn.Module | None = None,
+):
+    """Completion-only summed log-probs per segment (eq 6.3), without (tokens, V) logits.
+
+    hidden (R, T, H) or (R*T, H) final hidden states (after the last norm);
+    lm_head_weight (V, H) (and lm_head_bias (V,)); positions, targets, segments (K,) from
+    ``collate``. logits = (h W^T + b) * logit_scale, then logit_softcap * tanh(. / softcap),
+    all float32. ``head_module`` instead of the weight calls that module (for wrapped heads).
+    Returns (logps (S,) float32, counts (S,) long) with S = num_segments.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"sequence_logps: chunk_size must be >= 1, got {chunk_size}.")
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (K, H)
+    if head_module is not None:
+        token = _module_token_logps(head_module, h, targets, chunk_size, logit_scale, logit_softcap)
+    else:
+        token = _ChunkedTokenLogps.apply(
+            h, lm_head_weight, lm_head_bias, targets, chunk_size, logit_scale, logit_softcap
+        )  # (K,)
+    logps = torch.zeros(num_segments, dtype=torch.float32, device=h.device).index_add(0, segments, token)
+    counts = torch.bincount(segments, minlength=num_segments)
+    return logps, counts
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under DDP/accelerate (``.module``) and PEFT (``get_base_model``)."""
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+# Config fields that change the final logits in some architectures but are not folded into the
+# chunked head below; a model that sets one is refused instead of silently getting other numbers.
+_UNSUPPORTED_LOGIT_FIELDS = ("lm_head_multiplier", "output_multiplier", "softcap")
+
+
+def _logit_transform(config) -> tuple[float | None, float | None]:
+    """(scale, softcap) that the config applies to the final logits.
+
+    Honors ``logit_scale`` (logits * s), ``logits_scaling`` (logits / s) and
+    ``final_logit_softcapping`` (c * tanh(logits / c)); refuses the fields above.
+    """
+    scale = getattr(config, "logit_scale", None)
+    if getattr(config, "logits_scaling", None) not in (None, 1, 1.0):
+        scale = (scale if scale is not None else 1.0) / config.logits_scaling
+    for name in _UNSUPPORTED_LOGIT_FIELDS:
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            raise NotImplementedError(
+                f"model_logps: config.{name}={getattr(config, name)!r} rescales the final logits, which the "
+                "chunked completion-only head does not reproduce; this architecture is not supported yet."
+            )
+    return scale, getattr(config, "final_logit_softcapping", None)
+
+
+def _attention_mask_for(mask, attn_impl: str, dtype: torch.dtype):
+    """The prefix layout's (R, 1, T, T) bool mask in the form the attention kernel takes."""
+    if mask is None or mask.dim() != 4:
+        return mask
+    if attn_impl == "sdpa":
+        return mask  # bool: True = attend, used as is by scaled_dot_product_attention
+    if attn_impl == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    raise ValueError(
+        f"model_logps: the prefix layout needs a 4D attention mask, which attn_implementation={attn_impl!r} "
+        "does not take; load the model with attn_implementation='sdpa' (or 'eager') or use layout='packed'."
+    )
+
+
+def _final_hidden(model, base, inputs: dict) -> torch.Tensor:
+    """(R, T, H) hidden states after the decoder's final norm.
+
+    The call goes through the outer ``model`` (so DDP hooks, accelerate's autocast and PEFT
+    all apply) with ``logits_to_keep`` = no position, and a forward hook on the decoder catches
+    its output; models without ``logits_to_keep`` get their decoder called directly.
+    """
+    decoder = base.get_decoder()
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return decoder(**inputs).last_hidden_state
+    caught = []
+    handle = decoder.register_forward_hook(lambda _m, _a, out: caught.append(out[0]))
+    try:
+        model(**inputs, logits_to_keep=torch.zeros(0, dtype=torch.long, device=inputs["input_ids"].device))
+    finally:
+        handle.remove()
+    return caught[-1]
+
+
+def model_logps(model, batch: dict, *, chunk_size: int = 1024, average: bool = False) -> ResponseLogps:
+    """Per-response log-probs of a collated batch (any layout) under ``model``.
+
+    model: a transformers causal LM, optionally PEFT- and/or DDP-wrapped. Returns
+    ``ResponseLogps`` with (B,) float32 sums (means per token with ``average=True``, section
+    6.5.5) and long lengths, whatever the model's dtype.
+    """
+    base = _unwrap(model)
+    head = base.get_output_embeddings()
+    device = head.weight.device if hasattr(head, "weight") else next(base.parameters()).device
+    scale, softcap = _logit_transform(base.config)
+    mask = batch["attention_mask"]
+    if mask is not None:
+        mask = _attention_mask_for(mask.to(device), base.config._attn_implementation, next(base.parameters()).dtype)
+    inputs = {
+        "input_ids": batch["input_ids"].to(device),
+        "attention_mask": mask,
+        "position_ids": batch["position_ids"].to(device),
+        "use_cache": False,
+    }
+    hidden = _final_hidden(model, base, inputs)  # (R, T, H)
+    plain = type(head) is torch.nn.Linear
+    B = batch["num_pairs"]
+    logps, counts = sequence_logps(
+        hidden,
+        head.weight if plain else None,
+        batch["positions"].to(device),
+        batch["targets"].to(device),
+        batch["segments"].to(device),
+        2 * B,
+        lm_head_bias=head.bias if plain else None,
+        chunk_size=chunk_size,
+        logit_scale=scale,
+        logit_softcap=softcap,
+        head_module=None if plain else head,
+    )
+    mean = logps / counts.clamp(min=1)
+    out = mean if average else logps
+    return ResponseLogps(
+        chosen_logps=out[:B],
+        rejected_logps=out[B:],
+        chosen_lengths=counts[:B],
+        rejected_lengths=counts[B:],
+        chosen_nll=-mean[:B],
+    )

@@ -1,0 +1,513 @@
+"""Where reference log-probs come from: one interface, four sources.
+
+- :class:`FrozenModelReference` — a separate frozen copy of the model.
+- :class:`AdapterDisabledReference` — the LoRA policy itself with its adapters switched off
+  (reference = base model; no second copy in memory).
+- :class:`CachedReference` — a table of log-probs computed once before training
+  (:func:`precompute_reference_logps`), kept on disk under a key that hashes everything that
+  changes the numbers (:func:`reference_cache_key`); a mismatch recomputes, never reuses.
+- TR-DPO (:class:`EMAReferenceSync`): the reference tracks the policy every ``sync_steps``
+  optimizer steps, ``ref <- alpha * policy + (1 - alpha) * ref``, either for a separate reference
+  model or, with LoRA, for a second adapter named "ref" (:class:`RefAdapterReference`).
+
+Every source returns a ``preftune.logps.ResponseLogps`` computed without autograd. A reference
+is needed only by losses that use it; :func:`make_reference` returns None for the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from preftune.models import cache_root, disable_dropout
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = "1"
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode (dropout off) and restore each one's own flag after."""
+    states = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in states:
+            module.training = training
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _detached(out):
+    """Copy an inference-mode ResponseLogps into ordinary tensors (they may meet autograd in the loss)."""
+    from preftune.logps import ResponseLogps
+
+    return ResponseLogps(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(out).items()})
+
+
+def forward_logps(model: nn.Module, batch: dict, **logps_kwargs):
+    """``model_logps(model, batch, **logps_kwargs)`` in eval mode, under ``torch.inference_mode``."""
+    from preftune.logps import model_logps
+
+    device = next(model.parameters()).device
+    with eval_mode(model), torch.inference_mode():
+        out = model_logps(model, _to_device(batch, device), **logps_kwargs)
+    return _detached(out)
+
+
+def _canonical(name: str) -> str:
+    """Parameter name without wrapper prefixes (DDP ``module.``, torch.compile ``_orig_mod.``)."""
+    parts = [p for p in name.split(".") if p not in ("module", "_orig_mod")]
+    return ".".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# TR-DPO sync
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EMAReferenceSync:
+    """TR-DPO: every ``sync_steps`` optimizer steps, ``ref <- alpha * policy + (1 - alpha) * ref``.
+
+    alpha: ``ref_model_mixup_alpha`` in (0, 1]: how much of the current policy to mix in.
+    sync_steps: ``ref_model_sync_steps`` >= 1.
+    """
+
+    alpha: float = 0.6
+    sync_steps: int = 512
+
+    def __post_init__(self):
+        if not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"ref_model_mixup_alpha={self.alpha} must be in (0, 1]")
+        if self.sync_steps < 1:
+            raise ValueError(f"ref_model_sync_steps={self.sync_steps} must be >= 1")
+
+    def due(self, step: int) -> bool:
+        """True after optimizer steps sync_steps, 2*sync_steps, ... (steps count from 1)."""
+        return step > 0 and step % self.sync_steps == 0
+
+    @torch.no_grad()
+    def mix_(self, ref: Sequence[torch.Tensor], policy: Sequence[torch.Tensor]) -> None:
+        """In place: ``ref[i] <- ref[i] + alpha * (policy[i] - ref[i])`` (= alpha*policy + (1-alpha)*ref)."""
+        ref = [r.data for r in ref]
+        pol = [p.detach().to(device=r.device, dtype=r.dtype) for p, r in zip(policy, ref)]
+        torch._foreach_lerp_(ref, pol, self.alpha)
+
+    def mix_models_(self, ref_model: nn.Module, policy: nn.Module) -> None:
+        """Mix a separate reference model toward the policy, parameter by parameter (matched by name)."""
+        ref_params = {_canonical(n): p for n, p in ref_model.named_parameters()}
+        pol_params = {_canonical(n): p for n, p in policy.named_parameters()}
+        if ref_params.keys() != pol_params.keys():
+            diff = sorted(ref_params.keys() ^ pol_params.keys())
+            raise ValueError(
+                f"TR-DPO sync: reference and policy parameters differ ({diff[:3]} ...); the reference must be "
+                "a copy of the policy's architecture (with LoRA, let preftune build the 'ref' adapter)"
+            )
+        for name, r in ref_params.items():
+            if r.shape != pol_params[name].shape:
+                raise ValueError(f"TR-DPO sync: {name} has shape {tuple(r.shape)} in the reference, "
+                                 f"{tuple(pol_params[name].shape)} in the policy")  # fmt: skip
+        names = sorted(ref_params)
+        self.mix_([ref_params[n] for n in names], [pol_params[n] for n in names])
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------
+
+
+class Reference:
+    """Interface: ``logps(batch) -> ResponseLogps`` without autograd, and a per-optimizer-step hook.
+
+    ``logps_kwargs`` (e.g. ``chunk_size``) go to ``model_logps`` for the sources that run a forward.
+    """
+
+    needs_forward: bool = True
+
+    def logps(self, batch: dict, **logps_kwargs):
+        raise NotImplementedError
+
+    def on_optimizer_step(self, step: int, policy: nn.Module) -> None:
+        """Called after optimizer step ``step`` (1-based); TR-DPO syncs here. No-op by default."""
+
+
+class _ModelReference(Reference):
+    """Any model, used as is (for precomputing from a model the caller still owns)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def logps(self, batch: dict, **logps_kwargs):
+        return forward_logps(self.model, batch, **logps_kwargs)
+
+
+class FrozenModelReference(_ModelReference):
+    """A separate reference model: eval mode, no grads, dropout off; optional TR-DPO sync.
+
+    freeze=False leaves the model's flags alone (the policy serving as its own reference before
+    training, to precompute); the forward still runs in eval mode without autograd.
+    """
+
+    def __init__(self, ref_model: nn.Module, sync: EMAReferenceSync | None = None, *, freeze: bool = True):
+        super().__init__(ref_model)
+        if freeze:
+            ref_model.eval()
+            ref_model.requires_grad_(False)
+            disable_dropout(ref_model)
+        self.sync = sync
+
+    def on_optimizer_step(self, step: int, policy: nn.Module) -> None:
+        if self.sync is not None and self.sync.due(step):
+            self.sync.mix_models_(self.model, policy)
+
+
+class AdapterDisabledReference(Reference):
+    """The PEFT policy with adapters disabled: reference = base model, no second copy."""
+
+    def __init__(self, peft_model: nn.Module):
+        if not hasattr(peft_model, "disable_adapter"):
+            raise TypeError("AdapterDisabledReference needs a peft model (with disable_adapter()); "
+                            "pass ref_model for a full-model policy")  # fmt: skip
+        self.model = peft_model
+
+    def logps(self, batch: dict, **logps_kwargs):
+        with self.model.disable_adapter():
+            return forward_logps(self.model, batch, **logps_kwargs)
+
+
+class RefAdapterReference(Reference):
+    """TR-DPO with LoRA: the reference is base + a frozen second adapter "ref".
+
+    The "ref" adapter starts as a copy of the policy's adapter (so at step 0 the reference equals
+    the policy). Each sync lerps its LoRA tensors toward the policy adapter's:
+    ``A_ref <- alpha*A + (1-alpha)*A_ref`` and likewise for B. That is the TR-DPO formula applied
+    to the adapter's parameters; the weight delta ``B_ref @ A_ref`` is not exactly the lerp of the
+    two deltas (the product is bilinear), only its factors are.
+    """
+
+    def __init__(self, peft_model: nn.Module, sync: EMAReferenceSync, adapter_name: str = "ref"):
+        import copy
+
+        self.model, self.sync, self.name = peft_model, sync, adapter_name
+        self.policy_name = peft_model.active_adapter
+        if adapter_name in peft_model.peft_config:
+            raise ValueError(f"the policy already has an adapter named {adapter_name!r}")
+        grads = {n: p.requires_grad for n, p in peft_model.named_parameters()}
+        config = copy.deepcopy(peft_model.peft_config[self.policy_name])
+        peft_model.add_adapter(adapter_name, config)
+        params = dict(peft_model.named_parameters())
+        self.ref_params, self.policy_params = [], []
+        for name, p in params.items():
+            if f".{self.policy_name}." in name:
+                ref_name = name.replace(f".{self.policy_name}.", f".{adapter_name}.")
+                self.policy_params.append(p)
+                self.ref_params.append(params[ref_name])
+        if not self.ref_params:
+            raise ValueError(
+                f"no parameters of adapter {self.policy_name!r} found to copy into {adapter_name!r}"
+            )
+        with torch.no_grad():
+            torch._foreach_copy_([r.data for r in self.ref_params], [p.data for p in self.policy_params])
+        for name, p in params.items():
+            p.requires_grad_(grads.get(name, False))  # the new adapter stays frozen
+        peft_model.set_adapter(self.policy_name)
+        self._restore_grads(grads)
+
+    def _restore_grads(self, grads: dict) -> None:
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(grads.get(name, False))
+
+    @contextmanager
+    def _ref_active(self) -> Iterator[None]:
+        # set_adapter also flips requires_grad flags, so they are saved and restored exactly
+        grads = {n: p.requires_grad for n, p in self.model.named_parameters()}
+        self.model.set_adapter(self.name, inference_mode=True)
+        try:
+            yield
+        finally:
+            self.model.set_adapter(self.policy_name)
+            self._restore_grads(grads)
+
+    def logps(self, batch: dict, **logps_kwargs):
+        with self._ref_active():
+            return forward_logps(self.model, batch, **logps_kwargs)
+
+    def on_optimizer_step(self, step: int, policy: nn.Module) -> None:
+        if self.sync.due(step):
+            self.sync.mix_(self.ref_params, self.policy_params)
+
+
+class CachedReference(Reference):
+    """Precomputed reference log-probs: a (N, 2) float32 table [chosen, rejected] indexed by the
+    batch's ``pair_index``. Lengths come from the batch itself (token counts per response).
+
+    lengths: optional (N, 2) long table of the token counts the logps were computed on; when given,
+    each batch's counts must match (a cache of differently truncated data is refused).
+    """
+
+    needs_forward = False
+
+    def __init__(self, table: torch.Tensor, lengths: torch.Tensor | None = None):
+        if table.ndim != 2 or table.shape[1] != 2:
+            raise ValueError(f"reference table must have shape (N, 2), got {tuple(table.shape)}")
+        self.table = table.float().cpu()
+        self.lengths = None if lengths is None else lengths.long().cpu()
+
+    def logps(self, batch: dict, **logps_kwargs):
+        from preftune.logps import ResponseLogps
+
+        index = batch["pair_index"].cpu().long()
+        b, n = int(batch["num_pairs"]), self.table.shape[0]
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
+            raise IndexError(f"pair_index {index.tolist()} outside the cached reference table of {n} rows: "
+                             "the cache belongs to another dataset; delete it or recompute")  # fmt: skip
+        rows = self.table[index]  # (B, 2)
+        if torch.isnan(rows).any():
+            missing = index[torch.isnan(rows).any(1)].tolist()
+            raise ValueError(
+                f"pairs {missing} have no precomputed reference log-probs (dropped when precomputing?)"
+            )
+        counts = torch.bincount(batch["segments"].cpu(), minlength=2 * b)  # (2B,)
+        if self.lengths is not None and not torch.equal(
+            self.lengths[index], torch.stack([counts[:b], counts[b:]], 1)
+        ):
+            raise ValueError(
+                "completion lengths differ from those the cached reference was computed on; recompute it"
+            )
+        device = batch["segments"].device
+        return ResponseLogps(
+            chosen_logps=rows[:, 0].to(device), rejected_logps=rows[:, 1].to(device),
+            chosen_lengths=counts[:b].to(device), rejected_lengths=counts[b:].to(device),
+            chosen_nll=torch.full((b,), float("nan"), device=device),  # unknown without a forward
+        )  # fmt: skip
+
+
+def make_reference(*, loss_needs_reference: bool, policy: nn.Module, ref_model: nn.Module | None = None,
+                   precomputed: torch.Tensor | None = None,
+                   sync: EMAReferenceSync | None = None) -> Reference | None:  # fmt: skip
+    """Pick the reference source.
+
+    None when the loss is reference-free (nothing is built); a precomputed table -> CachedReference;
+    a PEFT policy without ref_model -> adapters disabled (or the "ref" adapter under TR-DPO);
+    otherwise the frozen ``ref_model`` (the trainer loads it from the policy's path when not given).
+    """
+    if not loss_needs_reference:
+        return None
+    is_peft = hasattr(policy, "disable_adapter") and hasattr(policy, "peft_config")
+    if precomputed is not None:
+        if sync is not None:
+            raise ValueError("sync_ref_model (TR-DPO) needs a live reference; drop precompute_ref_log_probs")
+        return CachedReference(precomputed)
+    if ref_model is None:
+        if not is_peft:
+            raise ValueError(
+                "this loss needs a reference: pass ref_model (or use LoRA, whose base model serves)"
+            )
+        return RefAdapterReference(policy, sync) if sync is not None else AdapterDisabledReference(policy)
+    return FrozenModelReference(ref_model, sync=sync)
+
+
+# --------------------------------------------------------------------------------------------
+# Precompute and the disk cache
+# --------------------------------------------------------------------------------------------
+
+
+def precompute_reference_logps(ref_model_or_reference: nn.Module | Reference, features: Sequence[dict], *,
+                               batch_size: int, pad_token_id: int, layout: str = "padded",
+                               progress: bool = True, **logps_kwargs) -> torch.Tensor:  # fmt: skip
+    """One inference pass over tokenized pairs -> (N, 2) float32 table [chosen, rejected].
+
+    Row ``features[i]["index"]`` holds pair i; N = max index + 1 (rows of absent indices are NaN).
+    Pairs are batched longest-first so batches carry little padding; the order does not change
+    any value. Afterwards the reference model can be freed. logps_kwargs go to ``model_logps``.
+    """
+    from tqdm.auto import tqdm
+
+    from preftune.data.batching import collate
+
+    ref = ref_model_or_reference
+    ref = ref if isinstance(ref, Reference) else _ModelReference(ref)
+    if not ref.needs_forward:
+        raise TypeError("precompute_reference_logps needs a model or a live reference, not a cached one")
+    indices = [int(f["index"]) for f in features]
+    if len(set(indices)) != len(indices):
+        raise ValueError(
+            "tokenized pairs have duplicate 'index' fields; the reference table needs unique rows"
+        )
+    table = torch.full((max(indices, default=-1) + 1, 2), float("nan"))
+    order = sorted(range(len(features)), key=lambda i: -sum(len(features[i][k]) for k in
+                                                             ("prompt_ids", "chosen_ids", "rejected_ids")))  # fmt: skip
+    with tqdm(total=len(order), desc="reference log-probs", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = [features[i] for i in order[start : start + batch_size]]
+            batch = collate(chunk, layout=layout, pad_token_id=pad_token_id)
+            out = ref.logps(batch, **logps_kwargs)
+            rows = torch.stack([out.chosen_logps, out.rejected_logps], 1).float().cpu()
+            table[batch["pair_index"].cpu()] = rows
+            bar.update(len(chunk))
+    return table
+
+
+def _sha256_file_meta(path: Path) -> list:
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(path.iterdir())
+            if p.suffix in {".safetensors", ".bin", ".gguf", ".pt", ".json"}]  # fmt: skip
+
+
+def model_fingerprint(model_or_path: nn.Module | str | os.PathLike, revision: str | None = None) -> str:
+    """Identity of a checkpoint: for a local directory the weight/config files' names, sizes and
+    mtimes (cheap; changes whenever the weights are rewritten); for a hub id, ``id@revision``; for
+    a model in memory, :func:`weights_fingerprint` (exact)."""
+    if isinstance(model_or_path, nn.Module):
+        return "weights:" + weights_fingerprint(model_or_path)
+    path = Path(model_or_path)
+    if path.is_dir():
+        meta = json.dumps(_sha256_file_meta(path.resolve()) + [str(path.resolve())])
+        return "dir:" + hashlib.sha256(meta.encode()).hexdigest()
+    return f"hub:{model_or_path}@{revision or 'main'}"
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 over every state-dict tensor's name, dtype, shape and bytes (exact; ~1 s per 500 MB)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's full definition (vocab, merges, normalizers) and special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    special = json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True, default=str)
+    return hashlib.sha256((body + special).encode()).hexdigest()
+
+
+def reference_cache_key(*, model_id: str, model_fingerprint: str, tokenizer_fingerprint: str,
+                        data_fingerprint: str, max_length: int | None, max_prompt_length: int | None,
+                        max_completion_length: int | None, truncation_mode: str, chat_template: str | None,
+                        extra: dict | None = None) -> str:  # fmt: skip
+    """sha256 over everything that changes the reference numbers (plus the cache format version)."""
+    fields = dict(format=CACHE_FORMAT, model_id=model_id, model_fingerprint=model_fingerprint,
+                  tokenizer_fingerprint=tokenizer_fingerprint, data_fingerprint=data_fingerprint,
+                  max_length=max_length, max_prompt_length=max_prompt_length,
+                  max_completion_length=max_completion_length, truncation_mode=truncation_mode,
+                  chat_template=chat_template, extra=extra or {})  # fmt: skip
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def default_reference_cache_path(key: str) -> Path:
+    """``<cache_root()>/reference/<key[:32]>.safetensors``."""
+    return cache_root() / "reference" / f"{key[:32]}.safetensors"
+
+
+def _checksum(table: torch.Tensor) -> str:
+    return hashlib.sha256(table.contiguous().numpy().tobytes()).hexdigest()
+
+
+def save_reference_cache(path: str | os.PathLike, table: torch.Tensor, key: str) -> Path:
+    """Write the table as safetensors with metadata {key, checksum, format}, atomically:
+    temp file in the same directory, fsync, ``os.replace``. Readers never see a partial file."""
+    from safetensors.torch import save
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = table.detach().float().cpu().contiguous()
+    data = save({"logps": table}, metadata={"key": key, "checksum": _checksum(table), "format": CACHE_FORMAT})
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_reference_cache(path: str | os.PathLike, key: str) -> torch.Tensor | None:
+    """The cached (N, 2) table if ``path`` holds one for ``key``; else None (never a wrong table).
+
+    Missing file -> None. Another key or format -> None, logged ("recomputing"). Unreadable file
+    or checksum mismatch -> None with a warning.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            table = f.get_tensor("logps")
+    except Exception as e:  # a truncated or corrupted file: safetensors raises various types
+        logger.warning("reference cache %s is unreadable (%s); recomputing", path, e)
+        return None
+    if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
+        logger.info("reference cache %s was computed for other settings (key differs); recomputing", path)
+        return None
+    if (
+        table.dtype != torch.float32
+        or table.ndim != 2
+        or table.shape[1] != 2
+        or _checksum(table) != meta.get("checksum")
+    ):
+        logger.warning("reference cache %s fails its checksum (corrupted?); recomputing", path)
+        return None
+    return table
+
+
+def cached_precompute(ref_model_or_reference: nn.Module | Reference, features: Sequence[dict], *,
+                      path: str | os.PathLike | None = None, key: str | None = None,
+                      cache_dir: str | os.PathLike | None = None, key_parts: dict | None = None,
+                      batch_size: int, pad_token_id: int, layout: str = "padded", progress: bool = True,
+                      accelerator=None, **logps_kwargs) -> torch.Tensor:  # fmt: skip
+    """Load the reference table from disk when it is valid for the key, else compute and save it.
+
+    The key is ``key`` or ``reference_cache_key(**key_parts)``; the file is ``path`` or
+    ``<cache_dir>/<key[:32]>.safetensors`` (default :func:`default_reference_cache_path`). With an
+    accelerate ``accelerator`` the main process computes and saves first; the others then load it.
+    """
+    if key is None:
+        if key_parts is None:
+            raise ValueError("cached_precompute needs key or key_parts")
+        key = reference_cache_key(**key_parts)
+    if path is None:
+        path = Path(cache_dir) / f"{key[:32]}.safetensors" if cache_dir else default_reference_cache_path(key)
+    needed = max((int(f["index"]) for f in features), default=-1) + 1
+    first = accelerator.main_process_first() if accelerator is not None else nullcontext()
+    with first:
+        table = load_reference_cache(path, key)
+        if table is not None and table.shape[0] >= needed:
+            logger.info("reusing reference log-probs from %s", path)
+            return table
+        table = precompute_reference_logps(ref_model_or_reference, features, batch_size=batch_size,
+                                           pad_token_id=pad_token_id, layout=layout, progress=progress,
+                                           **{k: v for k, v in logps_kwargs.items() if v is not None})  # fmt: skip
+        if accelerator is None or accelerator.is_main_process:
+            save_reference_cache(path, table, key)
+            logger.info("saved reference log-probs to %s", path)
+    return table

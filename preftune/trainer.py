@@ -1,0 +1,572 @@
+"""The training loop: DPO on accelerate.
+
+One optimizer step = K micro-batches per process (gradient accumulation). The chosen and rejected
+responses of a micro-batch go through the policy in one forward (`preftune.logps.model_logps`), the
+reference log-probs come from `preftune.reference`, the loss from the registry in
+`preftune.losses`. The loss of each micro-batch is the sum of its per-pair losses divided by the
+number of pairs in the whole global batch (eq. 6.13: B_global = B_micro x N_procs x K_accum), so
+that 1 x 4 and 4 x 1 give the same gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from preftune import checkpoint as ckpt
+from preftune.config import DPOConfig
+from preftune.data.batching import collate
+from preftune.data.pipeline import StepPlan, prepare_one, prepare_splits, report_skips
+from preftune.logps import model_logps
+from preftune.losses import LOSSES, loss_params, preference_loss, resolve_loss_names
+from preftune.metrics import MetricAccumulator, preference_metrics
+
+logger = logging.getLogger("preftune")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive optimizer steps with a non-finite loss or gradient."""
+
+
+class DPOTrainer:
+    """Train a causal LM on preference pairs with DPO or one of its variants.
+
+    The signature follows TRL's DPOTrainer: ``DPOTrainer(model, ref_model=None, args=DPOConfig(...),
+    train_dataset=..., eval_dataset=..., processing_class=tokenizer, peft_config=LoraConfig(...))``.
+    `model` may be a model object, a local path or hub id, or None (the config's
+    `model_name_or_path`, else the embedded default SmolLM2-135M-Instruct). Datasets may be
+    `datasets.Dataset`/`DatasetDict` objects, lists of dicts, or file/directory paths.
+    """
+
+    def __init__(
+        self,
+        model=None,
+        ref_model=None,
+        args: DPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        peft_config=None,
+        tokenizer=None,
+        callbacks=None,
+    ):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from preftune import models
+
+        self.args = args = args if args is not None else DPOConfig()
+        on_gpu = torch.cuda.is_available() and not args.use_cpu
+        self.accelerator = Accelerator(
+            cpu=not on_gpu, mixed_precision=args.mixed_precision(bf16_supported=on_gpu and torch.cuda.is_bf16_supported())
+        )
+        set_seed(int(args.seed))
+        self.callbacks = list(callbacks or [])
+        self.loss_names = resolve_loss_names(args.loss_type)
+        self.loss_kwargs = loss_params(args)
+        self.needs_reference = any(LOSSES[n].needs_reference for n in self.loss_names) and not args.reference_free
+
+        # --- model and tokenizer -------------------------------------------------------------
+        model_id = model if isinstance(model, (str, os.PathLike)) or model is None else None
+        if model_id is None and model is None:
+            model_id = args.model_name_or_path
+        self.model_id = str(model_id) if model_id is not None else getattr(getattr(model, "config", None), "_name_or_path", None)
+        if model is None or isinstance(model, (str, os.PathLike)):
+            path = models.resolve_model_path(model_id, cache_dir=args.cache_dir)
+            self.model_path = str(path)
+            model = models.load_model(
+                path,
+                dtype=args.dtype,
+                bf16=args.bf16,
+                fp16=args.fp16,
+                model_init_kwargs=args.model_init_kwargs,
+                trust_remote_code=args.trust_remote_code,
+                allow_pickle=args.allow_pickle,
+            )
+        else:
+            self.model_path = getattr(model.config, "_name_or_path", None) or None
+        tokenizer = processing_class if processing_class is not None else tokenizer
+        if tokenizer is None:
+            if not self.model_path:
+                raise ValueError("processing_class (the tokenizer) is required when the model has no path to load it from")
+            tokenizer = models.load_tokenizer(self.model_path, trust_remote_code=args.trust_remote_code)
+        elif tokenizer.pad_token_id is None:
+            tokenizer = models.ensure_pad_token(tokenizer)
+        if args.chat_template:
+            tokenizer.chat_template = args.chat_template
+        self.tokenizer = self.processing_class = tokenizer
+        if args.disable_dropout:
+            models.disable_dropout(model)
+        if peft_config is None and args.use_peft:
+            peft_config = models.lora_config_from_args(
+                args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules
+            )
+        if peft_config is not None:
+            model = models.apply_peft(model, peft_config, gradient_checkpointing=args.gradient_checkpointing)
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs or {"use_reentrant": False})
+            if hasattr(model, "config"):
+                model.config.use_cache = False
+        self.is_peft = peft_config is not None or hasattr(model, "peft_config")
+        self.model = model
+
+        # --- data ---------------------------------------------------------------------------
+        with self.accelerator.main_process_first():
+            self.train_split, self.eval_split = prepare_splits(args, tokenizer, train_dataset, eval_dataset)
+        if self.accelerator.is_main_process:
+            for split in (self.train_split, self.eval_split):
+                if split is not None and (msg := report_skips(split, args.output_dir)):
+                    logger.warning(msg)
+
+        # --- reference ----------------------------------------------------------------------
+        self._ref_model_arg = ref_model
+        self.reference = None
+        self._eval_reference_table = None
+
+    # ------------------------------------------------------------------------------------------
+    def _build_reference(self):
+        """The reference source: None (reference-free), cache (precomputed), adapters off, or a frozen model."""
+        from preftune import models
+        from preftune.reference import EMAReferenceSync, make_reference
+
+        args = self.args
+        if not self.needs_reference:
+            return None
+        sync = EMAReferenceSync(args.ref_model_mixup_alpha, args.ref_model_sync_steps) if args.sync_ref_model else None
+        ref_model = self._ref_model_arg
+        if args.precompute_ref_log_probs:
+            return self._precomputed_reference(ref_model)
+        if ref_model is None and not self.is_peft:
+            src = args.ref_model_name_or_path or self.model_path
+            if not src:  # a model object built in code: copy it
+                import copy
+
+                ref_model = copy.deepcopy(self.accelerator.unwrap_model(self.model))
+            else:
+                ref_model = models.load_model(
+                    src, dtype=args.dtype, bf16=args.bf16, fp16=args.fp16,
+                    model_init_kwargs=args.ref_model_init_kwargs or args.model_init_kwargs,
+                    trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+                )
+        elif isinstance(ref_model, (str, os.PathLike)):
+            ref_model = models.load_model(ref_model, dtype=args.dtype, bf16=args.bf16, fp16=args.fp16,
+                                          trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+        if ref_model is not None:
+            models.disable_dropout(ref_model)
+            ref_model = ref_model.to(self.accelerator.device)
+        return make_reference(loss_needs_reference=True, policy=self.model, ref_model=ref_model, sync=sync)
+
+    def _reference_for_precompute(self, ref_model):
+        """What computes the cached reference log-probs: the given ref model, or the policy as it is now."""
+        from preftune.reference import AdapterDisabledReference, FrozenModelReference
+
+        if ref_model is not None:
+            return FrozenModelReference(ref_model.to(self.accelerator.device))
+        if self.is_peft:
+            return AdapterDisabledReference(self.model)
+        return FrozenModelReference(self.model, freeze=False)
+
+    def _precomputed_reference(self, ref_model):
+        from preftune.reference import CachedReference, cached_precompute
+
+        args = self.args
+        if isinstance(ref_model, (str, os.PathLike)):
+            from preftune import models
+
+            ref_model = models.load_model(ref_model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        tables = {}
+        splits = [("train", self.train_split)] + ([("eval", self.eval_split)] if self.eval_split is not None else [])
+        source = self._reference_for_precompute(ref_model)
+        for name, split in splits:
+            tables[name] = cached_precompute(
+                source,
+                split.features,
+                cache_dir=Path(args.cache_dir or Path(args.output_dir) / "ref_cache"),
+                key_parts=self._cache_key_parts(split, ref_model),
+                batch_size=args.precompute_ref_batch_size or args.per_device_eval_batch_size,
+                pad_token_id=self.tokenizer.pad_token_id,
+                layout=args.batch_layout,
+                accelerator=self.accelerator,
+                chunk_size=args.logps_chunk_size,
+            )
+        self._eval_reference_table = CachedReference(tables["eval"]) if "eval" in tables else None
+        del source, ref_model  # the reference model is freed: only the (N, 2) tables stay
+        return CachedReference(tables["train"])
+
+    def _cache_key_parts(self, split, ref_model) -> dict:
+        from preftune.reference import model_fingerprint, tokenizer_fingerprint
+
+        args = self.args
+        model_for_key = ref_model if ref_model is not None else self.accelerator.unwrap_model(self.model)
+        return dict(
+            model_id=str(self.model_id),
+            model_fingerprint=model_fingerprint(model_for_key),
+            tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
+            data_fingerprint=split.features.fingerprint,
+            max_length=args.max_length,
+            max_prompt_length=args.max_prompt_length,
+            max_completion_length=args.max_completion_length,
+            truncation_mode=args.truncation_mode,
+            chat_template=self.tokenizer.chat_template,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    def _collate(self, features):
+        return collate(features, layout=self.args.batch_layout, pad_token_id=self.tokenizer.pad_token_id)
+
+    def _to_device(self, batch: dict) -> dict:
+        dev = self.accelerator.device
+        return {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def _pair_losses(self, batch: dict, reference, model=None):
+        """Per-pair losses (B,) and metric tensors for one micro-batch."""
+        model = model if model is not None else self.model
+        pol = model_logps(model, batch, chunk_size=self.args.logps_chunk_size)
+        ref_c = ref_r = None
+        if reference is not None:
+            ref = reference.logps(batch)
+            ref_c, ref_r = ref.chosen_logps, ref.rejected_logps
+        out = preference_loss(
+            self.loss_names if len(self.loss_names) > 1 else self.loss_names[0],
+            policy_chosen_logps=pol.chosen_logps,
+            policy_rejected_logps=pol.rejected_logps,
+            ref_chosen_logps=ref_c,
+            ref_rejected_logps=ref_r,
+            chosen_lengths=pol.chosen_lengths,
+            rejected_lengths=pol.rejected_lengths,
+            chosen_nll=pol.chosen_nll,
+            **self.loss_kwargs,
+        )
+        per_pair = out.pair_losses
+        metrics = preference_metrics(
+            out, pol.chosen_logps, pol.rejected_logps,
+            chosen_nll=pol.chosen_nll if self.args.rpo_alpha else None,
+        )
+        return per_pair, metrics
+
+    def _features(self, split, indices):
+        feats = split.features
+        return [feats[i] for i in indices]
+
+    # ------------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint=None):
+        """Run the training loop; returns the last logged train metrics."""
+        from tqdm.auto import tqdm
+        from transformers import get_scheduler
+
+        from preftune.tracking import make_trackers
+
+        args, acc = self.args, self.accelerator
+        out_dir = Path(args.output_dir)
+        if acc.is_main_process:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.check_writable(out_dir)
+            args.to_yaml(out_dir / "config.yaml")
+        if self.reference is None:
+            self.reference = self._build_reference()
+
+        plan = StepPlan(len(self.train_split), args.per_device_train_batch_size, acc.num_processes,
+                        args.gradient_accumulation_steps, int(args.data_seed if args.data_seed is not None else args.seed))
+        if plan.steps_per_epoch == 0:
+            raise ValueError(
+                f"the training set has {plan.num_pairs} pairs, fewer than one global batch of {plan.global_batch} "
+                f"(per_device_train_batch_size x processes x gradient_accumulation_steps); lower them or add data"
+            )
+        total_steps = plan.total_steps(args.num_train_epochs, args.max_steps)
+        warmup = args.num_warmup_steps(total_steps)
+        log_every, eval_every, save_every = (args.interval(n, total_steps) for n in ("logging_steps", "eval_steps", "save_steps"))
+        self._save_every = save_every
+        logger.info(
+            "%d training pairs; %s; %d optimizer steps (%d per epoch); warm-up %d steps",
+            plan.num_pairs, args.describe_batch(acc.num_processes), total_steps, plan.steps_per_epoch, warmup,
+        )
+        optimizer = self._make_optimizer()
+        scheduler = get_scheduler(
+            args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+            scheduler_specific_kwargs=args.lr_scheduler_kwargs or None,
+        )
+        self.model, optimizer = acc.prepare(self.model, optimizer)
+        self.optimizer, self.scheduler = optimizer, scheduler
+        state = ckpt.TrainState()
+        resume = resume_from_checkpoint if resume_from_checkpoint is not None else args.resume_from_checkpoint
+        if resume:
+            path = ckpt.resolve_checkpoint(out_dir, resume)
+            state = ckpt.load_checkpoint(path, self, acc)
+            logger.info("resumed from %s at step %d", path, state.global_step)
+        metrics_path = out_dir / "metrics.jsonl"
+        if acc.is_main_process:
+            ckpt.truncate_metrics(metrics_path, state.global_step)
+        trackers = make_trackers(args.report_to, out_dir, args.to_dict(), args.run_name) if acc.is_main_process else None
+
+        if state.global_step == 0 and self.eval_split is not None and args.eval_strategy != "no":
+            self.initial_eval = self.evaluate()
+            self._log(metrics_path, trackers, {"step": 0, "epoch": 0.0, **self.initial_eval})
+        bar = tqdm(total=total_steps, initial=state.global_step, disable=not acc.is_main_process, desc="dpo", dynamic_ncols=True)
+        window = MetricAccumulator()
+        t_window, pairs_window, tokens_window, self._paused = time.perf_counter(), 0, 0, 0.0
+        last_logged: dict = {}
+        bad_in_a_row = 0
+        self.model.train()
+        while state.global_step < total_steps:
+            epoch = state.pairs_seen // (plan.steps_per_epoch * plan.global_batch)
+            step_in_epoch = (state.pairs_seen // plan.global_batch) % plan.steps_per_epoch
+            perm = plan.permutation(epoch)
+            micro = plan.micro_batches(perm, step_in_epoch, acc.process_index)
+            step_loss, step_pairs, step_tokens, bad_pairs = self._optimizer_step(micro, plan, window)
+            grad_norm = self._clip()
+            finite = bool(torch.isfinite(step_loss).item() and torch.isfinite(grad_norm).item())
+            if finite:
+                optimizer.step()
+                bad_in_a_row = 0
+            else:
+                bad_in_a_row += 1
+                state.nonfinite_steps += 1
+                logger.warning("non-finite loss or gradient at step %d: update skipped (pairs %s)",
+                               state.global_step + 1, bad_pairs)
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.global_step += 1
+            state.pairs_seen += plan.global_batch
+            if finite and self.reference is not None:
+                self.reference.on_optimizer_step(state.global_step, acc.unwrap_model(self.model))
+            pairs_window += step_pairs
+            tokens_window += step_tokens
+            if finite:
+                window.add({"loss": step_loss.detach(), "grad_norm": grad_norm.detach()}, 1)
+            bar.update(1)
+            if bad_in_a_row >= args.max_nonfinite_steps:
+                self._save(state, final=False)
+                raise NonFiniteError(
+                    f"{bad_in_a_row} consecutive optimizer steps had a non-finite loss or gradient "
+                    f"(last at step {state.global_step}); stopped. The last good state is saved in {out_dir}. "
+                    "Lower learning_rate or beta, check the data, or raise max_nonfinite_steps."
+                )
+            epoch_f = state.pairs_seen / (plan.steps_per_epoch * plan.global_batch)
+            if state.global_step % max(1, log_every) == 0 or state.global_step == total_steps \
+                    or (args.logging_first_step and state.global_step == 1):
+                elapsed = time.perf_counter() - t_window - self._paused
+                row = {"step": state.global_step, "epoch": round(epoch_f, 4), **_reduced(window, acc),
+                       "learning_rate": scheduler.get_last_lr()[0],
+                       "pairs_per_second": pairs_window * acc.num_processes / max(elapsed, 1e-9),
+                       "tokens_per_second": tokens_window * acc.num_processes / max(elapsed, 1e-9)}
+                if state.nonfinite_steps:
+                    row["nonfinite_steps"] = state.nonfinite_steps
+                self._log(metrics_path, trackers, row)
+                last_logged = row
+                bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}",
+                                acc=f"{row.get('rewards/accuracies', float('nan')):.2f}",
+                                pairs_s=f"{row['pairs_per_second']:.2f}")
+                window = MetricAccumulator()
+                t_window, pairs_window, tokens_window, self._paused = time.perf_counter(), 0, 0, 0.0
+            if args.eval_strategy == "steps" and eval_every and state.global_step % eval_every == 0 \
+                    and self.eval_split is not None and state.global_step != total_steps:
+                self._log(metrics_path, trackers, {"step": state.global_step, "epoch": round(epoch_f, 4), **self._timed_eval()})
+            elif args.eval_strategy == "epoch" and state.pairs_seen % (plan.steps_per_epoch * plan.global_batch) == 0 \
+                    and self.eval_split is not None and state.global_step != total_steps:
+                self._log(metrics_path, trackers, {"step": state.global_step, "epoch": round(epoch_f, 4), **self._timed_eval()})
+            if self._should_save(state, plan):
+                t_save = time.perf_counter()
+                self._save(state)
+                self._paused += time.perf_counter() - t_save
+        bar.close()
+        if self.eval_split is not None and args.eval_strategy != "no":
+            self.final_eval = self.evaluate()
+            self._log(metrics_path, trackers, {"step": state.global_step, "epoch": round(state.pairs_seen / (plan.steps_per_epoch * plan.global_batch), 4), **self.final_eval})
+        if trackers is not None:
+            trackers.close()
+        self.state = state
+        return last_logged
+
+    def _timed_eval(self) -> dict:
+        """evaluate(), with its time left out of the training throughput."""
+        t = time.perf_counter()
+        out = self.evaluate()
+        self._paused += time.perf_counter() - t
+        return out
+
+    def _optimizer_step(self, micro: list[list[int]], plan: StepPlan, window: MetricAccumulator):
+        """Forward and backward over this process's K micro-batches; returns (loss, pairs, tokens, bad pair ids)."""
+        acc = self.accelerator
+        scale = 1.0 / plan.global_batch * acc.num_processes  # DDP averages gradients over processes
+        total = torch.zeros((), device=acc.device)
+        n_pairs = n_tokens = 0
+        bad = []
+        for k, indices in enumerate(micro):
+            batch = self._to_device(self._collate(self._features(self.train_split, indices)))
+            sync = k == len(micro) - 1
+            ctx = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else _nullcontext()
+            with ctx, acc.autocast():
+                per_pair, metrics = self._pair_losses(batch, self.reference)
+                loss = per_pair.sum() * scale
+                acc.backward(loss)
+            if not torch.isfinite(per_pair).all():
+                bad.extend(batch["pair_index"][~torch.isfinite(per_pair).cpu()].tolist())
+            total += loss.detach()
+            b = len(indices)
+            window.add(metrics, b)
+            n_pairs += b
+            n_tokens += int(batch["num_tokens"])
+        total = acc.reduce(total, reduction="sum") / acc.num_processes if acc.num_processes > 1 else total
+        return total, n_pairs, n_tokens, bad
+
+    def _clip(self) -> torch.Tensor:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
+        if self.accelerator.num_processes > 1 or self.accelerator.distributed_type != "NO":
+            return torch.as_tensor(self.accelerator.clip_grad_norm_(params, max_norm))
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+    def _make_optimizer(self):
+        args = self.args
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
+        groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        kw = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+        if self.accelerator.device.type == "cuda":
+            kw["fused"] = True
+        return torch.optim.AdamW([g for g in groups if g["params"]], **kw)
+
+    def _should_save(self, state, plan) -> bool:
+        args = self.args
+        if args.save_strategy == "steps":
+            return bool(self._save_every) and state.global_step % self._save_every == 0
+        if args.save_strategy == "epoch":
+            return state.pairs_seen % (plan.steps_per_epoch * plan.global_batch) == 0
+        return False
+
+    def _save(self, state, final: bool = False):
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            ckpt.save_checkpoint(Path(self.args.output_dir), self, state, self.accelerator)
+        self.accelerator.wait_for_everyone()
+
+    def _log(self, path: Path, trackers, row: dict):
+        if not self.accelerator.is_main_process:
+            return
+        clean = {k: (float(v) if isinstance(v, (float, int)) and not isinstance(v, bool) else v) for k, v in row.items()}
+        clean["step"] = int(row["step"])
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(clean) + "\n")
+        if trackers is not None:
+            trackers.log({k: v for k, v in clean.items() if k not in ("step",) and isinstance(v, (int, float))}, clean["step"])
+        for cb in self.callbacks:
+            if hasattr(cb, "on_log"):
+                cb.on_log(clean)
+
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None) -> dict:
+        """Implicit-reward metrics on the eval pairs, prefixed `eval_`."""
+        args, acc = self.args, self.accelerator
+        split = self.eval_split
+        if eval_dataset is not None:
+            split = prepare_one(eval_dataset, self.tokenizer, args, name="eval")
+        if split is None:
+            raise ValueError("evaluate() needs an eval_dataset (argument, DPOTrainer(eval_dataset=...), or config)")
+        if self.reference is None:
+            self.reference = self._build_reference()
+        reference = self.reference
+        if self._eval_reference_table is not None and split is self.eval_split:
+            reference = self._eval_reference_table
+        elif args.precompute_ref_log_probs and reference is not None:
+            raise ValueError(
+                "evaluate(eval_dataset=...) with precompute_ref_log_probs=True: the reference log-probs are cached per "
+                "dataset; pass the eval set to DPOTrainer(eval_dataset=...) instead"
+            )
+        was_training = self.model.training
+        self.model.eval()
+        accum = MetricAccumulator()
+        n = len(split)
+        bs = args.per_device_eval_batch_size
+        indices = list(range(acc.process_index, n, acc.num_processes))
+        for start in range(0, len(indices), bs):
+            batch = self._to_device(self._collate(self._features(split, indices[start : start + bs])))
+            with acc.autocast():
+                per_pair, metrics = self._pair_losses(batch, reference)
+            b = len(per_pair)
+            accum.add({"loss": per_pair.mean(), **metrics}, b)
+        if was_training:
+            self.model.train()
+        return {f"eval_{k}": v for k, v in _reduced(accum, acc).items()}
+
+    def save_model(self, output_dir: str | os.PathLike | None = None):
+        """Save the model (or adapter) and tokenizer in Hugging Face format, atomically."""
+        out = Path(output_dir or self.args.output_dir)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            ckpt.save_pretrained_atomic(self.accelerator.unwrap_model(self.model), self.tokenizer, out)
+        self.accelerator.wait_for_everyone()
+        return out
+
+
+def _reduced(accum: MetricAccumulator, acc) -> dict:
+    """Means over every process's micro-batches (one collective), as floats."""
+    if acc.num_processes > 1:
+        accum.reduce(lambda t: acc.reduce(t, reduction="sum"))
+    return accum.compute()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+SUMMARY_KEYS = (
+    ("eval_rewards/accuracies", "reward accuracy"),
+    ("eval_rewards/margins", "reward margin"),
+    ("eval_loss", "loss"),
+    ("eval_logps/chosen", "log p(chosen)"),
+    ("eval_logps/rejected", "log p(rejected)"),
+)
+
+
+def summary_table(before: dict | None, after: dict | None, n_eval: int) -> str:
+    """Before/after lines for the held-out pairs. Before training the policy is the reference, so its
+    implicit rewards are all zero: accuracy 0 and margin 0 are the starting point by definition."""
+    lines = [f"held-out pairs: {n_eval}", f"{'metric':<18}{'before':>12}{'after':>12}"]
+    for key, label in SUMMARY_KEYS:
+        if (before and key in before) or (after and key in after):
+            b = f"{before[key]:.4f}" if before and key in before else "-"
+            a = f"{after[key]:.4f}" if after and key in after else "-"
+            lines.append(f"{label:<18}{b:>12}{a:>12}")
+    return "\n".join(lines)
+
+
+def train(config: DPOConfig | None = None, **overrides) -> DPOTrainer:
+    """Train from a config (the CLI's entry point): train, save the final model, report."""
+    config = config if config is not None else DPOConfig(**overrides)
+    trainer = DPOTrainer(args=config)
+    trainer.train()
+    out = trainer.save_model()
+    if trainer.accelerator.is_main_process:
+        text = summary_table(getattr(trainer, "initial_eval", None), getattr(trainer, "final_eval", None),
+                             len(trainer.eval_split) if trainer.eval_split is not None else 0)
+        report = None
+        try:
+            from preftune.report import (
+                detect_likelihood_collapse,
+                print_collapse_warning,
+                read_metrics,
+                write_report,
+            )
+
+            report = write_report(out)
+            print_collapse_warning(detect_likelihood_collapse(read_metrics(out)[0]))
+        except Exception as e:  # the report must never cost the trained model
+            logger.warning("could not write the run report: %s", e)
+        print("\n" + text)
+        print(f"\ntrained model: {out.resolve()}")
+        if report is not None:
+            print(f"report: {Path(report).resolve()}")
+    return trainer

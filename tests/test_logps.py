@@ -1,0 +1,239 @@
+"""preftune.logps: the chunked completion-only head and every batch layout against full logits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from preftune.data.batching import collate
+from preftune.logps import logps_from_logits, model_logps, sequence_logps
+from preftune.testing import tiny_model
+
+V = 300
+# prompts of different lengths, responses of different lengths, a 1-token response
+FEATS = [
+    {"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9, 40], "rejected_ids": [10, 11], "index": 0},
+    {"prompt_ids": [20, 21, 22, 23, 24, 25, 26], "chosen_ids": [30], "rejected_ids": [31, 32, 33, 34], "index": 1},
+    {"prompt_ids": [50], "chosen_ids": [51, 52, 53, 54, 55], "rejected_ids": [56], "index": 2},
+]
+
+
+def full_logits_logps(model, feats):
+    """The obvious path: padded batch -> model(...).logits -> logps_from_logits."""
+    b = collate(feats, layout="padded", pad_token_id=0)
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    return logps_from_logits(logits, b["labels"])
+
+
+def param_grads(model, logps):
+    """Gradients of a loss that weighs each response differently."""
+    model.zero_grad()
+    w = torch.linspace(-1.0, 2.0, logps.numel())
+    (logps * w).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_logps_from_logits_by_hand():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7, requires_grad=True)
+    labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 6, 1, 2, 0]])  # row 0: prompt 2 + pad 1
+    logps, counts = logps_from_logits(logits, labels)
+    expected = []
+    for n in range(2):
+        total = 0.0
+        for t in range(4):
+            y = int(labels[n, t + 1])
+            if y != -100:
+                row = logits[n, t].tolist()
+                total += row[y] - math.log(sum(math.exp(v) for v in row))
+        expected.append(total)
+    assert torch.allclose(logps, torch.tensor(expected), atol=1e-5)
+    assert counts.tolist() == [2, 4]
+    mean, _ = logps_from_logits(logits, labels, average=True)
+    assert torch.allclose(mean, torch.tensor(expected) / torch.tensor([2.0, 4.0]))
+    logps.sum().backward()
+    g = logits.grad.abs().sum(-1)  # (2, 5): only positions whose next label is a completion token
+    assert g[0].nonzero().view(-1).tolist() == [1, 2] and g[1].nonzero().view(-1).tolist() == [0, 1, 2, 3]
+    low, _ = logps_from_logits(logits.detach().bfloat16(), labels)
+    assert low.dtype == torch.float32 and torch.allclose(low, logps.detach(), atol=0.1)
+
+
+def dense_token_logps(h, W, b, targets, scale=None, softcap=None):
+    z = h.float() @ W.float().T + (0 if b is None else b)
+    z = z * scale if scale is not None else z
+    z = softcap * torch.tanh(z / softcap) if softcap is not None else z
+    return F.log_softmax(z, -1).gather(1, targets[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("transform", [{}, {"scale": 0.7, "softcap": 3.0}])
+@pytest.mark.parametrize("chunk_size", [1, 5, 17, 64])
+def test_chunked_head_matches_dense(chunk_size, transform):
+    torch.manual_seed(1)
+    R, T, H, Vs, S = 2, 11, 8, 13, 3
+    hidden = torch.randn(R, T, H, requires_grad=True)
+    W = torch.randn(Vs, H, requires_grad=True)
+    bias = torch.randn(Vs, requires_grad=True)
+    positions = torch.tensor([0, 3, 3, 4, 9, 12, 13, 14, 20, 21, 5])  # K=11, a repeated index
+    targets = torch.randint(0, Vs, (positions.numel(),))
+    segments = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2, 0, 1])
+    scale, softcap = transform.get("scale"), transform.get("softcap")
+    logps, counts = sequence_logps(hidden, W, positions, targets, segments, S, lm_head_bias=bias,
+                                   chunk_size=chunk_size, logit_scale=scale, logit_softcap=softcap)
+    tok = dense_token_logps(hidden.view(-1, H)[positions], W, bias, targets, scale, softcap)
+    ref = torch.zeros(S).index_add(0, segments, tok)
+    assert logps.dtype == torch.float32 and counts.tolist() == [3, 4, 4]
+    assert torch.allclose(logps, ref, atol=1e-5)
+    w = torch.tensor([1.0, -2.0, 0.5])
+    got = torch.autograd.grad((logps * w).sum(), (hidden, W, bias))
+    want = torch.autograd.grad((ref * w).sum(), (hidden, W, bias))
+    for g, e in zip(got, want):
+        assert torch.allclose(g, e, atol=1e-5)
+    # the head saw only gathered positions: every other hidden row has zero gradient
+    touched = torch.zeros(R * T, dtype=torch.bool)
+    touched[positions] = True
+    assert got[0].view(-1, H)[~touched].abs().max() == 0
+
+
+def test_chunked_head_saves_no_tokens_by_vocab_tensor():
+    torch.manual_seed(2)
+    K, H, Vs = 64, 8, 500
+    hidden = torch.randn(K, H, requires_grad=True)
+    W = torch.randn(Vs, H, requires_grad=True)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logps, _ = sequence_logps(hidden, W, torch.arange(K), torch.randint(0, Vs, (K,)),
+                                  torch.zeros(K, dtype=torch.long), 1, chunk_size=16)
+    assert sizes and max(sizes) < K * Vs  # the dense path would save a (K, V) log-softmax
+    logps.backward()
+    assert hidden.grad is not None and W.grad is not None
+    # the same hook on the dense twin does catch a (K, V) tensor, so the check can fail
+    sizes.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        dense_token_logps(hidden, W, None, torch.zeros(K, dtype=torch.long))
+    assert max(sizes) >= K * Vs
+
+
+def test_head_module_fallback_and_low_precision():
+    torch.manual_seed(3)
+    K, H, Vs = 9, 8, 20
+    hidden = torch.randn(K, H, requires_grad=True)
+    head = torch.nn.Linear(H, Vs)
+    args = (torch.arange(K), torch.randint(0, Vs, (K,)), torch.tensor([0, 1] * 4 + [0]), 2)
+    a, _ = sequence_logps(hidden, head.weight, *args, lm_head_bias=head.bias, chunk_size=4)
+    b, _ = sequence_logps(hidden, None, *args, head_module=head, chunk_size=4)
+    assert torch.allclose(a, b, atol=1e-5)
+    ga = torch.autograd.grad(a.sum(), (hidden, head.weight))
+    gb = torch.autograd.grad(b.sum(), (hidden, head.weight))
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(ga, gb))
+    h16, w16 = hidden.detach().bfloat16().requires_grad_(), head.weight.detach().bfloat16().requires_grad_()
+    c, _ = sequence_logps(h16, w16, *args, chunk_size=4)
+    assert c.dtype == torch.float32
+    c.sum().backward()
+    assert h16.grad.dtype == torch.bfloat16 and w16.grad.dtype == torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(V, seed=0).eval()
+
+
+def test_layouts_equal_full_logits_values_and_grads(model):
+    ref, ref_counts = full_logits_logps(model, FEATS)
+    ref_grads = param_grads(model, ref)
+    assert ref_counts.tolist() == [3, 1, 5, 2, 4, 1]
+    for layout in ("padded", "packed", "prefix"):
+        batch = collate(FEATS, layout=layout, pad_token_id=0, pad_to_multiple_of=8)
+        out = model_logps(model, batch, chunk_size=4)
+        logps = torch.cat([out.chosen_logps, out.rejected_logps])
+        assert torch.allclose(logps, ref, atol=1e-5), layout
+        assert torch.cat([out.chosen_lengths, out.rejected_lengths]).tolist() == ref_counts.tolist()
+        grads = param_grads(model, logps)
+        assert grads.keys() == ref_grads.keys()
+        for name, g in grads.items():
+            assert torch.allclose(g, ref_grads[name], atol=1e-5), (layout, name)
+
+
+def test_average_nll_and_inference_mode(model):
+    batch = collate(FEATS, layout="packed", pad_token_id=0)
+    summed = model_logps(model, batch)
+    mean = model_logps(model, batch, average=True)
+    lengths = summed.chosen_lengths.float()
+    assert torch.allclose(mean.chosen_logps, summed.chosen_logps / lengths)
+    assert torch.allclose(summed.chosen_nll, -summed.chosen_logps / lengths)
+    with torch.inference_mode():
+        again = model_logps(model, batch)
+    assert torch.allclose(again.rejected_logps, summed.rejected_logps.detach())
+
+
+def test_tied_embeddings_and_eager_prefix():
+    tied = tiny_model(V, seed=4, tie_word_embeddings=True).eval()
+    assert tied.get_output_embeddings().weight is tied.get_input_embeddings().weight
+    ref, _ = full_logits_logps(tied, FEATS)
+    ref_grads = param_grads(tied, ref)
+    out = model_logps(tied, collate(FEATS, layout="prefix", pad_token_id=0), chunk_size=2)
+    logps = torch.cat([out.chosen_logps, out.rejected_logps])
+    assert torch.allclose(logps, ref, atol=1e-5)
+    grads = param_grads(tied, logps)
+    assert torch.allclose(grads["model.embed_tokens.weight"], ref_grads["model.embed_tokens.weight"], atol=1e-5)
+    tied.config._attn_implementation = "eager"  # the bool prefix mask becomes an additive float mask
+    eager = model_logps(tied, collate(FEATS, layout="prefix", pad_token_id=0))
+    assert torch.allclose(eager.rejected_logps, out.rejected_logps, atol=1e-5)
+    packed = model_logps(tied, collate(FEATS, layout="packed", pad_token_id=0))  # eager builds the block mask too
+    assert torch.allclose(packed.chosen_logps, out.chosen_logps, atol=1e-5)
+    tied.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="prefix layout"):
+        model_logps(tied, collate(FEATS, layout="prefix", pad_token_id=0))
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "lm_head"]])
+def test_lora_model_matches_full_logits(targets):
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model(V, seed=5)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=targets, lora_dropout=0.0, init_lora_weights=False))
+    peft_model.eval()
+    ref, _ = full_logits_logps(peft_model, FEATS)
+    ref_grads = param_grads(peft_model, ref)
+    assert ref_grads and all("lora_" in n for n in ref_grads)  # only adapters train
+    out = model_logps(peft_model, collate(FEATS, layout="packed", pad_token_id=0), chunk_size=3)
+    logps = torch.cat([out.chosen_logps, out.rejected_logps])
+    assert torch.allclose(logps, ref, atol=1e-5)
+    grads = param_grads(peft_model, logps)
+    assert grads.keys() == ref_grads.keys()
+    assert all(torch.allclose(grads[n], ref_grads[n], atol=1e-5) for n in grads)
+
+
+def test_bf16_model_gives_float32():
+    m = tiny_model(V, seed=6).eval().to(torch.bfloat16)
+    out = model_logps(m, collate(FEATS, layout="packed", pad_token_id=0))
+    assert out.chosen_logps.dtype == torch.float32 and out.chosen_nll.dtype == torch.float32
+    ref, _ = full_logits_logps(m, FEATS)
+    assert torch.allclose(torch.cat([out.chosen_logps, out.rejected_logps]), ref, atol=0.1)
+
+
+def test_logit_softcapping_config_is_honored(model):
+    batch = collate(FEATS, layout="padded", pad_token_id=0)
+    plain = model_logps(model, batch)
+    model.config.final_logit_softcapping = 2.0
+    try:
+        capped = model_logps(model, batch)
+    finally:
+        del model.config.final_logit_softcapping
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ref, _ = logps_from_logits(2.0 * torch.tanh(logits / 2.0), batch["labels"])
+    assert torch.allclose(torch.cat([capped.chosen_logps, capped.rejected_logps]), ref, atol=1e-5)
+    assert not torch.allclose(capped.chosen_logps, plain.chosen_logps)
+    model.config.lm_head_multiplier = 2.0  # a logit rescaling the chunked head does not reproduce
+    try:
+        with pytest.raises(NotImplementedError, match="lm_head_multiplier"):
+            model_logps(model, batch)
+    finally:
+        del model.config.lm_head_multiplier

@@ -1,0 +1,353 @@
+"""Tests for preftune.reference: the four sources, TR-DPO sync, precompute and the disk cache."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+
+import pytest
+import torch
+
+from preftune import reference as refmod
+from preftune.models import apply_peft, lora_config_from_args
+from preftune.reference import (
+    AdapterDisabledReference,
+    CachedReference,
+    EMAReferenceSync,
+    FrozenModelReference,
+    RefAdapterReference,
+    cached_precompute,
+    forward_logps,
+    load_reference_cache,
+    make_reference,
+    model_fingerprint,
+    precompute_reference_logps,
+    reference_cache_key,
+    save_reference_cache,
+    tokenizer_fingerprint,
+    weights_fingerprint,
+)
+from preftune.testing import tiny_model, tiny_tokenizer
+
+collate = pytest.importorskip("preftune.data.batching").collate
+logps_mod = pytest.importorskip("preftune.logps")
+
+
+def make_features(n=7, seed=0, vocab=300):
+    rng = random.Random(seed)
+    ids = lambda k: [rng.randrange(4, vocab) for _ in range(k)]  # noqa: E731
+    return [
+        {"prompt_ids": ids(rng.randint(1, 6)), "chosen_ids": ids(rng.randint(1, 5)),
+         "rejected_ids": ids(rng.randint(1, 5)), "index": i}
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def slow_logps(model, features):
+    """Slow obvious twin: one pair at a time, full logits, padded labels."""
+    out = []
+    with torch.no_grad():
+        for f in features:
+            b = collate([f], layout="padded", pad_token_id=0)
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            lp, _ = logps_mod.logps_from_logits(logits, b["labels"])
+            out.append(lp)
+    return torch.stack(out)  # (N, 2) [chosen, rejected]
+
+
+def lora_policy(base, seed=1):
+    """A LoRA policy whose B matrices are non-zero, so it differs from the base model."""
+    torch.manual_seed(seed)
+    cfg = lora_config_from_args(r=4, alpha=8, dropout=0.0, target_modules="q_proj,v_proj,up_proj")
+    cfg.init_lora_weights = False
+    return apply_peft(copy.deepcopy(base), cfg)
+
+
+def as_table(out):
+    return torch.stack([out.chosen_logps, out.rejected_logps], 1)
+
+
+# --------------------------------------------------------------------------------------------
+# live sources
+# --------------------------------------------------------------------------------------------
+
+
+def test_frozen_reference_matches_slow_twin():
+    model = tiny_model(attention_dropout=0.3)
+    feats = make_features()
+    expected = slow_logps(copy.deepcopy(model).eval(), feats)
+    ref = FrozenModelReference(model)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert model.config.attention_dropout == 0.0
+    out = ref.logps(collate(feats, layout="padded", pad_token_id=0))
+    torch.testing.assert_close(as_table(out), expected, atol=1e-5, rtol=1e-5)
+    assert not out.chosen_logps.is_inference() and not out.chosen_logps.requires_grad
+    lengths = torch.tensor([[len(f["chosen_ids"]), len(f["rejected_ids"])] for f in feats])
+    assert torch.equal(torch.stack([out.chosen_lengths, out.rejected_lengths], 1), lengths)
+    model.train()  # a stray .train() on the reference must not switch dropout back on
+    torch.testing.assert_close(as_table(ref.logps(collate(feats, layout="packed", pad_token_id=0))), expected,
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_adapter_disabled_reference_equals_base():
+    base = tiny_model()
+    feats = make_features()
+    batch = collate(feats, layout="padded", pad_token_id=0)
+    expected = slow_logps(base, feats)
+    policy = lora_policy(base)
+    policy.train()
+    policy_before = as_table(forward_logps(policy, batch))
+    assert (policy_before - expected).abs().max() > 1e-3  # LoRA changes the policy
+    out = AdapterDisabledReference(policy).logps(batch)
+    torch.testing.assert_close(as_table(out), expected, atol=1e-5, rtol=1e-5)
+    assert policy.training  # mode restored
+    torch.testing.assert_close(as_table(forward_logps(policy, batch)), policy_before)  # adapters back on
+    with pytest.raises(TypeError, match="peft"):
+        AdapterDisabledReference(base)
+
+
+# --------------------------------------------------------------------------------------------
+# TR-DPO
+# --------------------------------------------------------------------------------------------
+
+
+def test_ema_sync_full_model_formula():
+    ref_model, policy = tiny_model(seed=0), tiny_model(seed=1)
+    before = {n: p.detach().double().clone() for n, p in ref_model.named_parameters()}
+    ref = FrozenModelReference(ref_model, sync=EMAReferenceSync(alpha=0.6, sync_steps=2))
+    ref.on_optimizer_step(1, policy)  # not due
+    assert all(torch.equal(p.double(), before[n]) for n, p in ref_model.named_parameters())
+    ref.on_optimizer_step(2, policy)
+    pol = dict(policy.named_parameters())
+    for n, p in ref_model.named_parameters():
+        expected = 0.6 * pol[n].detach().double() + 0.4 * before[n]
+        torch.testing.assert_close(p.detach().double(), expected, atol=1e-7, rtol=0)
+    assert not any(p.requires_grad for p in ref_model.parameters())
+    with pytest.raises(ValueError, match="shape"):
+        FrozenModelReference(tiny_model(), sync=EMAReferenceSync(0.5, 1)).on_optimizer_step(
+            1, tiny_model(intermediate_size=48)
+        )
+    with pytest.raises(ValueError, match="mixup_alpha"):
+        EMAReferenceSync(alpha=0.0)
+    with pytest.raises(ValueError, match="sync_steps"):
+        EMAReferenceSync(alpha=0.5, sync_steps=0)
+
+
+def test_ema_sync_lora_adapter():
+    base = tiny_model()
+    feats = make_features(5)
+    batch = collate(feats, layout="padded", pad_token_id=0)
+    policy = lora_policy(base)
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    ref = RefAdapterReference(policy, EMAReferenceSync(alpha=0.25, sync_steps=1))
+    assert {n for n, p in policy.named_parameters() if p.requires_grad} == trainable
+    assert policy.active_adapter == "default"
+    # the ref adapter starts as a copy of the policy adapter: equal log-probs
+    torch.testing.assert_close(as_table(ref.logps(batch)), as_table(forward_logps(policy, batch)))
+    start = [r.detach().double().clone() for r in ref.ref_params]
+
+    # one training step on the policy: gradients reach its adapter only, after a reference forward
+    opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.5)
+    ref_out = ref.logps(batch)
+    assert {n for n, p in policy.named_parameters() if p.requires_grad} == trainable
+    out = logps_mod.model_logps(policy, batch)
+    (out.chosen_logps - ref_out.chosen_logps).sum().backward()
+    opt.step()
+    assert all(torch.equal(r.double(), s) for r, s in zip(ref.ref_params, start))  # ref frozen
+    torch.testing.assert_close(as_table(ref.logps(batch)), as_table(ref_out))  # ... and so are its log-probs
+    assert not torch.allclose(as_table(forward_logps(policy, batch)), as_table(ref_out), atol=1e-4)
+    ref.on_optimizer_step(1, policy)
+    for r, p, s in zip(ref.ref_params, ref.policy_params, start):
+        torch.testing.assert_close(
+            r.detach().double(), 0.25 * p.detach().double() + 0.75 * s, atol=1e-7, rtol=0
+        )
+        assert not r.requires_grad and p.requires_grad
+    # alpha = 1 makes the reference equal the policy again
+    ref.sync = EMAReferenceSync(alpha=1.0, sync_steps=1)
+    ref.on_optimizer_step(2, policy)
+    torch.testing.assert_close(as_table(ref.logps(batch)), as_table(forward_logps(policy, batch)))
+    assert not torch.allclose(as_table(ref.logps(batch)), slow_logps(base, feats), atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# precompute and the cached source
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_precomputed_equals_live(layout):
+    model = tiny_model()
+    feats = make_features(9)
+    random.Random(3).shuffle(feats)  # indices out of order
+    table = precompute_reference_logps(
+        model, feats, batch_size=4, pad_token_id=0, layout=layout, progress=False
+    )
+    assert table.shape == (9, 2) and table.dtype == torch.float32
+    expected = slow_logps(model, sorted(feats, key=lambda f: f["index"]))
+    torch.testing.assert_close(table, expected, atol=1e-5, rtol=1e-5)
+    batch = collate(feats[:4], layout=layout, pad_token_id=0)
+    live, cached = FrozenModelReference(model).logps(batch), CachedReference(table).logps(batch)
+    torch.testing.assert_close(as_table(cached), as_table(live), atol=1e-5, rtol=1e-5)
+    assert torch.equal(cached.chosen_lengths, live.chosen_lengths)
+    assert torch.equal(cached.rejected_lengths, live.rejected_lengths)
+    assert not CachedReference(table).needs_forward
+
+
+def test_cached_reference_errors():
+    feats = make_features(3)
+    batch = collate(feats, layout="padded", pad_token_id=0)
+    with pytest.raises(IndexError, match="another dataset"):
+        CachedReference(torch.zeros(2, 2)).logps(batch)
+    table = torch.zeros(3, 2)
+    table[1, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"pairs \[1\]"):
+        CachedReference(table).logps(batch)
+    lengths = torch.tensor([[len(f["chosen_ids"]), len(f["rejected_ids"])] for f in feats])
+    CachedReference(torch.zeros(3, 2), lengths).logps(batch)
+    with pytest.raises(ValueError, match="lengths differ"):
+        CachedReference(torch.zeros(3, 2), lengths + 1).logps(batch)
+    with pytest.raises(ValueError, match=r"\(N, 2\)"):
+        CachedReference(torch.zeros(3))
+
+
+# --------------------------------------------------------------------------------------------
+# the disk cache
+# --------------------------------------------------------------------------------------------
+
+KEY_ARGS = dict(model_id="m", model_fingerprint="w", tokenizer_fingerprint="t", data_fingerprint="d",
+                max_length=64, max_prompt_length=32, max_completion_length=None, truncation_mode="keep_end",
+                chat_template="tmpl")  # fmt: skip
+
+
+def test_cache_key_covers_every_field():
+    key = reference_cache_key(**KEY_ARGS)
+    assert key == reference_cache_key(**KEY_ARGS) and len(key) == 64
+    changed = {"model_id": "m2", "model_fingerprint": "w2", "tokenizer_fingerprint": "t2",
+               "data_fingerprint": "d2", "max_length": 65, "max_prompt_length": 31, "max_completion_length": 8,
+               "truncation_mode": "keep_start", "chat_template": None}  # fmt: skip
+    keys = {reference_cache_key(**{**KEY_ARGS, k: v}) for k, v in changed.items()}
+    keys.add(reference_cache_key(**KEY_ARGS, extra={"layout": "packed"}))
+    assert len(keys) == len(changed) + 1 and key not in keys
+
+
+def test_fingerprints(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "m")
+    fp = model_fingerprint(tmp_path / "m")
+    assert fp == model_fingerprint(tmp_path / "m")
+    w = weights_fingerprint(model)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1
+    model.save_pretrained(tmp_path / "m")
+    assert model_fingerprint(tmp_path / "m") != fp and weights_fingerprint(model) != w
+    assert model_fingerprint("org/name", "v1") == "hub:org/name@v1"
+    assert tokenizer_fingerprint(tiny_tokenizer()) == tokenizer_fingerprint(tiny_tokenizer())
+    assert tokenizer_fingerprint(tiny_tokenizer()) != tokenizer_fingerprint(tiny_tokenizer(bos=True))
+
+
+def test_cache_roundtrip_reuse_and_key_change(tmp_path, caplog, monkeypatch):
+    model = tiny_model()
+    feats = make_features(5)
+    path, key = tmp_path / "ref.safetensors", reference_cache_key(**KEY_ARGS)
+    calls = []
+    real = refmod.precompute_reference_logps
+    monkeypatch.setattr(
+        refmod, "precompute_reference_logps", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    kw = dict(batch_size=2, pad_token_id=0, progress=False)
+    first = cached_precompute(model, feats, path=path, key=key, **kw)
+    assert calls == [1] and path.is_file()
+    with caplog.at_level(logging.INFO, logger="preftune.reference"):
+        again = cached_precompute(model, feats, path=path, key=key, **kw)
+    assert calls == [1] and torch.equal(first, again)
+    assert f"reusing reference log-probs from {path}" in caplog.text
+    caplog.clear()
+    other = reference_cache_key(**{**KEY_ARGS, "max_length": 128})
+    with caplog.at_level(logging.INFO, logger="preftune.reference"):
+        assert load_reference_cache(path, other) is None
+        cached_precompute(model, feats, path=path, key=other, **kw)
+    assert "recomputing" in caplog.text and calls == [1, 1]
+    assert load_reference_cache(path, key) is None and torch.equal(load_reference_cache(path, other), first)
+
+
+@pytest.mark.parametrize("damage", ["flip_data", "flip_header", "truncate"])
+def test_corrupt_cache_is_never_used(tmp_path, caplog, damage):
+    path, key = tmp_path / "ref.safetensors", "k"
+    table = torch.randn(6, 2)
+    save_reference_cache(path, table, key)
+    assert torch.equal(load_reference_cache(path, key), table)
+    data = bytearray(path.read_bytes())
+    if damage == "flip_data":
+        data[-5] ^= 0xFF
+    elif damage == "flip_header":
+        data[10] ^= 0xFF
+    else:
+        data = data[: len(data) - 7]
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="preftune.reference"):
+        assert load_reference_cache(path, key) is None
+    assert "recomputing" in caplog.text
+    model, feats = tiny_model(), make_features(4)
+    fresh = cached_precompute(model, feats, path=path, key=key, batch_size=4, pad_token_id=0, progress=False)
+    assert torch.equal(load_reference_cache(path, key), fresh)
+
+
+def test_interrupted_save_leaves_no_file(tmp_path, monkeypatch):
+    path = tmp_path / "ref.safetensors"
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(refmod.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_reference_cache(path, torch.ones(3, 2), "k")
+    assert not path.exists() and not list(tmp_path.iterdir())
+    monkeypatch.undo()
+    # a stray temp file (a save killed mid-write) beside the cache is never read
+    (tmp_path / ".tmp-ref.safetensors-abc").write_bytes(b"partial")
+    assert load_reference_cache(path, "k") is None
+    save_reference_cache(path, torch.ones(3, 2), "k")
+    assert torch.equal(load_reference_cache(path, "k"), torch.ones(3, 2))
+
+
+# --------------------------------------------------------------------------------------------
+# make_reference
+# --------------------------------------------------------------------------------------------
+
+
+def test_make_reference_dispatch():
+    base = tiny_model()
+    assert make_reference(loss_needs_reference=False, policy=base) is None
+    assert isinstance(make_reference(loss_needs_reference=True, policy=base, ref_model=tiny_model()),
+                      FrozenModelReference)  # fmt: skip
+    assert isinstance(make_reference(loss_needs_reference=True, policy=base, precomputed=torch.zeros(2, 2)),
+                      CachedReference)  # fmt: skip
+    peft = lora_policy(base)
+    assert isinstance(make_reference(loss_needs_reference=True, policy=peft), AdapterDisabledReference)
+    synced = make_reference(loss_needs_reference=True, policy=peft, sync=EMAReferenceSync(0.5, 4))
+    assert isinstance(synced, RefAdapterReference) and "ref" in peft.peft_config
+    with pytest.raises(ValueError, match="pass ref_model"):
+        make_reference(loss_needs_reference=True, policy=base)
+    with pytest.raises(ValueError, match="live reference"):
+        make_reference(loss_needs_reference=True, policy=base, precomputed=torch.zeros(2, 2),
+                       sync=EMAReferenceSync())  # fmt: skip
+
+
+def test_unfrozen_source_and_key_parts(tmp_path, caplog):
+    policy = tiny_model()
+    policy.train()
+    feats = make_features(4)
+    src = FrozenModelReference(policy, freeze=False)  # the policy as its own reference, left trainable
+    assert policy.training and all(p.requires_grad for p in policy.parameters())
+    parts = dict(KEY_ARGS, model_fingerprint=model_fingerprint(policy))
+    assert parts["model_fingerprint"].startswith("weights:")
+    table = cached_precompute(src, feats, cache_dir=tmp_path / "rc", key_parts=parts, batch_size=3,
+                              pad_token_id=0, progress=False, chunk_size=2)  # fmt: skip
+    assert policy.training
+    torch.testing.assert_close(table, slow_logps(policy.eval(), feats), atol=1e-5, rtol=1e-5)
+    path = tmp_path / "rc" / f"{reference_cache_key(**parts)[:32]}.safetensors"
+    with caplog.at_level(logging.INFO, logger="preftune.reference"):
+        again = cached_precompute(src, feats, cache_dir=tmp_path / "rc", key_parts=parts, batch_size=3,
+                                  pad_token_id=0, progress=False)  # fmt: skip
+    assert torch.equal(again, table) and f"reusing reference log-probs from {path}" in caplog.text
