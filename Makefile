@@ -23,6 +23,8 @@ run: setup
 	$(VENV)/bin/preftune train
 
 test: setup
+	# The report page is checked in a real headless browser (Debian's chromium; no-op when present).
+	bash scripts/install_chromium.sh
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 

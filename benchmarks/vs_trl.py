@@ -2,7 +2,7 @@
 
     python benchmarks/vs_trl.py                 # CPU: SmolLM2-135M (embedded), float32, batch 4
     python benchmarks/vs_trl.py --steps 6 --shapes short --modes full
-    python benchmarks/vs_trl.py --gpu-config    # GPU: a 0.5B-class random model, seq 1024 (needs CUDA)
+    python benchmarks/vs_trl.py --gpu-models qwen0.5b --shapes seq1024 --batch 8   # GPU, random weights
 
 Each side runs in its own subprocess (so peak memory is its own): same weights, same pairs in the
 same order, same batch size, learning rate, beta, max_length and seed. Reported per side: pairs/s and
@@ -49,14 +49,47 @@ def make_pairs(n: int, prompt_words: int, response_words: int, seed: int = 0) ->
 
 
 SHAPES = {
-    # words ~ tokens for this vocabulary of common words
+    # one word of the list above is one SmolLM2 token (checked: 61/51 and 301/61 tokens on average)
     "short": dict(prompt_words=60, response_words=50, max_length=256),
     "long": dict(prompt_words=300, response_words=60, max_length=512),
+    "seq1024": dict(prompt_words=640, response_words=360, max_length=1024),  # GPU: ~1002 tokens per sequence
+}
+
+# GPU models: random weights from a config (speed does not depend on the values). Bodies of the 0.5B class.
+GPU_MODELS = {
+    "qwen0.5b": dict(arch="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                     num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "llama-v32k": dict(arch="llama", hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
+                       num_attention_heads=16, num_key_value_heads=16, vocab_size=32000, tie_word_embeddings=False),
+    "llama-v128k": dict(arch="llama", hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
+                        num_attention_heads=16, num_key_value_heads=16, vocab_size=128256, tie_word_embeddings=False),
 }
 
 
+def build_random_model(name: str, tokenizer_dir: str, dtype_name: str, out_dir: str) -> str:
+    """Save a random-weight model of GPU_MODELS[name] (seed 0) with the tokenizer files beside it; both
+    sides load this same directory, so they start from the same weights."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    spec = dict(GPU_MODELS[name])
+    arch = spec.pop("arch")
+    cfg_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    torch.manual_seed(0)
+    cfg = cfg_cls(**spec, max_position_embeddings=4096, attention_dropout=0.0, bos_token_id=1, eos_token_id=2)
+    model = model_cls(cfg).to(getattr(torch, dtype_name))
+    path = Path(out_dir) / name
+    model.save_pretrained(path)
+    for f in Path(tokenizer_dir).iterdir():
+        if f.name.startswith("tokenizer") or f.name.endswith(".jinja") or f.name == "special_tokens_map.json":
+            shutil.copy(f, path / f.name)
+    return str(path)
+
+
 def matmul_peak(device: str, dtype_name: str) -> float:
-    """Measured matmul throughput (FLOP/s): the best of several large square matmuls."""
+    """Measured matmul throughput (FLOP/s): the best of several large square matmuls after warm-up."""
     import torch
 
     dtype = getattr(torch, dtype_name)
@@ -64,22 +97,25 @@ def matmul_peak(device: str, dtype_name: str) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = 0.0
-    for _ in range(5):
+    for i in range(8 if device == "cuda" else 5):
         if device == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        (a @ b).sum().item()
-        dt = time.perf_counter() - t
-        best = max(best, 2 * n**3 / dt)
+        for _ in range(10 if device == "cuda" else 1):
+            c = a @ b
+        c[0, 0].item()
+        dt = (time.perf_counter() - t) / (10 if device == "cuda" else 1)
+        if i:  # the first is warm-up
+            best = max(best, 2 * n**3 / dt)
     return best
 
 
 def matmul_params(model) -> int:
     """Parameters that take part in matmuls: every 2-D weight except the input embedding (a lookup),
-    plus the output head even when it is tied to the embedding."""
+    plus the output head even when it is tied to the embedding. LoRA factors are left out."""
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
-    total = sum(p.numel() for p in model.parameters() if p.ndim == 2 and p is not emb)
+    total = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and p is not emb and "lora_" not in n)
     if head is emb:
         total += head.numel()
     return total
@@ -95,26 +131,25 @@ def peak_memory_bytes(device: str) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def needed_tokens(tokenizer, rows: list[dict], max_length: int) -> int:
-    total = 0
-    for r in rows:
-        p = len(tokenizer(r["prompt"]).input_ids)
-        c = len(tokenizer(r["chosen"], add_special_tokens=False).input_ids) + 1
-        j = len(tokenizer(r["rejected"], add_special_tokens=False).input_ids) + 1
-        total += min(p + c, max_length) + max(0, min(p + j, max_length) - p)
-    return total
-
-
 # --------------------------------------------------------------------------------------------
 # Workers (each runs in its own process)
 
 
 def _common(job: dict):
+    """The pairs, the model and the tokenizer, loaded the same way on both sides (before the clock starts)."""
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(job["seed"])
-    rows = make_pairs(job["num_pairs"], SHAPES[job["shape"]]["prompt_words"], SHAPES[job["shape"]]["response_words"], job["seed"])
-    return rows
+    shape = SHAPES[job["shape"]]
+    rows = make_pairs(job["num_pairs"], shape["prompt_words"], shape["response_words"], job["seed"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=getattr(torch, job["dtype"]),
+                                                 attn_implementation="sdpa").to(device)
+    tok = AutoTokenizer.from_pretrained(job["model"])
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return rows, model, tok, device
 
 
 def _lora():
@@ -124,50 +159,56 @@ def _lora():
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
-def run_preftune(job: dict) -> dict:
+def _sync(device: str) -> None:
     import torch
 
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_preftune(job: dict) -> dict:
     from preftune import DPOConfig, DPOTrainer
     from preftune.data.pipeline import StepPlan
 
-    rows = _common(job)
+    rows, model, tok, device = _common(job)
     out = tempfile.mkdtemp(prefix="bench-preftune-")
     args = DPOConfig(
         output_dir=out, per_device_train_batch_size=job["batch"], gradient_accumulation_steps=1,
         learning_rate=job["lr"], beta=0.1, max_length=job["max_length"], max_prompt_length=None,
         max_steps=job["steps"], logging_steps=1, save_strategy="no", eval_strategy="no", seed=job["seed"],
-        report_to="none", warmup_ratio=0.0, lr_scheduler_type="constant", gradient_checkpointing=False,
+        report_to="none", warmup_steps=0, lr_scheduler_type="constant", gradient_checkpointing=False,
         precompute_ref_log_probs=job.get("precompute", False), dtype=job["dtype"], bf16=job["dtype"] == "bfloat16",
-        batch_layout=job.get("layout", "prefix"), max_grad_norm=1.0, weight_decay=0.0,
-        cache_dir=os.path.join(out, "cache"),
+        batch_layout=job.get("layout", "prefix"), logps_chunk_size=job.get("chunk", 1024),
+        max_grad_norm=1.0, weight_decay=0.0, cache_dir=os.path.join(out, "cache"),
     )
-    t0 = time.perf_counter()
-    trainer = DPOTrainer(model=job["model"], args=args, train_dataset=rows,
+    _sync(device)
+    t0 = time.perf_counter()  # the job: tokenizing, the reference (loaded or precomputed), every step
+    trainer = DPOTrainer(model=model, args=args, train_dataset=rows, processing_class=tok,
                          peft_config=_lora() if job["mode"] == "lora" else None)
-    t_load = time.perf_counter()
+    t_init = time.perf_counter()
     trainer.train()
-    wall = time.perf_counter() - t_load
+    _sync(device)
+    wall = time.perf_counter() - t0
     losses = [json.loads(line)["loss"] for line in open(Path(out) / "metrics.jsonl") if '"loss"' in line and "eval_loss" not in line]
+    if len(trainer.train_split) != len(rows):
+        raise RuntimeError(f"preftune kept {len(trainer.train_split)} of {len(rows)} pairs; the orders would differ")
     plan = StepPlan(len(trainer.train_split), job["batch"], 1, 1, job["seed"])
     used = plan.permutation(0)[: job["steps"] * job["batch"]]
     n_tok = sum(len(f["prompt_ids"]) + len(f["chosen_ids"]) + len(f["rejected_ids"])
                 for f in (trainer.train_split.features[i] for i in used))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return dict(side="preftune", wall_s=wall, load_s=t_load - t0, losses=losses, needed_tokens=n_tok,
-                pairs=len(used), peak_mem=peak_memory_bytes(device),
-                n_matmul=matmul_params(trainer.accelerator.unwrap_model(trainer.model).get_base_model()
-                                       if job["mode"] == "lora" else trainer.accelerator.unwrap_model(trainer.model)),
-                order=used)
+    base = trainer.accelerator.unwrap_model(trainer.model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    return dict(side="preftune", wall_s=wall, init_s=t_init - t0, losses=losses, needed_tokens=n_tok,
+                pairs=len(used), peak_mem=peak_memory_bytes(device), n_matmul=matmul_params(base), order=used,
+                layout=args.batch_layout, chunk=args.logps_chunk_size)
 
 
 def run_trl(job: dict) -> dict:
-    import torch
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    rows = _common(job)
+    rows, model, tok, device = _common(job)
     order = job["order"]  # preftune's data order: TRL reads the same pairs sequentially
     ds = Dataset.from_list([rows[i] for i in order])
 
@@ -176,26 +217,26 @@ def run_trl(job: dict) -> dict:
             return SequentialSampler(self.train_dataset)
 
     out = tempfile.mkdtemp(prefix="bench-trl-")
-    dtype = getattr(torch, job["dtype"])
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=dtype, attn_implementation="sdpa")
-    tok = AutoTokenizer.from_pretrained(job["model"])
+    # TRL's defaults gradient_checkpointing=True and bf16=True are set to preftune's here (off; the dtype of the
+    # job), so both run the same arithmetic; TRL has no max_prompt_length and its padding_free is disabled.
     args = DPOConfig(
         output_dir=out, per_device_train_batch_size=job["batch"], gradient_accumulation_steps=1,
         learning_rate=job["lr"], beta=0.1, max_length=job["max_length"], max_steps=job["steps"], logging_steps=1,
-        save_strategy="no", eval_strategy="no", seed=job["seed"], report_to="none", warmup_ratio=0.0,
+        save_strategy="no", eval_strategy="no", seed=job["seed"], report_to="none", warmup_steps=0,
         lr_scheduler_type="constant", gradient_checkpointing=False, bf16=job["dtype"] == "bfloat16",
         precompute_ref_log_probs=job.get("precompute", False), max_grad_norm=1.0, weight_decay=0.0,
-        dataloader_drop_last=True, use_cpu=not torch.cuda.is_available(),
+        dataloader_drop_last=True, use_cpu=device == "cpu", disable_tqdm=True,
     )
+    _sync(device)
+    t0 = time.perf_counter()
     trainer = SequentialDPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                                    peft_config=_lora() if job["mode"] == "lora" else None)
-    t_load = time.perf_counter()
+    t_init = time.perf_counter()
     trainer.train()
-    wall = time.perf_counter() - t_load
+    _sync(device)
+    wall = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return dict(side="trl-precompute" if job.get("precompute") else "trl", wall_s=wall, load_s=t_load - t0,
+    return dict(side="trl-precompute" if job.get("precompute") else "trl", wall_s=wall, init_s=t_init - t0,
                 losses=losses, peak_mem=peak_memory_bytes(device))
 
 
@@ -228,17 +269,63 @@ def versions() -> dict:
                 device=dev, cpus=os.cpu_count())
 
 
+SIDES = ("preftune", "trl", "trl_precompute")
+
+
+def _row(model_name: str, shape: str, mode: str, res: dict, peak: float) -> dict:
+    """Ratios of one (model, shape, mode) from its sides' raw results."""
+    ours = res["preftune"]
+    n, tokens = ours["n_matmul"], ours["needed_tokens"]
+    for r in res.values():
+        r.update(pairs_per_s=ours["pairs"] / r["wall_s"], tokens_per_s=tokens / r["wall_s"],
+                 mfu=(8 * n * tokens / r["wall_s"]) / peak)
+        r.pop("order", None)
+    row = dict(model=model_name, shape=shape, mode=mode, **res)
+    for side in ("trl", "trl_precompute"):
+        if side in res:
+            theirs = res[side]
+            k = min(len(ours["losses"]), len(theirs["losses"]), 3)
+            row[f"speedup_vs_{side}"] = ours["pairs_per_s"] / theirs["pairs_per_s"]
+            row[f"memory_ratio_vs_{side}"] = ours["peak_mem"] / theirs["peak_mem"]
+            row[f"first_losses_max_rel_diff_vs_{side}"] = max(
+                (abs(x - y) / max(abs(y), 1e-12) for x, y in zip(ours["losses"][:k], theirs["losses"][:k])),
+                default=float("nan"))
+    return row
+
+
+def print_table(results: list[dict]) -> None:
+    print(f"{'model':<12}{'shape':<8}{'mode':<5}{'side':<15}{'pairs/s':>9}{'tok/s':>9}{'peak MiB':>10}{'MFU':>7}"
+          "  first losses")
+    for row in results:
+        for side in SIDES:
+            if side in row:
+                r = row[side]
+                print(f"{row['model']:<12}{row['shape']:<8}{row['mode']:<5}{side:<15}{r['pairs_per_s']:>9.2f}"
+                      f"{r['tokens_per_s']:>9.0f}{r['peak_mem'] / 2**20:>10.0f}{r['mfu'] * 100:>6.1f}%  "
+                      f"{[round(x, 5) for x in r['losses'][:3]]}")
+        for side in ("trl", "trl_precompute"):
+            if side in row:
+                print(f"{'':<25}vs {side}: {row[f'speedup_vs_{side}']:.2f}x pairs/s, memory "
+                      f"{row[f'memory_ratio_vs_{side}']:.2f}x, first-loss rel diff "
+                      f"{row[f'first_losses_max_rel_diff_vs_{side}']:.1e}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--worker")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--shapes", default="short,long")
-    p.add_argument("--modes", default="full,lora")
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--gpu-models", default=None,
+                   help=f"comma list of random-weight configs to build instead of --model: {', '.join(GPU_MODELS)}")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder for --gpu-models (default: the embedded one)")
+    p.add_argument("--shapes", default="short,long", help=f"data shapes: {', '.join(SHAPES)}")
+    p.add_argument("--modes", default="full,lora", help="full and/or lora")
+    p.add_argument("--sides", default=",".join(SIDES), help="which sides to run (preftune is always run)")
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps per job")
+    p.add_argument("--batch", type=int, default=4, help="pairs per optimizer step")
     p.add_argument("--lr", type=float, default=5e-6)
     p.add_argument("--dtype", default=None, help="float32 on CPU (default), bfloat16 on GPU")
     p.add_argument("--layout", default="prefix", help="preftune batch layout: prefix | padded | packed")
+    p.add_argument("--chunk", type=int, default=1024, help="preftune logps_chunk_size")
     p.add_argument("--out", default="benchmarks/results.json")
     a = p.parse_args(argv)
     if a.worker:
@@ -253,51 +340,38 @@ def main(argv=None) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = a.dtype or ("bfloat16" if device == "cuda" else "float32")
-    model = a.model or str(embedded_model_path())
     peak = matmul_peak(device, dtype)
     info = versions()
-    print(f"machine: {info['device']} ({info['cpus']} cpus); measured {dtype} matmul peak {peak / 1e9:.1f} GFLOP/s")
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("device", "cpus")))
+    print(f"machine: {info['device']} ({info['cpus']} cpus); measured {dtype} matmul peak {peak / 1e12:.3f} TFLOP/s")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("device", "cpus")), flush=True)
+    if a.gpu_models:
+        tmp = tempfile.mkdtemp(prefix="bench-models-")
+        tok_dir = a.tokenizer or str(embedded_model_path())
+        models = {m: build_random_model(m, tok_dir, dtype, tmp) for m in a.gpu_models.split(",")}
+    else:
+        models = {"smollm2-135m": a.model or str(embedded_model_path())}
+    sides = [s for s in a.sides.split(",") if s != "preftune"]
     results = []
-    for shape in a.shapes.split(","):
-        for mode in a.modes.split(","):
-            base = dict(model=model, shape=shape, mode=mode, steps=a.steps, batch=a.batch, lr=a.lr, seed=0,
-                        dtype=dtype, max_length=SHAPES[shape]["max_length"], num_pairs=a.steps * a.batch,
-                        layout=a.layout)
-            ours = spawn(dict(base, side="preftune"))
-            theirs = spawn(dict(base, side="trl", order=ours["order"]))
-            theirs_pre = spawn(dict(base, side="trl", order=ours["order"], precompute=True))
-            n = ours["n_matmul"]
-            for r in (ours, theirs, theirs_pre):
-                r.update(shape=shape, mode=mode, pairs_per_s=ours["pairs"] / r["wall_s"],
-                         tokens_per_s=ours["needed_tokens"] / r["wall_s"],
-                         mfu=(8 * n * ours["needed_tokens"] / r["wall_s"]) / peak)
-                r.pop("order", None)
-            k = min(len(ours["losses"]), len(theirs["losses"]), 3)
-            rel = max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(ours["losses"][:k], theirs["losses"][:k])) if k else float("nan")
-            row = dict(shape=shape, mode=mode, preftune=ours, trl=theirs, trl_precompute=theirs_pre,
-                       speedup_vs_trl=ours["pairs_per_s"] / theirs["pairs_per_s"],
-                       speedup_vs_trl_precompute=ours["pairs_per_s"] / theirs_pre["pairs_per_s"],
-                       memory_ratio_vs_trl=ours["peak_mem"] / theirs["peak_mem"],
-                       memory_ratio_vs_trl_precompute=ours["peak_mem"] / theirs_pre["peak_mem"],
-                       first_losses_max_rel_diff=rel)
-            results.append(row)
-            print(f"[{shape}/{mode}] preftune {ours['pairs_per_s']:.2f} pairs/s, TRL {theirs['pairs_per_s']:.2f}, "
-                  f"TRL+precompute {theirs_pre['pairs_per_s']:.2f}", flush=True)
-    print()
-    hdr = f"{'shape':<6}{'mode':<6}{'side':<16}{'pairs/s':>9}{'tok/s':>9}{'peak MiB':>10}{'MFU':>7}  first losses"
-    print(hdr)
-    for row in results:
-        for key in ("preftune", "trl", "trl_precompute"):
-            r = row[key]
-            print(f"{row['shape']:<6}{row['mode']:<6}{key:<16}{r['pairs_per_s']:>9.2f}{r['tokens_per_s']:>9.0f}"
-                  f"{r['peak_mem'] / 2**20:>10.0f}{r['mfu'] * 100:>6.1f}%  {[round(x, 4) for x in r['losses'][:3]]}")
-        print(f"{'':<12}ratios: {row['speedup_vs_trl']:.2f}x pairs/s vs TRL, {row['speedup_vs_trl_precompute']:.2f}x vs "
-              f"TRL+precompute; memory {row['memory_ratio_vs_trl']:.2f} of TRL's, "
-              f"{row['memory_ratio_vs_trl_precompute']:.2f} of TRL+precompute's; first-loss rel diff "
-              f"{row['first_losses_max_rel_diff']:.1e}")
+    for model_name, path in models.items():
+        for shape in a.shapes.split(","):
+            for mode in a.modes.split(","):
+                base = dict(model=path, shape=shape, mode=mode, steps=a.steps, batch=a.batch, lr=a.lr, seed=0,
+                            dtype=dtype, max_length=SHAPES[shape]["max_length"], num_pairs=a.steps * a.batch,
+                            layout=a.layout, chunk=a.chunk)
+                res = {"preftune": spawn(dict(base, side="preftune"))}
+                for side in sides:
+                    res[side] = spawn(dict(base, side="trl", order=res["preftune"]["order"],
+                                           precompute=side == "trl_precompute"))
+                row = _row(model_name, shape, mode, res, peak)
+                results.append(row)
+                print_table([row])
+                print(flush=True)
+    print("\n== all ==")
+    print_table(results)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(dict(versions=info, matmul_peak_flops=peak, dtype=dtype, results=results), indent=1))
+    Path(a.out).write_text(json.dumps(dict(command=" ".join(["python benchmarks/vs_trl.py", *(argv or sys.argv[1:])]),
+                                           versions=info, matmul_peak_flops=peak, dtype=dtype, steps=a.steps,
+                                           batch=a.batch, results=results), indent=1))
     print(f"\nwritten {a.out}")
     return 0
 

@@ -33,11 +33,33 @@ class TrainState:
     global_step: int = 0
     pairs_seen: int = 0
     nonfinite_steps: int = 0
+    metrics_lines: int = 0  # rows of metrics.jsonl written when the checkpoint was taken
+    log_window: dict | None = None  # the logging window not yet logged (window_state), to resume it exactly
 
     @classmethod
     def from_json(cls, path: Path) -> TrainState:
         data = json.loads(Path(path).read_text())
-        return cls(**{k: data[k] for k in ("global_step", "pairs_seen", "nonfinite_steps") if k in data})
+        names = ("global_step", "pairs_seen", "nonfinite_steps", "metrics_lines", "log_window")
+        return cls(**{k: data[k] for k in names if k in data})
+
+
+def window_state(window, pairs: int, tokens: int) -> dict:
+    """The logging window (a MetricAccumulator plus pair/token counts) as JSON-exact floats.
+
+    float32 sums go through Python floats (float64), which hold them exactly, so a resumed window
+    adds up to the same bits as one that was never interrupted."""
+    return {"sums": {k: float(v) for k, v in window._sums.items()},
+            "counts": {k: float(v) for k, v in window._counts.items()}, "pairs": pairs, "tokens": tokens}
+
+
+def restore_window(window, data: dict | None, device) -> tuple[int, int]:
+    """Refill an empty MetricAccumulator from `window_state`; returns (pairs, tokens) of the window."""
+    if not data:
+        return 0, 0
+    for key, value in data["sums"].items():
+        window._sums[key] = torch.tensor(value, dtype=torch.float32, device=device)
+        window._counts[key] = torch.tensor(data["counts"][key], dtype=torch.float32, device=device)
+    return int(data["pairs"]), int(data["tokens"])
 
 
 class CheckpointError(RuntimeError):
@@ -81,8 +103,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _assert_finite(model) -> None:
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
+    """model: a module, or a state dict (name -> tensor)."""
+    items = model.items() if isinstance(model, dict) else model.named_parameters()
+    for name, p in items:
+        if p.is_floating_point() and not torch.isfinite(p).all():
             raise CheckpointError(f"refusing to save: parameter {name} has non-finite values")
 
 
@@ -104,37 +128,51 @@ def _versions() -> dict:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    version, internal, gauss = random.getstate()  # (int, tuple of 625 ints, float | None)
+    state = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _load_rng_state(path: Path) -> dict:
+    """rng_state.pt with `weights_only=True`: tensors, lists, ints and floats only (no pickle code)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint RNG state ({e}); it is damaged or from "
+                              "another preftune version: resume from another checkpoint") from e
+
+
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(output_dir: Path, trainer, state: TrainState, accelerator) -> Path:
-    """Write `<output_dir>/checkpoint-<step>/` atomically; then apply `save_total_limit`."""
+def save_checkpoint(output_dir: Path, trainer, state: TrainState, accelerator, state_dict: dict | None = None) -> Path:
+    """Write `<output_dir>/checkpoint-<step>/` atomically; then apply `save_total_limit`.
+
+    state_dict: the full model state dict when parameters are sharded (FSDP, ZeRO-3), gathered by
+    every rank with ``accelerator.get_state_dict`` before the main process calls this."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{state.global_step}"
     tmp = output_dir / f".tmp-checkpoint-{state.global_step}-{os.getpid()}"
     model = accelerator.unwrap_model(trainer.model)
-    _assert_finite(model)
+    _assert_finite(model if state_dict is None else state_dict)
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
         tmp.mkdir(parents=True)
-        model.save_pretrained(tmp / "model", safe_serialization=True)
+        model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
         trainer.tokenizer.save_pretrained(tmp / "model")
         torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng_state.pt")
-        ref_state = getattr(trainer.reference, "state_dict", None)
-        if callable(ref_state) and (sd := ref_state()):
+        state.metrics_lines = _count_lines(output_dir / "metrics.jsonl")
+        if sd := _reference_state(trainer.reference):
             from safetensors.torch import save_file
 
             save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / "reference.safetensors"))
@@ -184,7 +222,7 @@ def _rotate(output_dir: Path, limit: int | None, keep: Path) -> None:
 
 def resolve_checkpoint(output_dir: Path, spec) -> Path:
     """A checkpoint path from `resume_from_checkpoint`: a directory, or "latest"/True."""
-    if spec is True or (isinstance(spec, str) and spec.lower() in ("latest", "true")):
+    if spec is True or (isinstance(spec, str) and spec.lower() in ("latest", "last", "true")):
         ckpts = list_checkpoints(output_dir)
         if not ckpts:
             raise CheckpointError(f"resume_from_checkpoint=latest: no complete checkpoint in {output_dir}")
@@ -218,44 +256,83 @@ def load_checkpoint(path: Path, trainer, accelerator) -> TrainState:
             raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     trainer.optimizer.load_state_dict(torch.load(Path(path) / "optimizer.pt", map_location="cpu", weights_only=True))
     trainer.scheduler.load_state_dict(torch.load(Path(path) / "scheduler.pt", weights_only=True))
-    _set_rng_state(torch.load(Path(path) / "rng_state.pt", weights_only=False))
+    _set_rng_state(_load_rng_state(Path(path) / "rng_state.pt"))
     ref_file = Path(path) / "reference.safetensors"
-    if ref_file.is_file() and hasattr(trainer.reference, "load_state_dict"):
-        trainer.reference.load_state_dict(load_file(str(ref_file)))
+    if ref_file.is_file():
+        _load_reference_state(trainer.reference, load_file(str(ref_file)))
     return TrainState.from_json(Path(path) / "trainer_state.json")
+
+
+def _reference_state(reference) -> dict:
+    """The reference's mutable state: what TR-DPO mixed into it (a frozen reference has none)."""
+    if reference is None:
+        return {}
+    if callable(getattr(reference, "state_dict", None)):
+        return reference.state_dict()
+    if getattr(reference, "sync", None) is None:
+        return {}
+    if hasattr(reference, "ref_params"):  # the LoRA "ref" adapter
+        return {f"ref_params.{i}": p for i, p in enumerate(reference.ref_params)}
+    return dict(reference.model.state_dict())
+
+
+def _load_reference_state(reference, sd: dict) -> None:
+    if reference is None:
+        raise CheckpointError("the checkpoint holds a TR-DPO reference state but this run has no reference; "
+                              "resume with the same loss and sync_ref_model settings")
+    if callable(getattr(reference, "load_state_dict", None)):
+        reference.load_state_dict(sd)
+    elif hasattr(reference, "ref_params"):
+        with torch.no_grad():
+            for i, p in enumerate(reference.ref_params):
+                p.copy_(sd[f"ref_params.{i}"])
+    else:
+        reference.model.load_state_dict(sd)
+
+
+def _count_lines(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.endswith(b"\n"))
 
 
 def _is_tied(model, key: str) -> bool:
     return bool(getattr(model.config, "tie_word_embeddings", False)) and key.endswith("lm_head.weight")
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """After a resume, drop logged rows past the checkpoint's step (and a torn last line)."""
+def truncate_metrics(path: Path, step: int, lines: int | None = None) -> None:
+    """After a resume, drop logged rows past the checkpoint's step (and a torn last line).
+
+    lines: keep at most the first `lines` rows, those the file held when the checkpoint was written
+    (drops an evaluation row logged after the checkpoint at its own step; 0 for a fresh run)."""
     path = Path(path)
     if not path.exists():
         return
     keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    raw = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    for line in raw[:lines] if lines is not None else raw:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if int(row.get("step", 0)) <= step:
-            keep.append(line)
+        if line.endswith("\n") and int(row.get("step", 0)) <= step:
+            keep.append(line.rstrip("\n"))
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
     os.replace(tmp, path)
 
 
-def save_pretrained_atomic(model, tokenizer, out_dir: Path) -> None:
-    """Save a Hugging Face model (or adapter) and tokenizer into out_dir, each file replaced atomically."""
+def save_pretrained_atomic(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> None:
+    """Save a Hugging Face model (or adapter) and tokenizer into out_dir, each file replaced atomically.
+    state_dict: the gathered full state dict of a sharded model (see `save_checkpoint`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _assert_finite(model)
+    _assert_finite(model if state_dict is None else state_dict)
     tmp = out_dir / f".tmp-final-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _fsync_tree(tmp)

@@ -83,7 +83,7 @@ def cmd_data(argv: list[str]) -> int:
     a = p.parse_args(argv)
     from preftune.data.demo import write_demo
 
-    for path in write_demo(a.out):
+    for path in write_demo(a.out).values():
         print(path)
     return 0
 

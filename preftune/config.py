@@ -112,6 +112,9 @@ class DPOConfig:
                                         group="data", extra=True)
     demo_eval_size: Optional[int] = _f(None, "Number of bundled demo eval pairs (None = the demo's own).",
                                        group="data", extra=True)
+    demo_generation_prompts: int = _f(32, "With the demo data: held-out prompts generated from at the end of "
+                                      "`preftune train` and scored by each task's verifier, before (reference) "
+                                      "and after training (0 = skip).", group="data", extra=True)
     dataset_num_proc: Optional[int] = _f(None, "Processes used to tokenize the data.", group="data")
     max_length: Optional[int] = _f(1024, "Max tokens of prompt + completion; longer pairs are truncated.",
                                    group="data")
@@ -293,10 +296,10 @@ class DPOConfig:
     @staticmethod
     def demo_defaults() -> dict[str, Any]:
         """Overrides for the no-argument `preftune train` run: the embedded model on the demo tasks."""
-        return {"output_dir": "runs/dpo-demo", "learning_rate": 5e-6, "max_steps": 160,
-                "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_length": 256,
-                "max_prompt_length": 128, "eval_strategy": "steps", "eval_steps": 40, "logging_steps": 5,
-                "save_strategy": "no", "warmup_ratio": 0.1}
+        return {"output_dir": "runs/dpo-demo", "learning_rate": 1e-5, "max_steps": 50,
+                "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_length": 192,
+                "max_prompt_length": 128, "eval_strategy": "steps", "eval_steps": 25, "logging_steps": 5,
+                "save_strategy": "no", "warmup_ratio": 0.1, "demo_eval_size": 64, "per_device_eval_batch_size": 16}
 
     # ---- construction and checks ---------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -684,6 +687,7 @@ def _check(c: DPOConfig) -> list[tuple[str, str]]:
                  "dataset_num_proc", "save_total_limit", "demo_train_size", "demo_eval_size"):
         need(getattr(c, name) is None or getattr(c, name) >= 1, name, "must be None or an integer >= 1")
     need(c.dataloader_num_workers >= 0, "dataloader_num_workers", "must be >= 0")
+    need(c.demo_generation_prompts >= 0, "demo_generation_prompts", "must be >= 0")
     need(c.max_steps == -1 or c.max_steps >= 1, "max_steps", "must be -1 (use num_train_epochs) or >= 1")
     number("beta", 0, lo_open=True)
     number("label_smoothing", 0, 0.5, hi_open=True)

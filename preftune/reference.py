@@ -22,7 +22,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,12 +64,22 @@ def _detached(out):
     return ResponseLogps(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(out).items()})
 
 
+def _grad_free(model: nn.Module):
+    """``torch.inference_mode()``, but ``torch.no_grad()`` for sharded models (FSDP, DeepSpeed): their
+    parameter gathers reuse buffers that inference mode would mark as inference tensors, which FSDP2
+    then refuses ("Inference tensors do not track version counter")."""
+    p = next(model.parameters(), None)
+    sharded = (type(p).__name__ == "DTensor" or hasattr(p, "ds_id")
+               or type(model).__name__ in ("FullyShardedDataParallel", "DeepSpeedEngine"))  # fmt: skip
+    return torch.no_grad() if sharded else torch.inference_mode()
+
+
 def forward_logps(model: nn.Module, batch: dict, **logps_kwargs):
-    """``model_logps(model, batch, **logps_kwargs)`` in eval mode, under ``torch.inference_mode``."""
+    """``model_logps(model, batch, **logps_kwargs)`` in eval mode, without autograd (:func:`_grad_free`)."""
     from preftune.logps import model_logps
 
     device = next(model.parameters()).device
-    with eval_mode(model), torch.inference_mode():
+    with eval_mode(model), _grad_free(model):
         out = model_logps(model, _to_device(batch, device), **logps_kwargs)
     return _detached(out)
 
@@ -327,6 +337,80 @@ def make_reference(*, loss_needs_reference: bool, policy: nn.Module, ref_model: 
     return FrozenModelReference(ref_model, sync=sync)
 
 
+def reference_deepspeed_config(train_config: dict, *, micro_batch: int, accumulation: int, world_size: int,
+                               mixed_precision: str) -> dict:  # fmt: skip
+    """The DeepSpeed config for a frozen reference engine, from the policy's config (not modified).
+
+    ZeRO-3 stays ZeRO-3 (the reference is sharded like the policy); any other stage becomes stage 0
+    (a frozen model has no gradients or optimizer state to shard). The optimizer and scheduler are
+    dropped, "auto" batch sizes become numbers and "auto" ZeRO knobs are left to DeepSpeed.
+    """
+    import copy
+
+    cfg = copy.deepcopy(train_config)
+    cfg.pop("optimizer", None)
+    cfg.pop("scheduler", None)
+    zero = dict(cfg.get("zero_optimization") or {})
+    if int(zero.get("stage", 0)) != 3:
+        zero = {"stage": 0}
+    zero = {k: v for k, v in zero.items() if v != "auto"}
+    zero.pop("offload_optimizer", None)
+    cfg["zero_optimization"] = zero
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch
+    cfg["gradient_accumulation_steps"] = accumulation
+    cfg["train_batch_size"] = micro_batch * accumulation * world_size
+    for name in ("bf16", "fp16"):
+        cfg[name] = {"enabled": mixed_precision == name}
+    if cfg.get("gradient_clipping") == "auto":
+        cfg.pop("gradient_clipping")
+    return cfg
+
+
+def prepare_reference_model(model: nn.Module, accelerator, *, micro_batch: int = 1, accumulation: int = 1) -> nn.Module:
+    """Freeze a reference model (eval mode, no grads, dropout off) and place it like the policy.
+
+    Under FSDP2 it is sharded with ``fully_shard`` by the same plugin settings as the policy, under
+    FSDP1 wrapped in FSDP, under DeepSpeed ZeRO-3 wrapped in an inference engine whose parameters
+    are partitioned (:func:`reference_deepspeed_config`); under DDP or one process it is moved to
+    the device, unwrapped (nothing to synchronize). No optimizer ever sees it.
+    """
+    from accelerate.utils import DistributedType
+
+    model.eval()
+    model.requires_grad_(False)
+    disable_dropout(model)
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        import deepspeed
+
+        cfg = reference_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, micro_batch=micro_batch,
+                                         accumulation=accumulation, world_size=accelerator.num_processes,
+                                         mixed_precision=str(accelerator.mixed_precision))  # fmt: skip
+        engine, *_ = deepspeed.initialize(model=model, config=cfg)
+        engine.eval()
+        return engine
+    if getattr(accelerator, "is_fsdp2", False):
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        return fsdp2_prepare_model(accelerator, model).eval()
+    if kind == DistributedType.FSDP:
+        return accelerator.prepare_model(model).eval()  # FSDP1 shards only outside evaluation_mode
+    return accelerator.prepare_model(model, evaluation_mode=True).eval()
+
+
+def sharded_parameters(accelerator) -> bool:
+    """True when parameters are split across processes (FSDP, DeepSpeed ZeRO-3): an elementwise mix of
+    two models' parameters then works only if both are sharded identically."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization") or {}
+        return int(zero.get("stage", 0)) == 3
+    return False
+
+
 # --------------------------------------------------------------------------------------------
 # Precompute and the disk cache
 # --------------------------------------------------------------------------------------------
@@ -334,12 +418,19 @@ def make_reference(*, loss_needs_reference: bool, policy: nn.Module, ref_model: 
 
 def precompute_reference_logps(ref_model_or_reference: nn.Module | Reference, features: Sequence[dict], *,
                                batch_size: int, pad_token_id: int, layout: str = "padded",
-                               progress: bool = True, **logps_kwargs) -> torch.Tensor:  # fmt: skip
+                               progress: bool = True, rank: int = 0, world_size: int = 1,
+                               **logps_kwargs) -> torch.Tensor:  # fmt: skip
     """One inference pass over tokenized pairs -> (N, 2) float32 table [chosen, rejected].
 
     Row ``features[i]["index"]`` holds pair i; N = max index + 1 (rows of absent indices are NaN).
     Pairs are batched longest-first so batches carry little padding; the order does not change
     any value. Afterwards the reference model can be freed. logps_kwargs go to ``model_logps``.
+
+    rank/world_size: compute only batches j with ``j % world_size == rank`` (the other rows stay
+    NaN). The batches are cut from the one global longest-first order, so every batch holds the
+    same pairs as in a single-process pass and gives the same numbers. Every rank runs the same
+    number of forwards (a rank one batch short repeats its first one and discards it), as sharded
+    models (FSDP, ZeRO-3) need: each forward is a collective there.
     """
     from tqdm.auto import tqdm
 
@@ -357,15 +448,35 @@ def precompute_reference_logps(ref_model_or_reference: nn.Module | Reference, fe
     table = torch.full((max(indices, default=-1) + 1, 2), float("nan"))
     order = sorted(range(len(features)), key=lambda i: -sum(len(features[i][k]) for k in
                                                              ("prompt_ids", "chosen_ids", "rejected_ids")))  # fmt: skip
+    starts = list(range(0, len(order), batch_size))
+    mine = starts[rank::world_size]
+    rounds = -(-len(starts) // world_size)  # the same for every rank
     with tqdm(total=len(order), desc="reference log-probs", disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
+        for j in range(rounds):
+            pad = j >= len(mine)  # a filler forward, to keep collectives in step
+            start = mine[j] if not pad else starts[0]
             chunk = [features[i] for i in order[start : start + batch_size]]
             batch = collate(chunk, layout=layout, pad_token_id=pad_token_id)
             out = ref.logps(batch, **logps_kwargs)
+            if pad:
+                continue
             rows = torch.stack([out.chosen_logps, out.rejected_logps], 1).float().cpu()
             table[batch["pair_index"].cpu()] = rows
-            bar.update(len(chunk))
+            bar.update(len(chunk) * world_size)
     return table
+
+
+def merge_shard_tables(table: torch.Tensor, reduce_sum) -> torch.Tensor:
+    """Combine per-rank (N, 2) tables that are NaN outside each rank's rows into the full table.
+
+    reduce_sum(t) must return the element-wise sum of t over ranks (``accelerator.reduce``). Each row
+    is computed by exactly one rank, so its sum is that rank's value plus zeros: exact. Rows no rank
+    computed (or whose value is NaN) stay NaN.
+    """
+    have = (~torch.isnan(table)).to(torch.float32)
+    total = reduce_sum(torch.cat([table.nan_to_num(0.0), have], 1))  # (N, 4): one collective
+    merged, count = total[:, :2].cpu(), total[:, 2:].cpu()
+    return torch.where(count > 0, merged, torch.full_like(merged, float("nan")))
 
 
 def _sha256_file_meta(path: Path) -> list:
@@ -489,7 +600,9 @@ def cached_precompute(ref_model_or_reference: nn.Module | Reference, features: S
 
     The key is ``key`` or ``reference_cache_key(**key_parts)``; the file is ``path`` or
     ``<cache_dir>/<key[:32]>.safetensors`` (default :func:`default_reference_cache_path`). With an
-    accelerate ``accelerator`` the main process computes and saves first; the others then load it.
+    accelerate ``accelerator`` over several processes, every rank decides together (a cache any rank
+    cannot read is recomputed by all), each rank computes its share of the batches, one collective
+    merges the shares, and the main process alone writes the one file.
     """
     if key is None:
         if key_parts is None:
@@ -498,16 +611,25 @@ def cached_precompute(ref_model_or_reference: nn.Module | Reference, features: S
     if path is None:
         path = Path(cache_dir) / f"{key[:32]}.safetensors" if cache_dir else default_reference_cache_path(key)
     needed = max((int(f["index"]) for f in features), default=-1) + 1
-    first = accelerator.main_process_first() if accelerator is not None else nullcontext()
-    with first:
-        table = load_reference_cache(path, key)
-        if table is not None and table.shape[0] >= needed:
-            logger.info("reusing reference log-probs from %s", path)
-            return table
-        table = precompute_reference_logps(ref_model_or_reference, features, batch_size=batch_size,
-                                           pad_token_id=pad_token_id, layout=layout, progress=progress,
-                                           **{k: v for k, v in logps_kwargs.items() if v is not None})  # fmt: skip
-        if accelerator is None or accelerator.is_main_process:
-            save_reference_cache(path, table, key)
-            logger.info("saved reference log-probs to %s", path)
+    world = accelerator.num_processes if accelerator is not None else 1
+    table = load_reference_cache(path, key)
+    valid = table is not None and table.shape[0] >= needed
+    if world > 1:  # all ranks or none reuse the file (another node may not see it)
+        flag = torch.tensor([float(valid)], device=accelerator.device)
+        valid = bool(accelerator.reduce(flag, reduction="sum").item() == world)
+    if valid:
+        logger.info("reusing reference log-probs from %s", path)
+        return table
+    rank = accelerator.process_index if accelerator is not None else 0
+    table = precompute_reference_logps(ref_model_or_reference, features, batch_size=batch_size,
+                                       pad_token_id=pad_token_id, layout=layout, rank=rank, world_size=world,
+                                       progress=progress and (accelerator is None or accelerator.is_main_process),
+                                       **{k: v for k, v in logps_kwargs.items() if v is not None})  # fmt: skip
+    if world > 1:
+        table = merge_shard_tables(table.to(accelerator.device), lambda t: accelerator.reduce(t, reduction="sum"))
+    if accelerator is None or accelerator.is_main_process:
+        save_reference_cache(path, table, key)
+        logger.info("saved reference log-probs to %s", path)
+    if world > 1:
+        accelerator.wait_for_everyone()
     return table

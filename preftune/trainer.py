@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -62,9 +63,12 @@ class DPOTrainer:
 
         self.args = args = args if args is not None else DPOConfig()
         on_gpu = torch.cuda.is_available() and not args.use_cpu
-        self.accelerator = Accelerator(
-            cpu=not on_gpu, mixed_precision=args.mixed_precision(bf16_supported=on_gpu and torch.cuda.is_bf16_supported())
-        )
+        mixed = args.mixed_precision(bf16_supported=on_gpu and torch.cuda.is_bf16_supported())
+        if mixed != "no" and not (on_gpu and (mixed == "fp16" or torch.cuda.is_bf16_supported())):
+            logger.warning("%s=True but this %s has no fast %s kernels; training in float32 instead. Drop --%s to "
+                           "silence this.", mixed, "GPU" if on_gpu else "CPU", mixed, mixed)  # fmt: skip
+            mixed = "no"
+        self.accelerator = Accelerator(cpu=not on_gpu, mixed_precision=mixed)
         set_seed(int(args.seed))
         self.callbacks = list(callbacks or [])
         self.loss_names = resolve_loss_names(args.loss_type)
@@ -132,12 +136,18 @@ class DPOTrainer:
     def _build_reference(self):
         """The reference source: None (reference-free), cache (precomputed), adapters off, or a frozen model."""
         from preftune import models
-        from preftune.reference import EMAReferenceSync, make_reference
+        from preftune.reference import EMAReferenceSync, make_reference, sharded_parameters
 
         args = self.args
         if not self.needs_reference:
             return None
         sync = EMAReferenceSync(args.ref_model_mixup_alpha, args.ref_model_sync_steps) if args.sync_ref_model else None
+        if sync is not None and sharded_parameters(self.accelerator):
+            raise ValueError(
+                "sync_ref_model=True (TR-DPO) is not supported with sharded parameters (FSDP or DeepSpeed ZeRO-3): "
+                "the reference/policy mix needs whole parameters. Use DDP or ZeRO-2 (examples/accelerate/ddp.yaml, "
+                "zero2.yaml), or drop sync_ref_model"
+            )
         ref_model = self._ref_model_arg
         if args.precompute_ref_log_probs:
             return self._precomputed_reference(ref_model)
@@ -158,15 +168,22 @@ class DPOTrainer:
                                           trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
         if ref_model is not None:
             models.disable_dropout(ref_model)
-            ref_model = ref_model.to(self.accelerator.device)
+            ref_model = self._prepare_reference_model(ref_model)
         return make_reference(loss_needs_reference=True, policy=self.model, ref_model=ref_model, sync=sync)
+
+    def _prepare_reference_model(self, ref_model):
+        """Frozen and placed like the policy: sharded under FSDP / ZeRO-3, plain on the device otherwise."""
+        from preftune.reference import prepare_reference_model
+
+        return prepare_reference_model(ref_model, self.accelerator, micro_batch=self.args.per_device_train_batch_size,
+                                       accumulation=self.args.gradient_accumulation_steps)
 
     def _reference_for_precompute(self, ref_model):
         """What computes the cached reference log-probs: the given ref model, or the policy as it is now."""
         from preftune.reference import AdapterDisabledReference, FrozenModelReference
 
         if ref_model is not None:
-            return FrozenModelReference(ref_model.to(self.accelerator.device))
+            return FrozenModelReference(self._prepare_reference_model(ref_model))
         if self.is_peft:
             return AdapterDisabledReference(self.model)
         return FrozenModelReference(self.model, freeze=False)
@@ -300,7 +317,7 @@ class DPOTrainer:
             logger.info("resumed from %s at step %d", path, state.global_step)
         metrics_path = out_dir / "metrics.jsonl"
         if acc.is_main_process:
-            ckpt.truncate_metrics(metrics_path, state.global_step)
+            ckpt.truncate_metrics(metrics_path, state.global_step, lines=state.metrics_lines if resume else 0)
         trackers = make_trackers(args.report_to, out_dir, args.to_dict(), args.run_name) if acc.is_main_process else None
 
         if state.global_step == 0 and self.eval_split is not None and args.eval_strategy != "no":
@@ -309,6 +326,8 @@ class DPOTrainer:
         bar = tqdm(total=total_steps, initial=state.global_step, disable=not acc.is_main_process, desc="dpo", dynamic_ncols=True)
         window = MetricAccumulator()
         t_window, pairs_window, tokens_window, self._paused = time.perf_counter(), 0, 0, 0.0
+        if acc.is_main_process:  # the window saved with the checkpoint holds every process's sums
+            pairs_window, tokens_window = ckpt.restore_window(window, state.log_window, acc.device)
         last_logged: dict = {}
         bad_in_a_row = 0
         self.model.train()
@@ -326,8 +345,11 @@ class DPOTrainer:
             else:
                 bad_in_a_row += 1
                 state.nonfinite_steps += 1
-                logger.warning("non-finite loss or gradient at step %d: update skipped (pairs %s)",
-                               state.global_step + 1, bad_pairs)
+                if not bad_pairs:  # a finite loss with a non-finite gradient: every pair of the step is suspect
+                    bad_pairs = [int(self.train_split.features[i]["index"]) for m in micro for i in m]
+                logger.warning("non-finite %s at step %d: update skipped (pairs %s)",
+                               "gradient" if torch.isfinite(step_loss).item() else "loss", state.global_step + 1,
+                               bad_pairs)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.global_step += 1
@@ -340,6 +362,7 @@ class DPOTrainer:
                 window.add({"loss": step_loss.detach(), "grad_norm": grad_norm.detach()}, 1)
             bar.update(1)
             if bad_in_a_row >= args.max_nonfinite_steps:
+                state.log_window = self._window_snapshot(window, pairs_window, tokens_window)
                 self._save(state, final=False)
                 raise NonFiniteError(
                     f"{bad_in_a_row} consecutive optimizer steps had a non-finite loss or gradient "
@@ -371,6 +394,7 @@ class DPOTrainer:
                 self._log(metrics_path, trackers, {"step": state.global_step, "epoch": round(epoch_f, 4), **self._timed_eval()})
             if self._should_save(state, plan):
                 t_save = time.perf_counter()
+                state.log_window = self._window_snapshot(window, pairs_window, tokens_window)
                 self._save(state)
                 self._paused += time.perf_counter() - t_save
         bar.close()
@@ -418,7 +442,9 @@ class DPOTrainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
         if self.accelerator.num_processes > 1 or self.accelerator.distributed_type != "NO":
-            return torch.as_tensor(self.accelerator.clip_grad_norm_(params, max_norm))
+            norm = self.accelerator.clip_grad_norm_(params, max_norm)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
+            return torch.as_tensor(norm)
         return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
 
     def _make_optimizer(self):
@@ -442,10 +468,27 @@ class DPOTrainer:
             return state.pairs_seen % (plan.steps_per_epoch * plan.global_batch) == 0
         return False
 
+    def _window_snapshot(self, window: MetricAccumulator, pairs: int, tokens: int) -> dict:
+        """The not-yet-logged window summed over processes (a collective), for the checkpoint."""
+        snap = MetricAccumulator()
+        snap._sums, snap._counts = dict(window._sums), dict(window._counts)
+        if self.accelerator.num_processes > 1:
+            snap.reduce(lambda t: self.accelerator.reduce(t, reduction="sum"))
+        return ckpt.window_state(snap, pairs, tokens)
+
+    def _full_state_dict(self) -> dict | None:
+        """The gathered state dict under FSDP / DeepSpeed (a collective: every rank calls it), else None."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            return self.accelerator.get_state_dict(self.model)
+        return None
+
     def _save(self, state, final: bool = False):
         self.accelerator.wait_for_everyone()
+        full = self._full_state_dict()
         if self.accelerator.is_main_process:
-            ckpt.save_checkpoint(Path(self.args.output_dir), self, state, self.accelerator)
+            ckpt.save_checkpoint(Path(self.args.output_dir), self, state, self.accelerator, state_dict=full)
         self.accelerator.wait_for_everyone()
 
     def _log(self, path: Path, trackers, row: dict):
@@ -487,12 +530,18 @@ class DPOTrainer:
         n = len(split)
         bs = args.per_device_eval_batch_size
         indices = list(range(acc.process_index, n, acc.num_processes))
-        for start in range(0, len(indices), bs):
-            batch = self._to_device(self._collate(self._features(split, indices[start : start + bs])))
+        # every rank runs the same number of forwards (DDP buffer syncs, FSDP/ZeRO-3 gathers are
+        # collectives): a rank whose shard is shorter runs a filler batch that counts for 0 pairs
+        rounds = math.ceil(math.ceil(n / acc.num_processes) / bs)
+        for j in range(rounds):
+            chunk = indices[j * bs : (j + 1) * bs]
+            batch = self._to_device(self._collate(self._features(split, chunk or [0])))
             with acc.autocast():
                 per_pair, metrics = self._pair_losses(batch, reference)
-            b = len(per_pair)
-            accum.add({"loss": per_pair.mean(), **metrics}, b)
+            row = {"loss": per_pair.mean(), **metrics}
+            if not chunk:
+                row = {k: torch.zeros_like(v) for k, v in row.items()}
+            accum.add(row, len(chunk))
         if was_training:
             self.model.train()
         return {f"eval_{k}": v for k, v in _reduced(accum, acc).items()}
@@ -501,8 +550,9 @@ class DPOTrainer:
         """Save the model (or adapter) and tokenizer in Hugging Face format, atomically."""
         out = Path(output_dir or self.args.output_dir)
         self.accelerator.wait_for_everyone()
+        full = self._full_state_dict()
         if self.accelerator.is_main_process:
-            ckpt.save_pretrained_atomic(self.accelerator.unwrap_model(self.model), self.tokenizer, out)
+            ckpt.save_pretrained_atomic(self.accelerator.unwrap_model(self.model), self.tokenizer, out, state_dict=full)
         self.accelerator.wait_for_everyone()
         return out
 
@@ -543,6 +593,28 @@ def summary_table(before: dict | None, after: dict | None, n_eval: int) -> str:
     return "\n".join(lines)
 
 
+def _demo_generation_eval(trainer: DPOTrainer):
+    """Verifier pass rates before (reference) and after (trained) on held-out demo prompts.
+
+    Only for the bundled demo data, whose rows carry the task each verifier checks."""
+    args = trainer.args
+    n = int(getattr(args, "demo_generation_prompts", 32) or 0)
+    if n <= 0 or args.dataset_name is not None or args.eval_dataset is not None:
+        return [], []
+    if trainer.is_peft:
+        reference = None  # generation_eval disables the adapters for the 'before' side
+    else:
+        reference = getattr(trainer.reference, "model", None)
+        if reference is None:
+            return [], []  # reference evicted (precomputed) or reference-free loss: nothing to compare against
+    from preftune.data.demo import demo_dataset, verify
+    from preftune.evaluate_cli import generation_eval
+
+    rows = demo_dataset("eval", n=n)
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    return generation_eval(policy, reference, trainer.tokenizer, rows, verify_fn=verify, max_new_tokens=40)
+
+
 def train(config: DPOConfig | None = None, **overrides) -> DPOTrainer:
     """Train from a config (the CLI's entry point): train, save the final model, report."""
     config = config if config is not None else DPOConfig(**overrides)
@@ -552,6 +624,7 @@ def train(config: DPOConfig | None = None, **overrides) -> DPOTrainer:
     if trainer.accelerator.is_main_process:
         text = summary_table(getattr(trainer, "initial_eval", None), getattr(trainer, "final_eval", None),
                              len(trainer.eval_split) if trainer.eval_split is not None else 0)
+        eval_table, samples = _demo_generation_eval(trainer)
         report = None
         try:
             from preftune.report import (
@@ -561,11 +634,16 @@ def train(config: DPOConfig | None = None, **overrides) -> DPOTrainer:
                 write_report,
             )
 
-            report = write_report(out)
+            report = write_report(out, eval_table=eval_table or None, samples=samples or None)
             print_collapse_warning(detect_likelihood_collapse(read_metrics(out)[0]))
         except Exception as e:  # the report must never cost the trained model
             logger.warning("could not write the run report: %s", e)
         print("\n" + text)
+        if eval_table:
+            from preftune.evaluate import format_table
+
+            print("\ngeneration on held-out demo prompts (greedy), scored by each task's verifier:")
+            print(format_table(eval_table))
         print(f"\ntrained model: {out.resolve()}")
         if report is not None:
             print(f"report: {Path(report).resolve()}")
