@@ -55,12 +55,13 @@ SHAPES = {
     "seq1024": dict(prompt_words=640, response_words=360, max_length=1024),  # GPU: ~1002 tokens per sequence
 }
 
-# GPU models: random weights from a config (speed does not depend on the values). Bodies of the 0.5B class.
+# GPU models: random weights from a config (speed does not depend on the values), bodies of the 0.5B class.
+# Vocabularies are >= 49152, the embedded tokenizer's, whose ids the synthetic pairs use.
 GPU_MODELS = {
     "qwen0.5b": dict(arch="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                      num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "llama-v32k": dict(arch="llama", hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
-                       num_attention_heads=16, num_key_value_heads=16, vocab_size=32000, tie_word_embeddings=False),
+    "llama-v49k": dict(arch="llama", hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
+                       num_attention_heads=16, num_key_value_heads=16, vocab_size=49152, tie_word_embeddings=False),
     "llama-v128k": dict(arch="llama", hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
                         num_attention_heads=16, num_key_value_heads=16, vocab_size=128256, tie_word_embeddings=False),
 }
@@ -178,7 +179,7 @@ def run_preftune(job: dict) -> dict:
         max_steps=job["steps"], logging_steps=1, save_strategy="no", eval_strategy="no", seed=job["seed"],
         report_to="none", warmup_steps=0, lr_scheduler_type="constant", gradient_checkpointing=False,
         precompute_ref_log_probs=job.get("precompute", False), dtype=job["dtype"], bf16=job["dtype"] == "bfloat16",
-        batch_layout=job.get("layout", "prefix"), logps_chunk_size=job.get("chunk", 1024),
+        batch_layout=job.get("layout", "auto"), logps_chunk_size=job.get("chunk", 1024),
         max_grad_norm=1.0, weight_decay=0.0, cache_dir=os.path.join(out, "cache"),
     )
     _sync(device)
@@ -324,7 +325,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4, help="pairs per optimizer step")
     p.add_argument("--lr", type=float, default=5e-6)
     p.add_argument("--dtype", default=None, help="float32 on CPU (default), bfloat16 on GPU")
-    p.add_argument("--layout", default="prefix", help="preftune batch layout: prefix | padded | packed")
+    p.add_argument("--layout", default="auto", help="preftune batch layout: auto (prefix on CPU, padded on GPU) | prefix | padded | packed")
     p.add_argument("--chunk", type=int, default=1024, help="preftune logps_chunk_size")
     p.add_argument("--out", default="benchmarks/results.json")
     a = p.parse_args(argv)

@@ -67,9 +67,10 @@ class CheckpointError(RuntimeError):
 
 
 def check_writable(directory: Path) -> None:
-    """Fail before training, not at the first save, when the output directory cannot be written."""
+    """Create the output directory; fail before training, not at the first save, when it cannot be written."""
     probe = Path(directory) / f".write-test-{os.getpid()}"
     try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         if logging.getLogger().isEnabledFor(logging.DEBUG):
             raise
         print(f"preftune {cmd}: error: {e}", file=sys.stderr)

@@ -43,6 +43,10 @@ def load_trained(model_dir: str | Path, *, ref_model: str | None = None, dtype: 
     if adapter_cfg.is_file():
         from peft import PeftModel
 
+        if not (model_dir / "adapter_model.safetensors").is_file():
+            raise ValueError(f"{model_dir}: no adapter_model.safetensors (pickled adapters are not loaded: they can "
+                             "run code); re-save the adapter with safe_serialization=True")
+
         base_id = json.loads(adapter_cfg.read_text()).get("base_model_name_or_path") or run_cfg.get("model_name_or_path")
         base = models.load_model(models.resolve_model_path(base_id), dtype=dtype)
         policy = PeftModel.from_pretrained(base, str(model_dir))

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,6 +29,15 @@ from preftune.losses import LOSSES, loss_params, preference_loss, resolve_loss_n
 from preftune.metrics import MetricAccumulator, preference_metrics
 
 logger = logging.getLogger("preftune")
+
+
+def resolve_layout(layout: str, device: torch.device, *, padding_free: bool = False) -> str:
+    """The batch layout to use: 'auto' picks the fastest exact one measured for the device."""
+    if layout != "auto":
+        return layout
+    if device.type == "cpu":
+        return "prefix"
+    return "packed" if padding_free else "padded"
 
 
 class NonFiniteError(RuntimeError):
@@ -70,6 +80,7 @@ class DPOTrainer:
             mixed = "no"
         self.accelerator = Accelerator(cpu=not on_gpu, mixed_precision=mixed)
         set_seed(int(args.seed))
+        self.layout = resolve_layout(args.batch_layout, self.accelerator.device, padding_free=args.padding_free)
         self.callbacks = list(callbacks or [])
         self.loss_names = resolve_loss_names(args.loss_type)
         self.loss_kwargs = loss_params(args)
@@ -113,7 +124,11 @@ class DPOTrainer:
         if peft_config is not None:
             model = models.apply_peft(model, peft_config, gradient_checkpointing=args.gradient_checkpointing)
         if args.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs or {"use_reentrant": False})
+            ckpt_kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
             if hasattr(model, "config"):
                 model.config.use_cache = False
         self.is_peft = peft_config is not None or hasattr(model, "peft_config")
@@ -207,7 +222,7 @@ class DPOTrainer:
                 key_parts=self._cache_key_parts(split, ref_model),
                 batch_size=args.precompute_ref_batch_size or args.per_device_eval_batch_size,
                 pad_token_id=self.tokenizer.pad_token_id,
-                layout=args.batch_layout,
+                layout=self.layout,
                 accelerator=self.accelerator,
                 chunk_size=args.logps_chunk_size,
             )
@@ -234,7 +249,7 @@ class DPOTrainer:
 
     # ------------------------------------------------------------------------------------------
     def _collate(self, features):
-        return collate(features, layout=self.args.batch_layout, pad_token_id=self.tokenizer.pad_token_id)
+        return collate(features, layout=self.layout, pad_token_id=self.tokenizer.pad_token_id)
 
     def _to_device(self, batch: dict) -> dict:
         dev = self.accelerator.device
@@ -281,8 +296,7 @@ class DPOTrainer:
         args, acc = self.args, self.accelerator
         out_dir = Path(args.output_dir)
         if acc.is_main_process:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.check_writable(out_dir)
+            ckpt.check_writable(out_dir)  # creates it; a clear error when it cannot be written
             args.to_yaml(out_dir / "config.yaml")
         if self.reference is None:
             self.reference = self._build_reference()
@@ -350,7 +364,9 @@ class DPOTrainer:
                 logger.warning("non-finite %s at step %d: update skipped (pairs %s)",
                                "gradient" if torch.isfinite(step_loss).item() else "loss", state.global_step + 1,
                                bad_pairs)
-            scheduler.step()
+            with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.global_step += 1
             state.pairs_seen += plan.global_batch
@@ -622,8 +638,9 @@ def train(config: DPOConfig | None = None, **overrides) -> DPOTrainer:
     trainer.train()
     out = trainer.save_model()
     if trainer.accelerator.is_main_process:
-        text = summary_table(getattr(trainer, "initial_eval", None), getattr(trainer, "final_eval", None),
-                             len(trainer.eval_split) if trainer.eval_split is not None else 0)
+        before, after = getattr(trainer, "initial_eval", None), getattr(trainer, "final_eval", None)
+        text = summary_table(before, after, len(trainer.eval_split)) if after else (
+            "no evaluation ran (set eval_strategy and an eval_dataset for a before/after table)")
         eval_table, samples = _demo_generation_eval(trainer)
         report = None
         try:

@@ -163,3 +163,22 @@ def test_models_load_safetensors_only_and_no_remote_code_by_default(tmp_path, mo
     tiny_model(300).save_pretrained(safe)
     models.load_model(safe)
     assert seen["use_safetensors"] is True and seen["trust_remote_code"] is False
+
+
+@pytest.mark.parametrize("use_peft", [False, True])
+def test_tr_dpo_reference_state_is_saved_and_restored(tmp_path, use_peft):
+    """The TR-DPO reference (a frozen copy, or the LoRA 'ref' adapter) drifts from the start: a resume
+    must restore it, not rebuild it from the initial weights."""
+    kw = dict(max_steps=2, save_steps=2, sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5,
+              use_peft=use_peft, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    first = tiny_trainer(tmp_path / "run", **kw)
+    first.train()
+    sd = ckpt._reference_state(first.reference)
+    assert sd and (tmp_path / "run" / "checkpoint-2" / "reference.safetensors").is_file()
+    second = tiny_trainer(tmp_path / "run", **kw)
+    second.reference = second._build_reference()
+    fresh = {k: v.clone() for k, v in ckpt._reference_state(second.reference).items()}
+    assert any(not torch.equal(fresh[k], sd[k]) for k in sd), "the synced reference should differ from a new one"
+    second.train(resume_from_checkpoint="latest")
+    for k, v in ckpt._reference_state(second.reference).items():
+        assert torch.equal(v, sd[k]), k

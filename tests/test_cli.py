@@ -26,7 +26,8 @@ def workdir(tmp_path_factory):
     config = dict(model_name_or_path=str(root / "model"), dataset_name=str(root / "train.jsonl"),
                   eval_dataset=str(root / "eval.jsonl"), beta=0.1, max_steps=1, per_device_train_batch_size=2,
                   per_device_eval_batch_size=4, max_length=160, max_prompt_length=96, save_strategy="no",
-                  logging_steps=1, learning_rate=1e-3, report_to=["none"], cache_dir=str(root / "cache"))
+                  logging_steps=1, learning_rate=1e-3, report_to=["none"], cache_dir=str(root / "cache"),
+                  eval_strategy="steps", eval_steps=1)
     (root / "run.yaml").write_text(yaml.safe_dump(config))
     return root
 
@@ -41,7 +42,8 @@ def test_flags_override_yaml(workdir, tmp_path, capsys):
     assert (out / "config.json").is_file() and (out / "metrics.jsonl").is_file()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in r for r in rows) and any("eval_loss" in r for r in rows)
-    assert "trained model:" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "trained model:" in out_text and "reward accuracy" in out_text
 
 
 def test_precompute_ref_then_reuse(workdir, tmp_path, capsys, caplog):

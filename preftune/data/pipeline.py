@@ -145,8 +145,11 @@ def report_skips(split: PreparedSplit, output_dir: str | Path | None) -> str | N
         parts.append(f"skipped {len(split.skipped)} bad rows ({skipped_summary(split.skipped)})")
         if output_dir is not None:
             path = Path(output_dir) / ("skipped_rows.jsonl" if split.name == "train" else f"skipped_rows_{split.name}.jsonl")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_skipped(split.skipped, path)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_skipped(split.skipped, path)
+            except OSError as e:
+                raise ValueError(f"cannot write {path} ({e.strerror or e}); choose a writable --output_dir") from e
             parts.append(f"written to {path}")
     dropped = dict(getattr(split.features, "dropped", {}) or {})
     if dropped:
