@@ -184,8 +184,12 @@ class DPOConfig:
                                   "gradient (each is skipped).", group="loss", extra=True)
 
     # ---- reference -----------------------------------------------------------------------------------
-    precompute_ref_log_probs: bool = _f(False, "Compute reference log-probs once before training (cached on "
-                                        "disk) and free the reference model.", group="reference")
+    precompute_ref_log_probs: Optional[bool] = _f(
+        None, "Compute reference log-probs once before training (cached on disk) and free the reference model. "
+        "None (default) = automatic: precomputed, for exactly the pairs the run will train on, whenever the "
+        "reference is a frozen model on one process or DDP (never more forwards than a live reference, and no "
+        "reference model kept in memory); live with LoRA (adapters off cost no memory), TR-DPO or sharding. "
+        "False = always a live reference.", group="reference")
     precompute_ref_batch_size: Optional[int] = _f(None, "Pairs per forward while precomputing (None = the "
                                                   "train/eval batch size).", group="reference")
     sync_ref_model: bool = _f(False, "TR-DPO: move the reference toward the policy every ref_model_sync_steps.",
@@ -735,7 +739,7 @@ def _check(c: DPOConfig) -> list[tuple[str, str]]:
     if c.max_length is not None and c.max_prompt_length is not None and c.max_prompt_length >= c.max_length:
         errors.append(("max_prompt_length", f"max_prompt_length={c.max_prompt_length} must be < max_length="
                        f"{c.max_length} (the completion needs room)"))
-    if c.sync_ref_model and c.precompute_ref_log_probs:
+    if c.sync_ref_model and c.precompute_ref_log_probs is True:
         errors.append(("sync_ref_model", "sync_ref_model=True with precompute_ref_log_probs=True: a reference "
                        "that moves during training cannot be precomputed; drop one"))
     if c.padding_free and c.batch_layout == "padded":
@@ -783,6 +787,6 @@ def _check_losses(c: DPOConfig, already: set[str]) -> list[tuple[str, str]]:
     if not c.needs_reference:
         why = "reference_free=True" if c.reference_free else f"loss_type={c.loss_type!r} uses no reference model"
         for flag in ("sync_ref_model", "precompute_ref_log_probs"):
-            if getattr(c, flag):
+            if getattr(c, flag) is True:
                 errors.append((flag, f"{flag}=True but {why}: nothing to {flag.split('_')[0]}; drop the flag"))
     return errors

@@ -10,10 +10,12 @@ that 1 x 4 and 4 x 1 give the same gradient.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -150,8 +152,7 @@ class DPOTrainer:
     # ------------------------------------------------------------------------------------------
     def _build_reference(self):
         """The reference source: None (reference-free), cache (precomputed), adapters off, or a frozen model."""
-        from preftune import models
-        from preftune.reference import EMAReferenceSync, make_reference, sharded_parameters
+        from preftune.reference import EMAReferenceSync, sharded_parameters
 
         args = self.args
         if not self.needs_reference:
@@ -163,9 +164,18 @@ class DPOTrainer:
                 "the reference/policy mix needs whole parameters. Use DDP or ZeRO-2 (examples/accelerate/ddp.yaml, "
                 "zero2.yaml), or drop sync_ref_model"
             )
-        ref_model = self._ref_model_arg
-        if args.precompute_ref_log_probs:
-            return self._precomputed_reference(ref_model)
+        if self._precompute():
+            # explicit True: the whole training set (reusable by later runs); automatic: the pairs this run uses
+            subset = self._planned_pairs() if args.precompute_ref_log_probs is None else None
+            return self._precomputed_reference(self._ref_model_arg, train_indices=subset)
+        return self._live_reference(sync)
+
+    def _live_reference(self, sync=None):
+        """A reference that runs a forward per batch: adapters off, the given model, or a frozen copy."""
+        from preftune import models
+        from preftune.reference import make_reference
+
+        args, ref_model = self.args, self._ref_model_arg
         if ref_model is None and not self.is_peft:
             src = args.ref_model_name_or_path or self.model_path
             if not src:  # a model object built in code: copy it
@@ -193,6 +203,32 @@ class DPOTrainer:
         return prepare_reference_model(ref_model, self.accelerator, micro_batch=self.args.per_device_train_batch_size,
                                        accumulation=self.args.gradient_accumulation_steps)
 
+    def _precompute(self) -> bool:
+        """Whether the reference log-probs are precomputed (see DPOConfig.precompute_ref_log_probs)."""
+        from accelerate.utils import DistributedType
+
+        setting = self.args.precompute_ref_log_probs
+        if setting is not None:
+            return bool(setting)
+        simple = self.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU,
+                                                       DistributedType.MULTI_CPU)
+        return simple and not self.is_peft and not self.args.sync_ref_model
+
+    def _plan(self) -> tuple[StepPlan, int]:
+        """The data plan of this run and its number of optimizer steps."""
+        args, acc = self.args, self.accelerator
+        plan = StepPlan(len(self.train_split), args.per_device_train_batch_size, acc.num_processes,
+                        args.gradient_accumulation_steps, int(args.data_seed if args.data_seed is not None else args.seed))
+        return plan, (plan.total_steps(args.num_train_epochs, args.max_steps) if plan.steps_per_epoch else 0)
+
+    def _planned_pairs(self) -> list[int] | None:
+        """Indices of the training pairs this run will use (all of them when it covers whole epochs)."""
+        plan, total = self._plan()
+        if plan.steps_per_epoch == 0 or total >= plan.steps_per_epoch:
+            return None  # every pair (or an error later, at train())
+        used = plan.permutation(0)[: total * plan.global_batch]
+        return sorted(used)
+
     def _reference_for_precompute(self, ref_model):
         """What computes the cached reference log-probs: the given ref model, or the policy as it is now."""
         from preftune.reference import AdapterDisabledReference, FrozenModelReference
@@ -203,7 +239,7 @@ class DPOTrainer:
             return AdapterDisabledReference(self.model)
         return FrozenModelReference(self.model, freeze=False)
 
-    def _precomputed_reference(self, ref_model):
+    def _precomputed_reference(self, ref_model, train_indices: list[int] | None = None):
         from preftune.reference import CachedReference, cached_precompute
 
         args = self.args
@@ -215,11 +251,17 @@ class DPOTrainer:
         splits = [("train", self.train_split)] + ([("eval", self.eval_split)] if self.eval_split is not None else [])
         source = self._reference_for_precompute(ref_model)
         for name, split in splits:
+            features, key_parts = split.features, self._cache_key_parts(split, ref_model)
+            if name == "train" and train_indices is not None:
+                features = [split.features[i] for i in train_indices]
+                key_parts["extra"] = {"pairs": hashlib.sha256(json.dumps(train_indices).encode()).hexdigest()}
+                logger.info("reference log-probs: precomputing the %d of %d training pairs this run uses",
+                            len(features), len(split))
             tables[name] = cached_precompute(
                 source,
-                split.features,
+                features,
                 cache_dir=Path(args.cache_dir or Path(args.output_dir) / "ref_cache"),
-                key_parts=self._cache_key_parts(split, ref_model),
+                key_parts=key_parts,
                 batch_size=args.precompute_ref_batch_size or args.per_device_eval_batch_size,
                 pad_token_id=self.tokenizer.pad_token_id,
                 layout=self.layout,
@@ -298,17 +340,14 @@ class DPOTrainer:
         if acc.is_main_process:
             ckpt.check_writable(out_dir)  # creates it; a clear error when it cannot be written
             args.to_yaml(out_dir / "config.yaml")
-        if self.reference is None:
-            self.reference = self._build_reference()
-
-        plan = StepPlan(len(self.train_split), args.per_device_train_batch_size, acc.num_processes,
-                        args.gradient_accumulation_steps, int(args.data_seed if args.data_seed is not None else args.seed))
+        plan, total_steps = self._plan()
         if plan.steps_per_epoch == 0:
             raise ValueError(
                 f"the training set has {plan.num_pairs} pairs, fewer than one global batch of {plan.global_batch} "
                 f"(per_device_train_batch_size x processes x gradient_accumulation_steps); lower them or add data"
             )
-        total_steps = plan.total_steps(args.num_train_epochs, args.max_steps)
+        if self.reference is None:
+            self.reference = self._build_reference()
         warmup = args.num_warmup_steps(total_steps)
         log_every, eval_every, save_every = (args.interval(n, total_steps) for n in ("logging_steps", "eval_steps", "save_steps"))
         self._save_every = save_every
@@ -365,7 +404,7 @@ class DPOTrainer:
                                "gradient" if torch.isfinite(step_loss).item() else "loss", state.global_step + 1,
                                bad_pairs)
             with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.global_step += 1
@@ -535,7 +574,9 @@ class DPOTrainer:
         reference = self.reference
         if self._eval_reference_table is not None and split is self.eval_split:
             reference = self._eval_reference_table
-        elif args.precompute_ref_log_probs and reference is not None:
+        elif self._precompute() and args.precompute_ref_log_probs is None and reference is not None:
+            reference = self._live_reference()  # automatic precompute covered the run's own eval set only
+        elif self._precompute() and reference is not None:
             raise ValueError(
                 "evaluate(eval_dataset=...) with precompute_ref_log_probs=True: the reference log-probs are cached per "
                 "dataset; pass the eval set to DPOTrainer(eval_dataset=...) instead"
@@ -621,8 +662,12 @@ def _demo_generation_eval(trainer: DPOTrainer):
         reference = None  # generation_eval disables the adapters for the 'before' side
     else:
         reference = getattr(trainer.reference, "model", None)
+        if reference is None and trainer.needs_reference and trainer.model_path:
+            from preftune import models  # the reference was precomputed and freed: reload the starting model
+
+            reference = models.load_model(trainer.model_path, dtype=args.dtype)
         if reference is None:
-            return [], []  # reference evicted (precomputed) or reference-free loss: nothing to compare against
+            return [], []  # reference-free loss on a model built in code: nothing to compare against
     from preftune.data.demo import demo_dataset, verify
     from preftune.evaluate_cli import generation_eval
 

@@ -54,7 +54,7 @@ def test_defaults_are_the_documented_values():
         max_completion_length=None, truncation_mode="keep_end", logging_steps=10, label_smoothing=0.0,
         f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, sync_ref_model=False,
         ref_model_mixup_alpha=0.6, ref_model_sync_steps=512, rpo_alpha=None, ld_alpha=None, discopop_tau=0.05,
-        loss_weights=None, reference_free=False, use_weighting=False, precompute_ref_log_probs=False,
+        loss_weights=None, reference_free=False, use_weighting=False, precompute_ref_log_probs=None,
         disable_dropout=True, padding_free=False, label_pad_token_id=-100, per_device_train_batch_size=8,
         per_device_eval_batch_size=8, gradient_accumulation_steps=1, num_train_epochs=3.0, max_steps=-1,
         lr_scheduler_type="linear", warmup_ratio=0.0, warmup_steps=0, weight_decay=0.0, adam_beta1=0.9,

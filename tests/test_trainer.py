@@ -167,7 +167,9 @@ def test_prompt_masking_through_training(tmp_path, monkeypatch, layout):
     monkeypatch.setattr(trainer_mod, "collate", recording_collate)
 
     def run(name, where):
-        trainer = make_trainer(tmp_path, standard_rows(4), name=name, batch_layout=layout)
+        # a live reference: the hook below must see the trainer's own batches in both forwards
+        trainer = make_trainer(tmp_path, standard_rows(4), name=name, batch_layout=layout,
+                               precompute_ref_log_probs=False)
 
         def hook(_module, _args, hidden):
             if where is None:
@@ -220,8 +222,9 @@ def test_precomputed_reference_equals_live_and_cache_is_keyed(tmp_path, caplog):
     rows = conversational_rows(8)
     caplog.set_level(logging.INFO, logger="preftune")
     cache = str(tmp_path / "refcache")
-    live = make_trainer(tmp_path, rows, name="live", max_steps=3)
+    live = make_trainer(tmp_path, rows, name="live", max_steps=3, precompute_ref_log_probs=False)
     live.train()
+    assert live.reference.needs_forward
     pre = make_trainer(tmp_path, rows, name="pre", max_steps=3, precompute_ref_log_probs=True, cache_dir=cache)
     pre.train()
     assert pre.reference.needs_forward is False  # the reference model is gone, only the table stays
@@ -437,3 +440,31 @@ def test_resume_latest_reaches_the_uninterrupted_weights(tmp_path):
     assert [r["step"] for r in train_rows(resumed)] == [1, 2, 3, 4]
     for x, y in zip(train_rows(whole), train_rows(resumed), strict=True):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-6)
+
+
+def test_automatic_reference_precomputes_only_the_pairs_the_run_uses(tmp_path, caplog):
+    """precompute_ref_log_probs=None: the reference pass covers exactly the planned pairs, with the
+    policy itself before training (no reference model in memory), and trains like a live reference."""
+    from preftune.data.pipeline import StepPlan
+
+    rows = conversational_rows(16)
+    caplog.set_level(logging.INFO, logger="preftune")
+    auto = make_trainer(tmp_path, rows, name="auto", max_steps=2, per_device_train_batch_size=2)
+    auto.train()
+    assert auto.reference.needs_forward is False
+    plan = StepPlan(16, 2, 1, 1, auto.args.seed)
+    used = set(plan.permutation(0)[:4])
+    computed = {i for i in range(auto.reference.table.shape[0]) if not torch.isnan(auto.reference.table[i]).any()}
+    assert computed == used  # 4 of 16 pairs: never more forwards than a live reference
+    assert "precomputing the 4 of 16 training pairs" in caplog.text
+    live = make_trainer(tmp_path, rows, name="live", max_steps=2, per_device_train_batch_size=2,
+                        precompute_ref_log_probs=False)
+    live.train()
+    for x, y in zip(train_rows(live), train_rows(auto), strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+    assert_same_weights(weights(live), weights(auto), atol=1e-5)
+    # LoRA and TR-DPO keep a live reference
+    lora = make_trainer(tmp_path, rows, name="lora", max_steps=1, peft_config=_lora())
+    assert lora._precompute() is False
+    trdpo = make_trainer(tmp_path, rows, name="trdpo", max_steps=1, sync_ref_model=True)
+    assert trdpo._precompute() is False
