@@ -167,6 +167,18 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _timed_job(device: str, build):
+    """(trainer, wall seconds, construction seconds) of one whole job: the trainer's construction
+    (tokenizing, the reference model or the precomputed reference pass) and every training step."""
+    _sync(device)
+    t0 = time.perf_counter()
+    trainer = build()
+    t_init = time.perf_counter()
+    trainer.train()
+    _sync(device)
+    return trainer, time.perf_counter() - t0, t_init - t0
+
+
 def run_preftune(job: dict) -> dict:
     from preftune import DPOConfig, DPOTrainer
     from preftune.data.pipeline import StepPlan
@@ -182,14 +194,9 @@ def run_preftune(job: dict) -> dict:
         batch_layout=job.get("layout", "auto"), logps_chunk_size=job.get("chunk", 1024),
         max_grad_norm=1.0, weight_decay=0.0, cache_dir=os.path.join(out, "cache"),
     )
-    _sync(device)
-    t0 = time.perf_counter()  # the job: tokenizing, the reference (loaded or precomputed), every step
-    trainer = DPOTrainer(model=model, args=args, train_dataset=rows, processing_class=tok,
-                         peft_config=_lora() if job["mode"] == "lora" else None)
-    t_init = time.perf_counter()
-    trainer.train()
-    _sync(device)
-    wall = time.perf_counter() - t0
+    trainer, wall, init_s = _timed_job(device, lambda: DPOTrainer(
+        model=model, args=args, train_dataset=rows, processing_class=tok,
+        peft_config=_lora() if job["mode"] == "lora" else None))
     losses = [json.loads(line)["loss"] for line in open(Path(out) / "metrics.jsonl") if '"loss"' in line and "eval_loss" not in line]
     if len(trainer.train_split) != len(rows):
         raise RuntimeError(f"preftune kept {len(trainer.train_split)} of {len(rows)} pairs; the orders would differ")
@@ -199,7 +206,7 @@ def run_preftune(job: dict) -> dict:
                 for f in (trainer.train_split.features[i] for i in used))
     base = trainer.accelerator.unwrap_model(trainer.model)
     base = base.get_base_model() if hasattr(base, "get_base_model") else base
-    return dict(side="preftune", wall_s=wall, init_s=t_init - t0, losses=losses, needed_tokens=n_tok,
+    return dict(side="preftune", wall_s=wall, init_s=init_s, losses=losses, needed_tokens=n_tok,
                 pairs=len(used), peak_mem=peak_memory_bytes(device), n_matmul=matmul_params(base), order=used,
                 layout=args.batch_layout, chunk=args.logps_chunk_size)
 
@@ -228,16 +235,11 @@ def run_trl(job: dict) -> dict:
         precompute_ref_log_probs=job.get("precompute", False), max_grad_norm=1.0, weight_decay=0.0,
         dataloader_drop_last=True, use_cpu=device == "cpu", disable_tqdm=True,
     )
-    _sync(device)
-    t0 = time.perf_counter()
-    trainer = SequentialDPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
-                                   peft_config=_lora() if job["mode"] == "lora" else None)
-    t_init = time.perf_counter()
-    trainer.train()
-    _sync(device)
-    wall = time.perf_counter() - t0
+    trainer, wall, init_s = _timed_job(device, lambda: SequentialDPOTrainer(
+        model=model, args=args, train_dataset=ds, processing_class=tok,
+        peft_config=_lora() if job["mode"] == "lora" else None))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return dict(side="trl-precompute" if job.get("precompute") else "trl", wall_s=wall, init_s=t_init - t0,
+    return dict(side="trl-precompute" if job.get("precompute") else "trl", wall_s=wall, init_s=init_s,
                 losses=losses, peak_mem=peak_memory_bytes(device))
 
 

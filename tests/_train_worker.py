@@ -53,6 +53,15 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+def cli_train(model_dir, data, out, *extra, max_steps: int = 2) -> int:
+    """`preftune train` in-process on a tiny model: 2 pairs per step, CPU, no trackers."""
+    from preftune.cli import main as cli_main
+
+    return cli_main(["train", "--model_name_or_path", str(model_dir), "--dataset", str(data), "--output_dir", str(out),
+                     "--max_steps", str(max_steps), "--per_device_train_batch_size", "2", "--use_cpu", "true",
+                     "--report_to", "none", *extra])  # fmt: skip
+
+
 def tiny_trainer(output_dir: Path, rows: list | None = None, *, model=None, tokenizer=None, **config):
     """An in-process DPOTrainer on a tiny random Llama (CPU, fixed seed) for fast tests."""
     from preftune.config import DPOConfig

@@ -13,10 +13,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _train_worker import make_model_dir, pair_rows, tiny_trainer, write_jsonl  # noqa: E402
+from _train_worker import cli_train, make_model_dir, pair_rows, tiny_trainer, write_jsonl  # noqa: E402
 
 from preftune import checkpoint as ckpt  # noqa: E402
-from preftune.cli import main  # noqa: E402
 from preftune.testing import tiny_model, tiny_tokenizer  # noqa: E402
 
 CONV = [{"prompt": [{"role": "user", "content": f"q{i}?"}], "chosen": [{"role": "assistant", "content": f" yes {i}."}],
@@ -27,11 +26,6 @@ CONV = [{"prompt": [{"role": "user", "content": f"q{i}?"}], "chosen": [{"role": 
 def model_dir(tmp_path_factory):
     return make_model_dir(tmp_path_factory.mktemp("envfaults") / "model")
 
-
-def cli_train(model, data, out, *extra) -> int:
-    return main(["train", "--model_name_or_path", str(model), "--dataset", str(data), "--output_dir", str(out),
-                 "--max_steps", "2", "--per_device_train_batch_size", "2", "--use_cpu", "true",
-                 "--report_to", "none", *extra])  # fmt: skip
 
 
 def test_output_dir_under_a_regular_file_fails_before_training(model_dir, tmp_path, capsys, monkeypatch):

@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _train_worker import make_model_dir, pair_rows, tiny_trainer  # noqa: E402
-
-from preftune.cli import main  # noqa: E402
+from _train_worker import cli_train, make_model_dir, pair_rows, tiny_trainer  # noqa: E402
 
 GOOD = pair_rows(6)
 USER = {"role": "user", "content": "hi"}
@@ -53,9 +51,7 @@ def model_dir(tmp_path_factory):
 
 
 def train(model_dir, data, out, *extra) -> int:
-    return main(["train", "--model_name_or_path", str(model_dir), "--dataset", str(data), "--output_dir", str(out),
-                 "--max_steps", "1", "--per_device_train_batch_size", "2", "--use_cpu", "true",
-                 "--report_to", "none", "--save_strategy", "no", *extra])  # fmt: skip
+    return cli_train(model_dir, data, out, "--save_strategy", "no", *extra, max_steps=1)
 
 
 def write(path: Path, first: dict, bad: bytes, rest: list[dict]) -> Path:

@@ -116,9 +116,8 @@ def prepare_splits(args, tokenizer, train_dataset=None, eval_dataset=None):
         rows = [rows[i] for i in sorted(perm[n_eval:])]
         eval_split = _tokenize("eval", eval_rows, f"{origin} (held-out {fraction:g})", tokenizer, args)
     elif eval_dataset is not None:
-        if isinstance(eval_dataset, str) and not Path(eval_dataset).exists() and train_src is not None \
-                and not isinstance(train_src, tuple) and "/" not in eval_dataset and "." not in eval_dataset:
-            eval_rows, eval_origin = _load(train_src, eval_dataset, args)  # a split name
+        if _is_split_name(eval_dataset, train_src):
+            eval_rows, eval_origin = _load(train_src, eval_dataset, args)
         else:
             eval_rows, eval_origin = _load(eval_dataset, "test" if _is_dict_like(eval_dataset) else None, args)
         eval_split = _tokenize("eval", eval_rows, eval_origin, tokenizer, args)
@@ -132,6 +131,12 @@ def prepare_one(source, tokenizer, args, *, name: str = "eval", split: str | Non
     """Tokenize one dataset argument (path, Dataset, list of rows) on its own."""
     rows, origin = _load(source, split, args)
     return _tokenize(name, rows, origin, tokenizer, args)
+
+
+def _is_split_name(eval_dataset, train_src) -> bool:
+    """A bare word like "test" that is no file: a split of the (non-demo) training dataset."""
+    return (isinstance(eval_dataset, str) and not Path(eval_dataset).exists() and train_src is not None
+            and not isinstance(train_src, tuple) and "/" not in eval_dataset and "." not in eval_dataset)
 
 
 def _is_dict_like(obj) -> bool:
