@@ -67,9 +67,10 @@ def _head_logits(h, weight, bias, scale, softcap):
 class _ChunkedTokenLogps(torch.autograd.Function):
     """token_logps[k] = log softmax(head(h[k]))[targets[k]], chunk by chunk; (K,) float32.
 
-    Saves only h (K, H), W (V, H), bias and targets. Backward recomputes each chunk's logits
-    and uses d logp / d z = onehot(target) - softmax(z), then chains through soft-capping
-    (d cap*tanh(u/cap) / du = 1 - tanh^2) and scaling, so it holds one (chunk, V) at a time.
+    Saves only h (K, H), W (V, H), bias, targets and the per-token log-sum-exp (K,). Backward
+    recomputes each chunk's logits and uses d logp / d z = onehot(target) - exp(z - lse), then
+    chains through soft-capping (d cap*tanh(u/cap) / du = 1 - tanh^2) and scaling, so it holds
+    one (chunk, V) at a time and makes one pass over it (no second log-sum-exp).
     Under CUDA autocast, backward runs with forward's autocast state (custom_fwd/custom_bwd).
     """
 
@@ -77,29 +78,31 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, h, weight, bias, targets, chunk_size, scale, softcap):
         out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         for s in range(0, h.shape[0], chunk_size):
             z = _head_logits(h[s : s + chunk_size], weight, bias, scale, softcap)  # (c, V)
             t = targets[s : s + chunk_size, None]
-            out[s : s + chunk_size] = (z.gather(1, t) - torch.logsumexp(z, dim=1, keepdim=True))[:, 0]
-        ctx.save_for_backward(h, weight, bias, targets)
+            torch.logsumexp(z, dim=1, out=lse[s : s + chunk_size])
+            out[s : s + chunk_size] = z.gather(1, t)[:, 0] - lse[s : s + chunk_size]
+        ctx.save_for_backward(h, weight, bias, targets, lse)
         ctx.chunk_size, ctx.scale, ctx.softcap = chunk_size, scale, softcap
         return out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):  # grad_out (K,) float32
-        h, weight, bias, targets = ctx.saved_tensors
+        h, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dt = torch.promote_types(h.dtype, weight.dtype)
         w = weight.to(dt)
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        grad_w = None  # the first chunk's product allocates it (no zero-fill pass over (V, H))
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if need_b else None
         for s in range(0, h.shape[0], ctx.chunk_size):
             hc, tc = h[s : s + ctx.chunk_size].to(dt), targets[s : s + ctx.chunk_size, None]  # (c, H), (c, 1)
             z = _head_logits(hc, w, bias, ctx.scale, ctx.softcap)  # (c, V) float32
             dcap = 1 - (z / ctx.softcap) ** 2 if ctx.softcap is not None else None
-            dz = z.sub_(z.logsumexp(1, keepdim=True)).exp_().neg_()  # -softmax, in place
+            dz = z.sub_(lse[s : s + ctx.chunk_size, None]).exp_().neg_()  # -softmax, in place
             dz.scatter_add_(1, tc, torch.ones_like(tc, dtype=dz.dtype))  # onehot - softmax
             dz.mul_(grad_out[s : s + ctx.chunk_size, None] * (ctx.scale if ctx.scale is not None else 1.0))
             if dcap is not None:
@@ -110,7 +113,14 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             if need_h:
                 grad_h[s : s + ctx.chunk_size] = (dz @ w).to(h.dtype)
             if need_w:
-                grad_w += (dz.T @ hc).float()
+                if grad_w is None:
+                    grad_w = (dz.T @ hc).float()
+                elif dt == torch.float32:
+                    grad_w.addmm_(dz.T, hc)  # in place: no (V, H) temporary per chunk
+                else:
+                    grad_w += (dz.T @ hc).float()
+        if need_w and grad_w is None:  # no completion token at all
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
 

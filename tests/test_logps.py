@@ -97,6 +97,16 @@ def test_chunked_head_matches_dense(chunk_size, transform):
     assert got[0].view(-1, H)[~touched].abs().max() == 0
 
 
+def test_chunked_head_without_completion_tokens_gives_zero_gradients():
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    W = torch.randn(13, 8, requires_grad=True)
+    empty = torch.zeros(0, dtype=torch.long)
+    logps, counts = sequence_logps(hidden, W, empty, empty, empty, 2, chunk_size=4)
+    assert logps.tolist() == [0.0, 0.0] and counts.tolist() == [0, 0]
+    gh, gw = torch.autograd.grad(logps.sum(), (hidden, W))
+    assert gh.abs().max() == 0 and gw.shape == W.shape and gw.abs().max() == 0
+
+
 def test_chunked_head_saves_no_tokens_by_vocab_tensor():
     torch.manual_seed(2)
     K, H, Vs = 64, 8, 500
