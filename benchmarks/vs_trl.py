@@ -190,7 +190,8 @@ def run_preftune(job: dict) -> dict:
         learning_rate=job["lr"], beta=0.1, max_length=job["max_length"], max_prompt_length=None,
         max_steps=job["steps"], logging_steps=1, save_strategy="no", eval_strategy="no", seed=job["seed"],
         report_to="none", warmup_steps=0, lr_scheduler_type="constant", gradient_checkpointing=False,
-        precompute_ref_log_probs=job.get("precompute", False), dtype=job["dtype"], bf16=job["dtype"] == "bfloat16",
+        precompute_ref_log_probs={"auto": None, "live": False, "precompute": True}[job.get("ref", "auto")],
+        dtype=job["dtype"], bf16=job["dtype"] == "bfloat16",
         batch_layout=job.get("layout", "auto"), logps_chunk_size=job.get("chunk", 1024),
         max_grad_norm=1.0, weight_decay=0.0, cache_dir=os.path.join(out, "cache"),
     )
@@ -329,6 +330,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, help="float32 on CPU (default), bfloat16 on GPU")
     p.add_argument("--layout", default="auto", help="preftune batch layout: auto (prefix on CPU, padded on GPU) | prefix | padded | packed")
     p.add_argument("--chunk", type=int, default=1024, help="preftune logps_chunk_size")
+    p.add_argument("--ref", default="auto", choices=("auto", "live", "precompute"),
+                   help="preftune reference: auto (its default: the pairs the run uses, precomputed with the policy "
+                        "before training), live (a frozen copy) or precompute (the whole dataset, TRL's meaning)")
     p.add_argument("--out", default="benchmarks/results.json")
     a = p.parse_args(argv)
     if a.worker:
@@ -360,7 +364,7 @@ def main(argv=None) -> int:
             for mode in a.modes.split(","):
                 base = dict(model=path, shape=shape, mode=mode, steps=a.steps, batch=a.batch, lr=a.lr, seed=0,
                             dtype=dtype, max_length=SHAPES[shape]["max_length"], num_pairs=a.steps * a.batch,
-                            layout=a.layout, chunk=a.chunk)
+                            layout=a.layout, chunk=a.chunk, ref=a.ref)
                 res = {"preftune": spawn(dict(base, side="preftune"))}
                 for side in sides:
                     res[side] = spawn(dict(base, side="trl", order=res["preftune"]["order"],
