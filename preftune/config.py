@@ -147,9 +147,9 @@ class DPOConfig:
                                   "completion tokens only.", group="batch")
     use_liger_loss: bool = _f(False, "Accepted for compatibility and ignored: log-probs are always chunked.",
                               group="batch")
-    fused_mlp: bool = _f(True, "Llama-family SwiGLU MLPs keep only gate and up for backward and recompute "
-                         "silu(gate) * up there (same values; about a third less activation memory).",
-                         group="batch", extra=True)
+    fused_layers: bool = _f(True, "Llama-family SwiGLU MLPs and RMSNorms keep less for backward and recompute "
+                            "the rest there (same values; about 40% less activation memory).",
+                            group="batch", extra=True)
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.", group="batch")
     gradient_checkpointing_kwargs: Optional[dict] = _f(None, "Keyword arguments (JSON) for "
                                                        "gradient_checkpointing_enable.", group="batch")

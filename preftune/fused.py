@@ -1,4 +1,6 @@
-"""Leaner backward for the Llama-family MLP: ``down_proj(silu(gate_proj(x)) * up_proj(x))``.
+"""Leaner backward for Llama-family layers: the SwiGLU MLP and RMSNorm.
+
+MLP, ``down_proj(silu(gate_proj(x)) * up_proj(x))``:
 
 Run eagerly, autograd keeps four (tokens, intermediate) tensors per layer for backward: ``gate``
 (for silu), ``silu(gate)`` and ``up`` (for the product) and the product (for down_proj's weight
@@ -8,10 +10,15 @@ results equal the eager ones (the tests hold them to it, values and every parame
 For SmolLM2-135M (intermediate 1536, hidden 576) that is 12 KB less per token per layer, about
 a third of the activations a step keeps.
 
-``fuse_swiglu_mlps(model)`` swaps the ``forward`` of each such MLP instance (the classes in
-``SWIGLU_MLP_CLASSES`` with ``hidden_act`` silu); nothing else in the model changes, and
-``unfuse_swiglu_mlps`` puts the class forward back. A LoRA-wrapped ``down_proj`` (not a plain
-``nn.Linear``) keeps its own module; only silu(gate) * up is fused then (``_SiluMul``).
+RMSNorm, ``weight * (x * rsqrt(mean(x^2) + eps))``: eager autograd keeps x (float32) and the
+normalized x; ``_RMSNorm`` keeps x in its own dtype and the (tokens, 1) rsqrt, and rebuilds the
+normalized x in backward (the gradient formula is written out, so it equals autograd's to rounding).
+
+``fuse_layers(model)`` swaps the ``forward`` of each such module instance (the classes in
+``SWIGLU_MLP_CLASSES`` with ``hidden_act`` silu, and ``RMSNORM_CLASSES``); nothing else in the
+model changes, and ``unfuse_layers`` puts the class forwards back. A LoRA-wrapped ``down_proj``
+(not a plain ``nn.Linear``) keeps its own module; only silu(gate) * up is fused then (``_SiluMul``).
+Without autograd (inference, the reference pass) the class forwards run.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 SWIGLU_MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
+RMSNORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
 
 
 def _matmul_dtype(t: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -90,6 +98,36 @@ class _SwiGLUDown(torch.autograd.Function):
         return grad_gate, grad_up, grad_w
 
 
+class _RMSNorm(torch.autograd.Function):
+    """weight * (x * rstd).to(x.dtype), rstd = rsqrt(mean(x^2) + eps) in float32; saves x, weight, rstd."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        n = x.float() * rstd  # the normalized x, float32
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad * n.to(x.dtype)).reshape(-1, weight.shape[-1]).sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            gn = (grad * weight).float()  # d loss / d n
+            # d n / d x = rstd * (I - n n^T / H): grad_x = rstd * (gn - n * mean(gn * n))
+            grad_x = (rstd * (gn - n * (gn * n).mean(-1, keepdim=True))).to(x.dtype)
+        return grad_x, grad_w, None
+
+
+def _rmsnorm_forward(self, x):
+    if not torch.is_grad_enabled():
+        return type(self).forward(self, x)
+    return _RMSNorm.apply(x, self.weight, self.variance_epsilon)
+
+
 def _swiglu_forward(self, x):
     gate, up = self.gate_proj(x), self.up_proj(x)
     if not torch.is_grad_enabled():
@@ -108,21 +146,32 @@ def _is_swiglu_mlp(module: nn.Module) -> bool:
     )
 
 
-def fuse_swiglu_mlps(model: nn.Module) -> int:
-    """Give every Llama-family SwiGLU MLP in ``model`` the lean backward; returns how many."""
-    n = 0
-    for module in model.modules():
-        if _is_swiglu_mlp(module):
-            module.forward = types.MethodType(_swiglu_forward, module)
-            n += 1
-    return n
+def _is_rmsnorm(module: nn.Module) -> bool:
+    return type(module).__name__ in RMSNORM_CLASSES and hasattr(module, "variance_epsilon") \
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
-def unfuse_swiglu_mlps(model: nn.Module) -> int:
-    """Undo ``fuse_swiglu_mlps``; returns how many MLPs were restored."""
-    n = 0
+_FORWARDS = ((_is_swiglu_mlp, _swiglu_forward), (_is_rmsnorm, _rmsnorm_forward))
+
+
+def fuse_layers(model: nn.Module, kinds: tuple[str, ...] = ("mlp", "rmsnorm")) -> dict[str, int]:
+    """Give every Llama-family SwiGLU MLP and RMSNorm in ``model`` (of ``kinds``) the lean
+    backward; returns how many of each ({"mlp": n, "rmsnorm": m})."""
+    counts = {"mlp": 0, "rmsnorm": 0}
     for module in model.modules():
-        if "forward" in vars(module) and getattr(module.forward, "__func__", None) is _swiglu_forward:
+        for (test, forward), kind in zip(_FORWARDS, counts):
+            if kind in kinds and test(module):
+                module.forward = types.MethodType(forward, module)
+                counts[kind] += 1
+    return counts
+
+
+def unfuse_layers(model: nn.Module) -> int:
+    """Undo ``fuse_layers``; returns how many modules got their class forward back."""
+    n = 0
+    ours = {f for _, f in _FORWARDS}
+    for module in model.modules():
+        if "forward" in vars(module) and getattr(module.forward, "__func__", None) in ours:
             del module.forward
             n += 1
     return n

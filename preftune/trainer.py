@@ -134,10 +134,10 @@ class DPOTrainer:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
             if hasattr(model, "config"):
                 model.config.use_cache = False
-        if args.fused_mlp:
-            from preftune.fused import fuse_swiglu_mlps
+        if args.fused_layers:
+            from preftune.fused import fuse_layers
 
-            logger.info("fused SwiGLU backward in %d MLPs", fuse_swiglu_mlps(model))
+            logger.info("lean backward in %s", fuse_layers(model))
         self.is_peft = peft_config is not None or hasattr(model, "peft_config")
         self.model = model
 
