@@ -269,7 +269,9 @@ def model_logps(model, batch: dict, *, chunk_size: int = 1024, average: bool = F
         "use_cache": False,
     }
     hidden = _final_hidden(model, base, inputs)  # (R, T, H)
-    plain = type(head) is torch.nn.Linear
+    # a plain Linear head, also when FSDP2 has swapped its class (FSDPLinear keeps Linear.forward);
+    # calling a sharded head module chunk by chunk would free the final norm's gathered weight
+    plain = isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward
     B = batch["num_pairs"]
     logps, counts = sequence_logps(
         hidden,

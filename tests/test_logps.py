@@ -247,3 +247,23 @@ def test_logit_softcapping_config_is_honored(model):
             model_logps(model, batch)
     finally:
         del model.config.lm_head_multiplier
+
+
+def test_fsdp2_wrapped_head_takes_the_plain_path():
+    """FSDP2 swaps lm_head's class for FSDPLinear (a Linear subclass with Linear's forward).
+
+    accelerate puts [final norm, lm_head] in one FSDP2 unit; calling lm_head alone, chunk by chunk,
+    makes that unit re-shard the norm's weight before the norm's own backward reads it (a use after
+    free: SIGSEGV on CPU, an asynchronous illegal memory access on CUDA). The head must be used
+    through its weight, never called as a module."""
+    from torch.distributed.fsdp import FSDPModule
+
+    model = tiny_model(V, seed=5)
+    batch = collate(FEATS, layout="padded", pad_token_id=0)
+    want = model_logps(model, batch, chunk_size=2)
+    model.lm_head.__class__ = type("FSDPLinear", (FSDPModule, torch.nn.Linear), {})
+    calls = []
+    model.lm_head.register_forward_hook(lambda *_: calls.append(1))
+    got = model_logps(model, batch, chunk_size=2)
+    assert calls == [1]  # the model's own forward with logits_to_keep = nothing; no per-chunk calls
+    assert torch.equal(got.chosen_logps, want.chosen_logps) and torch.equal(got.rejected_logps, want.rejected_logps)
