@@ -153,11 +153,14 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(output_dir: Path, trainer, state: TrainState, accelerator, state_dict: dict | None = None) -> Path:
+def save_checkpoint(output_dir: Path, trainer, state: TrainState, accelerator, state_dict: dict | None = None,
+                    optimizer_state: dict | None = None) -> Path:  # fmt: skip
     """Write `<output_dir>/checkpoint-<step>/` atomically; then apply `save_total_limit`.
 
     state_dict: the full model state dict when parameters are sharded (FSDP, ZeRO-3), gathered by
-    every rank with ``accelerator.get_state_dict`` before the main process calls this."""
+    every rank with ``accelerator.get_state_dict`` before the main process calls this.
+    optimizer_state: the full optimizer state under FSDP, from :func:`gather_optimizer_state` (also a
+    collective); None saves ``trainer.optimizer.state_dict()``."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{state.global_step}"
     tmp = output_dir / f".tmp-checkpoint-{state.global_step}-{os.getpid()}"
@@ -169,7 +172,8 @@ def save_checkpoint(output_dir: Path, trainer, state: TrainState, accelerator, s
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
         trainer.tokenizer.save_pretrained(tmp / "model")
-        torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+        optimizer_state = optimizer_state if optimizer_state is not None else trainer.optimizer.state_dict()
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng_state.pt")
         state.metrics_lines = _count_lines(output_dir / "metrics.jsonl")
@@ -243,25 +247,121 @@ def load_checkpoint(path: Path, trainer, accelerator) -> TrainState:
 
     model = accelerator.unwrap_model(trainer.model)
     model_dir = Path(path) / "model"
-    if (model_dir / "adapter_model.safetensors").is_file():
+    adapter = model_dir / "adapter_model.safetensors"
+    if adapter.is_file() and _is_fsdp(accelerator):
+        _load_sharded(model, _adapter_keys_to_model_keys(model, load_file(str(adapter)), path), path, adapter=True)
+    elif adapter.is_file():
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model, load_file(str(model_dir / "adapter_model.safetensors")))
+        set_peft_model_state_dict(model, load_file(str(adapter)))
     else:
         sd = {}
         for f in sorted(model_dir.glob("*.safetensors")):
             sd.update(load_file(str(f)))
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not _is_tied(model, k)]
-        if missing or unexpected:
-            raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    trainer.optimizer.load_state_dict(torch.load(Path(path) / "optimizer.pt", map_location="cpu", weights_only=True))
+        if _is_fsdp(accelerator):
+            _load_sharded(model, sd, path)
+        else:
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+            _check_keys(model, missing, unexpected, path)
+    optimizer_state = torch.load(Path(path) / "optimizer.pt", map_location="cpu", weights_only=True)
+    if _is_fsdp(accelerator):
+        _load_sharded_optimizer(trainer, optimizer_state, path)
+    else:
+        trainer.optimizer.load_state_dict(optimizer_state)
     trainer.scheduler.load_state_dict(torch.load(Path(path) / "scheduler.pt", weights_only=True))
     _set_rng_state(_load_rng_state(Path(path) / "rng_state.pt"))
     ref_file = Path(path) / "reference.safetensors"
     if ref_file.is_file():
         _load_reference_state(trainer.reference, load_file(str(ref_file)))
     return TrainState.from_json(Path(path) / "trainer_state.json")
+
+
+def _check_keys(model, missing, unexpected, path) -> None:
+    missing = [k for k in missing if not _is_tied(model, k)]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not match the model: missing {list(missing)[:5]}, "
+                              f"unexpected {list(unexpected)[:5]}")  # fmt: skip
+
+
+# --- FSDP: parameters and optimizer state sharded across processes -----------------------------
+# A checkpoint always holds whole tensors in torch's own formats (an HF model directory and
+# ``optimizer.state_dict()`` with parameters numbered in param-group order), so it resumes on any
+# number of processes, with or without FSDP. Under FSDP every process gathers (save) or slices
+# (load) its shard with torch.distributed.checkpoint's full-state-dict API (tested with FSDP2 on CPU).
+
+
+def _is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def _torch_optimizer(optimizer):
+    """The torch optimizer inside accelerate's AcceleratedOptimizer."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def gather_optimizer_state(trainer, accelerator) -> dict | None:
+    """The whole optimizer state to checkpoint under FSDP, else None (``optimizer.state_dict()`` serves).
+
+    A collective: every process calls it; the main process gets torch's ``optimizer.state_dict()``
+    format with whole (unsharded) tensors on the CPU, the others an empty dict."""
+    if not _is_fsdp(accelerator):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    full = get_optimizer_state_dict(trainer.model, _torch_optimizer(trainer.optimizer),
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # fmt: skip
+    if not accelerator.is_main_process:
+        return {}
+    # keyed by parameter name -> numbered like optimizer.state_dict(): names in param-group order
+    number = {name: i for i, name in enumerate(n for g in full["param_groups"] for n in g["params"])}
+    return {"state": {number[name]: s for name, s in full["state"].items()},
+            "param_groups": [{**g, "params": [number[n] for n in g["params"]]} for g in full["param_groups"]]}
+
+
+def _load_sharded_optimizer(trainer, saved: dict, path) -> None:
+    """Load a whole ``optimizer.state_dict()`` into an optimizer over FSDP-sharded parameters."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    optimizer = _torch_optimizer(trainer.optimizer)
+    names = [n for g in get_optimizer_state_dict(trainer.model, optimizer)["param_groups"] for n in g["params"]]
+    sizes = [len(g["params"]) for g in saved["param_groups"]]
+    if sizes != [len(g["params"]) for g in optimizer.param_groups]:
+        raise CheckpointError(f"checkpoint {path}: its optimizer has parameter groups of sizes {sizes}, this run "
+                              f"{[len(g['params']) for g in optimizer.param_groups]}; resume with the same model, "
+                              "LoRA and weight-decay settings")  # fmt: skip
+    full = {"state": {names[int(i)]: s for i, s in saved["state"].items()},
+            "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_optimizer_state_dict(trainer.model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+
+
+def _adapter_keys_to_model_keys(model, adapter_sd: dict, path) -> dict:
+    """A saved LoRA adapter's tensors under the model's own parameter names (peft drops the adapter name)."""
+    name = getattr(model, "active_adapter", "default")
+    out = {}
+    for key in model.state_dict():
+        saved = key.replace(f".{name}.", ".")
+        if saved != key and saved in adapter_sd:
+            out[key] = adapter_sd[saved]
+    if len(out) != len(adapter_sd):
+        used = {k.replace(f".{name}.", ".") for k in out}
+        raise CheckpointError(f"checkpoint {path}: adapter tensors {sorted(adapter_sd.keys() - used)[:5]} match no "
+                              "parameter of this model")  # fmt: skip
+    return out
+
+
+def _load_sharded(model, sd: dict, path, adapter: bool = False) -> None:
+    """Load whole tensors into FSDP-sharded parameters: each process keeps its own slice."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    keys = set(model.state_dict())  # FSDP2: the DTensor (sharded) state dict, nothing is gathered
+    _check_keys(model, [] if adapter else sorted(keys - sd.keys()), sorted(sd.keys() - keys), path)
+    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def _reference_state(reference) -> dict:

@@ -551,8 +551,10 @@ class DPOTrainer:
     def _save(self, state, final: bool = False):
         self.accelerator.wait_for_everyone()
         full = self._full_state_dict()
+        optimizer_state = ckpt.gather_optimizer_state(self, self.accelerator)  # a collective under FSDP
         if self.accelerator.is_main_process:
-            ckpt.save_checkpoint(Path(self.args.output_dir), self, state, self.accelerator, state_dict=full)
+            ckpt.save_checkpoint(Path(self.args.output_dir), self, state, self.accelerator, state_dict=full,
+                                 optimizer_state=optimizer_state)
         self.accelerator.wait_for_everyone()
 
     def _log(self, path: Path, trackers, row: dict):

@@ -1,12 +1,17 @@
-"""Run by tests/test_distributed.py under `accelerate launch` (or plain python): train runs from a JSON spec.
+"""Run by tests/test_distributed.py under torchrun (or plain python): train runs from a JSON spec.
 
     python tests/_dist_worker.py SPEC.json
 
-SPEC: {"model": dir, "jobs": [{"config": {DPOConfig fields}, "resume": path or null, "out": json path,
-"expect_error": text or absent}]}.
+SPEC: {"model": dir, "fsdp_on_cpu": bool (optional), "jobs": [{"config": {DPOConfig fields},
+"resume": path or null, "out": json path, "expect_error": text or absent}]}.
 Each job trains with the DPOTrainer API, saves the final model, and (main process) writes the process
-count and the evaluation results to "out". Launching this file under several processes is exactly
-what a user does; nothing here knows how many processes there are.
+count, the engine and the evaluation results to "out". Launching this file under several processes
+is exactly what a user does; nothing here knows how many processes there are.
+
+"fsdp_on_cpu": accelerate runs FSDP only on accelerators: with CPU processes it ignores the FSDP
+plugin (ACCELERATE_USE_FSDP, FSDP_* variables) and trains with plain DDP over gloo. This flag makes
+accelerate take its FSDP path anyway, the one `accelerate launch --config_file fsdp.yaml` takes on
+GPUs (fully_shard, DTensor parameters, full state dicts): see :func:`force_fsdp_on_cpu`.
 """
 
 from __future__ import annotations
@@ -16,11 +21,56 @@ import sys
 from pathlib import Path
 
 
+def force_fsdp_on_cpu() -> None:
+    """Make accelerate's state report FSDP for CPU processes that were given an FSDP plugin.
+
+    accelerate (1.x) switches to FSDP only for accelerator process groups (MULTI_GPU, ...): for
+    MULTI_CPU it keeps DDP and drops the plugin. PyTorch's fully_shard itself runs on CPU over gloo,
+    so the state is set as accelerate sets it on GPUs, in both its shared-state dicts."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def __init__(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU and fsdp_plugin is not None:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    AcceleratorState.__init__ = __init__
+
+
+def _engine(trainer) -> dict:
+    """What the run really was: the engine, and under FSDP whether every trainable parameter is a
+    DTensor sharded over all processes and is exactly what the optimizer updates."""
+    acc = trainer.accelerator
+    out = {"num_processes": acc.num_processes, "distributed_type": str(acc.distributed_type).split(".")[-1]}
+    if out["distributed_type"] == "FSDP":
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor, Shard
+
+        for module in trainer.model.modules():  # a forward without backward (the last evaluation) leaves
+            if isinstance(module, FSDPModule):  # units kept whole after forward ([norm, lm_head]) gathered
+                module.reshard()
+        trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+        optimized = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+        out["sharded"] = bool(trainable) and all(
+            isinstance(p, DTensor) and p.device_mesh.size() == acc.num_processes and p.placements == (Shard(0),)
+            for p in trainable
+        )
+        out["optimizer_holds_sharded_params"] = {id(p) for p in optimized} == {id(p) for p in trainable}
+    return out
+
+
 def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    if spec.get("fsdp_on_cpu"):
+        force_fsdp_on_cpu()
     from preftune.config import DPOConfig
     from preftune.trainer import DPOTrainer
 
-    spec = json.loads(Path(spec_path).read_text())
     for job in spec["jobs"]:
         trainer = DPOTrainer(model=spec["model"], args=DPOConfig(**job["config"]))
         if job.get("expect_error"):  # the job must fail with a ValueError naming this text
@@ -32,10 +82,11 @@ def main(spec_path: str) -> None:
                 continue
             raise AssertionError(f"expected a ValueError with {job['expect_error']!r}")
         trainer.train(resume_from_checkpoint=job.get("resume"))
+        engine = _engine(trainer)
         trainer.save_model()
         if trainer.accelerator.is_main_process:
             Path(job["out"]).write_text(json.dumps({
-                "num_processes": trainer.accelerator.num_processes,
+                **engine,
                 "initial_eval": getattr(trainer, "initial_eval", None),
                 "final_eval": getattr(trainer, "final_eval", None),
             }))

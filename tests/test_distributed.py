@@ -1,12 +1,18 @@
-"""Several processes on CPU (gloo): a 2-process run against its 1-process twin.
+"""Several processes on CPU (gloo): each multi-process run against its 1-process twin.
 
-Two launches cover every scenario (torch start-up costs seconds per process):
-- `torchrun --nproc_per_node 2` (gloo): per-device batch 2, accumulation 1, precomputed
-  reference, a checkpoint at step 2, evaluation on 5 pairs (uneven shards: 3 and 2).
-- one plain process: batch 2 x accumulation 2 (the same global batch of 4), then a resume from the
-  2-process checkpoint in this single process.
-The 1-process run is the slow obvious twin: same final weights (1e-5), same logged losses and metrics,
-same reference cache file; the resumed run ends where the 2-process run ended.
+torch start-up costs seconds per process, so each launch runs several jobs (tests/_dist_worker.py):
+- `torchrun --nproc_per_node 2`: per-device batch 2, accumulation 1, precomputed reference, a
+  checkpoint at step 2, evaluation on 5 pairs (uneven shards: 3 and 2); then the same with LoRA
+  (live reference: the adapters switched off).
+- one plain process: batch 2 x accumulation 2 (the same global batch of 4), a resume from the
+  2-process checkpoint, and the LoRA twin.
+- `torchrun --nproc_per_node 2 -m preftune train` (the CLI) and `python -m preftune train` with
+  accumulation 2.
+- FSDP2 over 2 CPU processes (accelerate's FSDP path forced on CPU, see tests/_dist_worker.py): the
+  full model with a precomputed reference; a live sharded reference with gradient checkpointing;
+  LoRA; TR-DPO (refused); exact resumes from an FSDP checkpoint in 2 processes and in 1.
+Each 1-process run is the slow obvious twin: same final weights, same logged losses and metrics,
+same reference cache file; a resumed run ends where the uninterrupted run ended.
 """
 
 from __future__ import annotations
@@ -43,38 +49,64 @@ def _config(out: Path, cache: Path, **kw) -> dict:
     return base
 
 
-def _launch(spec: dict, path: Path, procs: int) -> None:
-    path.write_text(json.dumps(spec))
+FSDP_ENV = {  # what `accelerate launch --config_file examples/accelerate/fsdp.yaml` sets
+    "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+    "FSDP_RESHARD_AFTER_FORWARD": "true", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
+}
+
+
+def _run(args: list[str], procs: int, env: dict | None = None) -> str:
+    """`python ARGS` in one process, or `torchrun --nproc_per_node PROCS ARGS`; returns stdout + stderr."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="true")
+               PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="true", **(env or {}))
     if procs > 1:
         # torchrun: on CPU `accelerate launch --cpu` starts several processes only through MPI; under torchrun
         # the Accelerator reads RANK / WORLD_SIZE and picks gloo, as it does on GPUs with NCCL
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--nnodes", "1",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), str(path)]
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
     else:
-        cmd = [sys.executable, str(WORKER), str(path)]
+        cmd = [sys.executable, *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    return r.stdout + r.stderr
+
+
+def _launch(spec: dict, path: Path, procs: int, env: dict | None = None) -> str:
+    path.write_text(json.dumps(spec))
+    return _run([str(WORKER), str(path)], procs, env)
 
 
 def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _weights(run: Path) -> dict[str, torch.Tensor]:
+def _weights(run: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(run / "model.safetensors"))
+    return load_file(str(run / name))
 
 
-def _assert_rows_close(a: list[dict], b: list[dict], skip=("pairs_per_second", "tokens_per_second")) -> None:
+def _assert_weights_close(a: dict, b: dict, atol: float, start: dict | None = None) -> None:
+    assert a.keys() == b.keys()
+    if start is not None:
+        moved = max(float((b[k] - start[k]).abs().max()) for k in b)
+        assert moved > 1e-4, "training did not change the weights; the comparison would prove nothing"
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+
+def _assert_rows_close(a: list[dict], b: list[dict], skip=("pairs_per_second", "tokens_per_second"),
+                       rel: float = 1e-5) -> None:  # fmt: skip
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
         keys = set(ra) - set(skip)
         assert keys == set(rb) - set(skip), (sorted(ra), sorted(rb))
         for k in keys:
-            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), (ra["step"], k, ra[k], rb[k])
+            assert ra[k] == pytest.approx(rb[k], rel=rel, abs=1e-6), (ra["step"], k, ra[k], rb[k])
+
+
+# LoRA without dropout: with dropout each process draws its own masks, so 2 x 1 and 1 x 2 differ
+LORA = dict(use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, precompute_ref_log_probs=None)
 
 
 @pytest.fixture(scope="module")
@@ -85,18 +117,25 @@ def runs(tmp_path_factory):
     tiny_model(len(tok), seed=0).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     two, one, resumed = tmp / "two", tmp / "one", tmp / "resumed"
+    two_lora, one_lora = tmp / "two_lora", tmp / "one_lora"
     _launch({"model": str(model_dir), "jobs": [
         {"config": _config(two, tmp / "cache2", per_device_train_batch_size=2, gradient_accumulation_steps=1),
          "out": str(tmp / "two.json")},
+        {"config": _config(two_lora, tmp / "cache2", per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                           **LORA), "out": str(tmp / "two_lora.json")},
     ]}, tmp / "spec2.json", procs=2)
     _launch({"model": str(model_dir), "jobs": [
         {"config": _config(one, tmp / "cache1", per_device_train_batch_size=2, gradient_accumulation_steps=2),
          "out": str(tmp / "one.json")},
         {"config": _config(resumed, tmp / "cache1", per_device_train_batch_size=2, gradient_accumulation_steps=2),
          "resume": str(two / "checkpoint-2"), "out": str(tmp / "resumed.json")},
+        {"config": _config(one_lora, tmp / "cache1", per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                           **LORA), "out": str(tmp / "one_lora.json")},
     ]}, tmp / "spec1.json", procs=1)
-    info = {name: json.loads((tmp / f"{name}.json").read_text()) for name in ("two", "one", "resumed")}
-    return dict(tmp=tmp, two=two, one=one, resumed=resumed, info=info, model_dir=model_dir)
+    names = ("two", "one", "resumed", "two_lora", "one_lora")
+    info = {name: json.loads((tmp / f"{name}.json").read_text()) for name in names}
+    return dict(tmp=tmp, two=two, one=one, resumed=resumed, two_lora=two_lora, one_lora=one_lora, info=info,
+                model_dir=model_dir)
 
 
 def test_two_processes_match_one_process_with_accumulation(runs):
@@ -110,6 +149,25 @@ def test_two_processes_match_one_process_with_accumulation(runs):
     rows2, rows1 = _rows(runs["two"]), _rows(runs["one"])
     assert [r["step"] for r in rows1 if "loss" in r] == [1, 2, 3]
     _assert_rows_close(rows2, rows1)
+
+
+def test_lora_two_processes_match_one_process_with_accumulation(runs):
+    """LoRA under DDP: only the adapters train and sync; the reference is the policy with adapters off."""
+    info = runs["info"]
+    assert (info["two_lora"]["num_processes"], info["one_lora"]["num_processes"]) == (2, 1)
+    assert info["two_lora"]["distributed_type"] == "MULTI_CPU"
+    assert not (runs["two_lora"] / "model.safetensors").exists()  # the adapter alone is saved
+    name = "adapter_model.safetensors"
+    a2, a1 = _weights(runs["two_lora"], name), _weights(runs["one_lora"], name)
+    assert a1 and all("lora_" in k for k in a1)
+    zero = {k: torch.zeros_like(v) for k, v in a1.items() if "lora_B" in k}  # lora_B starts at 0
+    _assert_weights_close({k: a2[k] for k in zero}, {k: a1[k] for k in zero}, atol=1e-5, start=zero)
+    _assert_weights_close(a2, a1, atol=1e-5)
+    rows2, rows1 = _rows(runs["two_lora"]), _rows(runs["one_lora"])
+    assert [r["step"] for r in rows1 if "loss" in r] == [1, 2, 3]
+    _assert_rows_close(rows2, rows1)
+    for k, v in info["one_lora"]["final_eval"].items():
+        assert info["two_lora"]["final_eval"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
 
 
 def test_eval_reduction_counts_uneven_shards(runs):
@@ -143,6 +201,140 @@ def test_resume_two_process_checkpoint_in_one_process(runs):
         torch.testing.assert_close(wr[k], w2[k], rtol=0, atol=1e-5, msg=k)
     step3 = [r for r in _rows(runs["resumed"]) if r["step"] == 3 and "loss" in r]
     _assert_rows_close(step3, [r for r in _rows(runs["two"]) if r["step"] == 3 and "loss" in r])
+
+
+# --- the CLI under torchrun ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    from _train_worker import make_model_dir, pair_rows, write_jsonl
+
+    tmp = tmp_path_factory.mktemp("cli")
+    model_dir = make_model_dir(tmp / "model")
+    data = write_jsonl(tmp / "pairs.jsonl", pair_rows(16))
+    flags = ["--model_name_or_path", str(model_dir), "--dataset", str(data), "--eval_dataset", "0.25",
+             "--eval_strategy", "steps", "--eval_steps", "100", "--max_steps", "3",
+             "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--logging_steps", "1",
+             "--save_steps", "2", "--seed", "0", "--use_cpu", "true", "--report_to", "none"]  # fmt: skip
+    two, one = tmp / "two", tmp / "one"
+    log2 = _run(["-m", "preftune", "train", *flags, "--output_dir", str(two)], procs=2)
+    log1 = _run(["-m", "preftune", "train", *flags, "--gradient_accumulation_steps", "2", "--output_dir", str(one)],
+                procs=1)
+    return dict(two=two, one=one, log2=log2, log1=log1, model_dir=model_dir)
+
+
+def test_cli_under_torchrun_matches_one_process_with_accumulation(cli_runs):
+    """`torchrun --nproc_per_node 2 -m preftune train --use_cpu true` = `preftune train` with accumulation 2."""
+    _assert_weights_close(_weights(cli_runs["two"]), _weights(cli_runs["one"]), atol=1e-5,
+                          start=_weights(cli_runs["model_dir"]))
+    rows2, rows1 = _rows(cli_runs["two"]), _rows(cli_runs["one"])
+    assert [r["step"] for r in rows1 if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in rows1 if "eval_loss" in r] == [0, 3]
+    _assert_rows_close(rows2, rows1)
+
+
+def test_cli_under_torchrun_writes_from_the_main_process_only(cli_runs):
+    two = cli_runs["two"]
+    assert [r["step"] for r in _rows(two)] == [r["step"] for r in _rows(cli_runs["one"])]  # each row once
+    assert sorted(p.name for p in two.iterdir() if p.name.startswith(("checkpoint-", ".tmp"))) == ["checkpoint-2"]
+    assert (two / "checkpoint-2" / "COMPLETE").is_file() and (two / "model.safetensors").is_file()
+    assert not list(two.glob("**/.tmp*"))  # no leftover temporary files from a second writer
+    # the closing summary (held-out table, paths) is printed by the main process alone
+    assert cli_runs["log2"].count("trained model:") == 1 and cli_runs["log1"].count("trained model:") == 1
+    assert cli_runs["log2"].count("held-out pairs:") == 1
+
+
+# --- FSDP2 ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(runs):
+    tmp, model_dir = runs["tmp"], runs["model_dir"]
+    names = ("fsdp", "fsdp_live_gc", "fsdp_lora", "fsdp_resumed", "fsdp_lora_resumed", "fsdp_resumed1")
+    out = {name: tmp / name for name in names}
+    base = dict(per_device_train_batch_size=2, gradient_accumulation_steps=1)
+    log = _launch({"model": str(model_dir), "fsdp_on_cpu": True, "jobs": [
+        {"config": _config(out["fsdp"], tmp / "cache_fsdp", **base), "out": str(tmp / "fsdp.json")},
+        {"config": _config(out["fsdp_live_gc"], tmp / "cache_fsdp", precompute_ref_log_probs=False,
+                           gradient_checkpointing=True, **base), "out": str(tmp / "fsdp_live_gc.json")},
+        {"config": _config(out["fsdp_lora"], tmp / "cache_fsdp", **LORA, **base), "out": str(tmp / "fsdp_lora.json")},
+        {"config": _config(tmp / "fsdp_trdpo", tmp / "cache_fsdp", precompute_ref_log_probs=False,
+                           sync_ref_model=True, **base),
+         "expect_error": "sync_ref_model=True (TR-DPO) is not supported with sharded parameters (FSDP"},
+        {"config": _config(out["fsdp_resumed"], tmp / "cache_fsdp", **base),
+         "resume": str(out["fsdp"] / "checkpoint-2"), "out": str(tmp / "fsdp_resumed.json")},
+        {"config": _config(out["fsdp_lora_resumed"], tmp / "cache_fsdp", **LORA, **base),
+         "resume": str(out["fsdp_lora"] / "checkpoint-2"), "out": str(tmp / "fsdp_lora_resumed.json")},
+    ]}, tmp / "spec_fsdp.json", procs=2, env=FSDP_ENV)
+    _launch({"model": str(model_dir), "jobs": [  # the FSDP checkpoint in one plain process
+        {"config": _config(out["fsdp_resumed1"], tmp / "cache_fsdp", per_device_train_batch_size=2,
+                           gradient_accumulation_steps=2),
+         "resume": str(out["fsdp"] / "checkpoint-2"), "out": str(tmp / "fsdp_resumed1.json")},
+    ]}, tmp / "spec_fsdp1.json", procs=1)
+    info = {name: json.loads((tmp / f"{name}.json").read_text()) for name in names}
+    return dict(out, info=info, log=log)
+
+
+def test_fsdp2_matches_ddp(runs, fsdp_runs):
+    """FSDP2 (parameters, gradients and optimizer state sharded over 2 processes) = DDP = 1 x accumulation 2."""
+    info = fsdp_runs["info"]
+    for name in ("fsdp", "fsdp_live_gc", "fsdp_lora", "fsdp_resumed", "fsdp_lora_resumed"):
+        assert info[name]["distributed_type"] == "FSDP" and info[name]["num_processes"] == 2, name
+        assert info[name]["sharded"] and info[name]["optimizer_holds_sharded_params"], name
+    _assert_weights_close(_weights(fsdp_runs["fsdp"]), _weights(runs["two"]), atol=1e-4,
+                          start=_weights(runs["model_dir"]))
+    _assert_rows_close(_rows(fsdp_runs["fsdp"]), _rows(runs["two"]), rel=1e-4)
+    for k, v in runs["info"]["two"]["final_eval"].items():  # evaluation: uneven shards, a filler batch
+        assert info["fsdp"]["final_eval"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+
+
+def test_fsdp2_precompute_writes_the_same_cache(runs, fsdp_runs):
+    from safetensors import safe_open
+
+    files = sorted((runs["tmp"] / "cache_fsdp").glob("*.safetensors"))
+    files2 = sorted((runs["tmp"] / "cache2").glob("*.safetensors"))
+    assert [f.name for f in files] == [f.name for f in files2] and len(files) == 2
+    for f, f2 in zip(files, files2):
+        with safe_open(str(f), framework="pt") as a, safe_open(str(f2), framework="pt") as b:
+            assert a.metadata()["key"] == b.metadata()["key"]
+            torch.testing.assert_close(a.get_tensor("logps"), b.get_tensor("logps"), rtol=0, atol=1e-6)
+
+
+def test_fsdp2_live_sharded_reference_with_gradient_checkpointing(runs, fsdp_runs):
+    """The frozen reference sharded by fully_shard (no precompute) and gradient checkpointing on the policy."""
+    _assert_weights_close(_weights(fsdp_runs["fsdp_live_gc"]), _weights(runs["two"]), atol=1e-4)
+    _assert_rows_close(_rows(fsdp_runs["fsdp_live_gc"]), _rows(runs["two"]), rel=1e-4)
+
+
+def test_fsdp2_lora(runs, fsdp_runs):
+    name = "adapter_model.safetensors"
+    _assert_weights_close(_weights(fsdp_runs["fsdp_lora"], name), _weights(runs["two_lora"], name), atol=1e-5)
+    _assert_rows_close(_rows(fsdp_runs["fsdp_lora"]), _rows(runs["two_lora"]), rel=1e-4)
+
+
+def test_fsdp2_refuses_tr_dpo(fsdp_runs):
+    assert fsdp_runs["log"].count("expected error: sync_ref_model=True (TR-DPO) is not supported") == 2  # each rank
+
+
+def test_fsdp2_checkpoint_holds_whole_tensors_and_resumes_exactly(runs, fsdp_runs):
+    ckpt_dir = fsdp_runs["fsdp"] / "checkpoint-2"
+    saved = torch.load(ckpt_dir / "optimizer.pt", map_location="cpu", weights_only=True)
+    w0 = _weights(runs["model_dir"])
+    n_params = sum(len(g["params"]) for g in saved["param_groups"])
+    assert n_params == len(w0) and len(saved["state"]) == n_params  # torch's own format, every parameter
+    shapes = sorted(tuple(s["exp_avg"].shape) for s in saved["state"].values())
+    assert shapes == sorted(tuple(w.shape) for w in w0.values())  # whole tensors, not one process's shard
+    assert all(type(s["exp_avg"]) is torch.Tensor for s in saved["state"].values())
+    final = _weights(fsdp_runs["fsdp"])
+    _assert_weights_close(_weights(fsdp_runs["fsdp_resumed"]), final, atol=1e-6)  # 2 processes, FSDP
+    _assert_weights_close(_weights(fsdp_runs["fsdp_resumed1"]), final, atol=1e-5)  # 1 process
+    step3 = [r for r in _rows(fsdp_runs["fsdp"]) if r["step"] == 3 and "loss" in r]
+    for name in ("fsdp_resumed", "fsdp_resumed1"):
+        _assert_rows_close([r for r in _rows(fsdp_runs[name]) if r["step"] == 3 and "loss" in r], step3)
+    name = "adapter_model.safetensors"
+    _assert_weights_close(_weights(fsdp_runs["fsdp_lora_resumed"], name), _weights(fsdp_runs["fsdp_lora"], name),
+                          atol=1e-6)
 
 
 # --- in-process pieces -------------------------------------------------------------------------
