@@ -136,6 +136,18 @@ def _rng_state() -> dict:
     return state
 
 
+def gather_rng_states(accelerator) -> list[dict] | None:
+    """Every process's RNG state, on the main process (a collective); None with one process.
+
+    Saved beside the main process's own so that a resume on the same number of processes gives
+    each process back its own streams (LoRA dropout, for one, draws masks on every process)."""
+    if accelerator.num_processes == 1:
+        return None
+    from accelerate.utils import gather_object
+
+    return gather_object([_rng_state()])
+
+
 def _load_rng_state(path: Path) -> dict:
     """rng_state.pt with `weights_only=True`: tensors, lists, ints and floats only (no pickle code)."""
     try:
@@ -143,6 +155,15 @@ def _load_rng_state(path: Path) -> dict:
     except Exception as e:
         raise CheckpointError(f"{path}: cannot be read as a checkpoint RNG state ({e}); it is damaged or from "
                               "another preftune version: resume from another checkpoint") from e
+
+
+def _own_rng_state(state: dict, accelerator) -> dict:
+    """This process's saved RNG state when the checkpoint has one per process for this many
+    processes; otherwise the main process's (a resume on another process count)."""
+    per = state.get("per_process")
+    if per and len(per) == accelerator.num_processes:
+        return per[accelerator.process_index]
+    return state
 
 
 def _set_rng_state(state: dict) -> None:
@@ -154,13 +175,14 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(output_dir: Path, trainer, state: TrainState, accelerator, state_dict: dict | None = None,
-                    optimizer_state: dict | None = None) -> Path:  # fmt: skip
+                    optimizer_state: dict | None = None, rng_states: list[dict] | None = None) -> Path:  # fmt: skip
     """Write `<output_dir>/checkpoint-<step>/` atomically; then apply `save_total_limit`.
 
     state_dict: the full model state dict when parameters are sharded (FSDP, ZeRO-3), gathered by
     every rank with ``accelerator.get_state_dict`` before the main process calls this.
     optimizer_state: the full optimizer state under FSDP, from :func:`gather_optimizer_state` (also a
-    collective); None saves ``trainer.optimizer.state_dict()``."""
+    collective); None saves ``trainer.optimizer.state_dict()``.
+    rng_states: every process's RNG state from :func:`gather_rng_states` (a collective), or None."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{state.global_step}"
     tmp = output_dir / f".tmp-checkpoint-{state.global_step}-{os.getpid()}"
@@ -175,7 +197,10 @@ def save_checkpoint(output_dir: Path, trainer, state: TrainState, accelerator, s
         optimizer_state = optimizer_state if optimizer_state is not None else trainer.optimizer.state_dict()
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(_rng_state(), tmp / "rng_state.pt")
+        rng = _rng_state()
+        if rng_states:
+            rng["per_process"] = rng_states
+        torch.save(rng, tmp / "rng_state.pt")
         state.metrics_lines = _count_lines(output_dir / "metrics.jsonl")
         if sd := _reference_state(trainer.reference):
             from safetensors.torch import save_file
@@ -269,7 +294,7 @@ def load_checkpoint(path: Path, trainer, accelerator) -> TrainState:
     else:
         trainer.optimizer.load_state_dict(optimizer_state)
     trainer.scheduler.load_state_dict(torch.load(Path(path) / "scheduler.pt", weights_only=True))
-    _set_rng_state(_load_rng_state(Path(path) / "rng_state.pt"))
+    _set_rng_state(_own_rng_state(_load_rng_state(Path(path) / "rng_state.pt"), accelerator))
     ref_file = Path(path) / "reference.safetensors"
     if ref_file.is_file():
         _load_reference_state(trainer.reference, load_file(str(ref_file)))

@@ -552,9 +552,10 @@ class DPOTrainer:
         self.accelerator.wait_for_everyone()
         full = self._full_state_dict()
         optimizer_state = ckpt.gather_optimizer_state(self, self.accelerator)  # a collective under FSDP
+        rng_states = ckpt.gather_rng_states(self.accelerator)  # a collective with several processes
         if self.accelerator.is_main_process:
             ckpt.save_checkpoint(Path(self.args.output_dir), self, state, self.accelerator, state_dict=full,
-                                 optimizer_state=optimizer_state)
+                                 optimizer_state=optimizer_state, rng_states=rng_states)
         self.accelerator.wait_for_everyone()
 
     def _log(self, path: Path, trackers, row: dict):

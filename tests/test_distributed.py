@@ -123,6 +123,12 @@ def runs(tmp_path_factory):
          "out": str(tmp / "two.json")},
         {"config": _config(two_lora, tmp / "cache2", per_device_train_batch_size=2, gradient_accumulation_steps=1,
                            **LORA), "out": str(tmp / "two_lora.json")},
+        {"config": _config(tmp / "two_drop", tmp / "cache2", per_device_train_batch_size=2,
+                           gradient_accumulation_steps=1, **dict(LORA, lora_dropout=0.3)),
+         "out": str(tmp / "two_drop.json")},
+        {"config": _config(tmp / "two_drop_resumed", tmp / "cache2", per_device_train_batch_size=2,
+                           gradient_accumulation_steps=1, **dict(LORA, lora_dropout=0.3)),
+         "resume": str(tmp / "two_drop" / "checkpoint-2"), "out": str(tmp / "two_drop_resumed.json")},
     ]}, tmp / "spec2.json", procs=2)
     _launch({"model": str(model_dir), "jobs": [
         {"config": _config(one, tmp / "cache1", per_device_train_batch_size=2, gradient_accumulation_steps=2),
@@ -168,6 +174,21 @@ def test_lora_two_processes_match_one_process_with_accumulation(runs):
     _assert_rows_close(rows2, rows1)
     for k, v in info["one_lora"]["final_eval"].items():
         assert info["two_lora"]["final_eval"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+
+
+def test_two_process_resume_restores_every_process_random_state(runs):
+    """LoRA dropout draws masks on every process: each process's RNG state is in the checkpoint, so a
+    2-process resume with dropout ends exactly where the uninterrupted run ended."""
+    name = "adapter_model.safetensors"
+    full, resumed = _weights(runs["tmp"] / "two_drop", name), _weights(runs["tmp"] / "two_drop_resumed", name)
+    assert full.keys() == resumed.keys() and full
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=1e-7, msg=k)
+    after = [r for r in _rows(runs["tmp"] / "two_drop") if r["step"] > 2]  # the resumed run logs from step 3
+    _assert_rows_close(_rows(runs["tmp"] / "two_drop_resumed"), after, rel=1e-7)
+    # the dropout run differs from the dropout-free one, so the masks did matter
+    plain = _weights(runs["two_lora"], name)
+    assert max(float((plain[k] - full[k]).abs().max()) for k in full) > 1e-5
 
 
 def test_eval_reduction_counts_uneven_shards(runs):
