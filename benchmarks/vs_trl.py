@@ -10,7 +10,9 @@ tokens/s over the whole job including the reference pass, peak memory (RSS on CP
 the losses of the first steps, and model-FLOPs utilization (MFU): useful FLOPs divided by wall time
 and by the matmul peak this script measures on the machine. Useful FLOPs per needed token
 (prompt + chosen + rejected, the prompt counted once) are 6N for the policy's forward and backward
-plus 2N for the reference forward, N = parameters of the matmuls.
+plus 2N for the reference forward, N = parameters of the matmuls; with LoRA the backward has no
+weight gradients of the frozen matmuls, so 4N + 2N. The TRL workers get the environment this script
+was started with (preftune's THP_MEM_ALLOC_ENABLE=1 only with --trl-thp).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# The environment as the user started this script: importing preftune (here, for the model path) sets
+# THP_MEM_ALLOC_ENABLE=1, a preftune default that must not leak into the TRL workers (--trl-thp adds it).
+USER_ENV = dict(os.environ)
 
 WORDS = (
     "the a model data train token answer question value result river mountain city number letter color "
@@ -247,11 +252,11 @@ def run_trl(job: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def spawn(job: dict) -> dict:
+def spawn(job: dict, extra_env: dict | None = None) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(job, f)
         path = f.name
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    env = dict(USER_ENV, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore", **(extra_env or {}))
     proc = subprocess.run([sys.executable, __file__, "--worker", path], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
@@ -280,9 +285,12 @@ def _row(model_name: str, shape: str, mode: str, res: dict, peak: float) -> dict
     """Ratios of one (model, shape, mode) from its sides' raw results."""
     ours = res["preftune"]
     n, tokens = ours["n_matmul"], ours["needed_tokens"]
+    # policy forward 2N + backward 4N (input and weight gradients) + reference forward 2N; with LoRA
+    # the frozen weights get no gradient, so the backward is 2N (the adapters' FLOPs are left out)
+    per_token = 6 * n if mode == "lora" else 8 * n
     for r in res.values():
         r.update(pairs_per_s=ours["pairs"] / r["wall_s"], tokens_per_s=tokens / r["wall_s"],
-                 mfu=(8 * n * tokens / r["wall_s"]) / peak)
+                 mfu=(per_token * tokens / r["wall_s"]) / peak)
         r.pop("order", None)
     row = dict(model=model_name, shape=shape, mode=mode, **res)
     for side in ("trl", "trl_precompute"):
@@ -333,6 +341,8 @@ def main(argv=None) -> int:
     p.add_argument("--ref", default="auto", choices=("auto", "live", "precompute"),
                    help="preftune reference: auto (its default: the pairs the run uses, precomputed with the policy "
                         "before training), live (a frozen copy) or precompute (the whole dataset, TRL's meaning)")
+    p.add_argument("--trl-thp", action="store_true",
+                   help="run the TRL sides with THP_MEM_ALLOC_ENABLE=1 too (preftune sets it when imported)")
     p.add_argument("--out", default="benchmarks/results.json")
     a = p.parse_args(argv)
     if a.worker:
@@ -368,7 +378,8 @@ def main(argv=None) -> int:
                 res = {"preftune": spawn(dict(base, side="preftune"))}
                 for side in sides:
                     res[side] = spawn(dict(base, side="trl", order=res["preftune"]["order"],
-                                           precompute=side == "trl_precompute"))
+                                           precompute=side == "trl_precompute"),
+                                      {"THP_MEM_ALLOC_ENABLE": "1"} if a.trl_thp else None)
                 row = _row(model_name, shape, mode, res, peak)
                 results.append(row)
                 print_table([row])
