@@ -33,13 +33,14 @@ class TrainState:
     global_step: int = 0
     pairs_seen: int = 0
     nonfinite_steps: int = 0
+    nonfinite_in_a_row: int = 0  # consecutive skipped steps up to here (max_nonfinite_steps counts on after a resume)
     metrics_lines: int = 0  # rows of metrics.jsonl written when the checkpoint was taken
     log_window: dict | None = None  # the logging window not yet logged (window_state), to resume it exactly
 
     @classmethod
     def from_json(cls, path: Path) -> TrainState:
         data = json.loads(Path(path).read_text())
-        names = ("global_step", "pairs_seen", "nonfinite_steps", "metrics_lines", "log_window")
+        names = ("global_step", "pairs_seen", "nonfinite_steps", "nonfinite_in_a_row", "metrics_lines", "log_window")
         return cls(**{k: data[k] for k in names if k in data})
 
 

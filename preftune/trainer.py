@@ -387,7 +387,6 @@ class DPOTrainer:
         if acc.is_main_process:  # the window saved with the checkpoint holds every process's sums
             pairs_window, tokens_window = ckpt.restore_window(window, state.log_window, acc.device)
         last_logged: dict = {}
-        bad_in_a_row = 0
         self.model.train()
         while state.global_step < total_steps:
             epoch = state.pairs_seen // (plan.steps_per_epoch * plan.global_batch)
@@ -399,9 +398,9 @@ class DPOTrainer:
             finite = bool(torch.isfinite(step_loss).item() and torch.isfinite(grad_norm).item())
             if finite:
                 optimizer.step()
-                bad_in_a_row = 0
+                state.nonfinite_in_a_row = 0
             else:
-                bad_in_a_row += 1
+                state.nonfinite_in_a_row += 1
                 state.nonfinite_steps += 1
                 if not bad_pairs:  # a finite loss with a non-finite gradient: every pair of the step is suspect
                     bad_pairs = [int(self.train_split.features[i]["index"]) for m in micro for i in m]
@@ -421,11 +420,11 @@ class DPOTrainer:
             if finite:
                 window.add({"loss": step_loss.detach(), "grad_norm": grad_norm.detach()}, 1)
             bar.update(1)
-            if bad_in_a_row >= args.max_nonfinite_steps:
+            if state.nonfinite_in_a_row >= args.max_nonfinite_steps:
                 state.log_window = self._window_snapshot(window, pairs_window, tokens_window)
                 self._save(state, final=False)
                 raise NonFiniteError(
-                    f"{bad_in_a_row} consecutive optimizer steps had a non-finite loss or gradient "
+                    f"{state.nonfinite_in_a_row} consecutive optimizer steps had a non-finite loss or gradient "
                     f"(last at step {state.global_step}); stopped. The last good state is saved in {out_dir}. "
                     "Lower learning_rate or beta, check the data, or raise max_nonfinite_steps."
                 )

@@ -106,6 +106,18 @@ def test_consecutive_bad_steps_stop_with_a_checkpoint_of_the_last_good_state(tmp
         assert torch.equal(sd[name], after_step_2), name  # the state after the last good step
 
 
+def test_consecutive_bad_steps_count_across_a_resume(tmp_path, monkeypatch):
+    perm = StepPlan(8, 2, 1, 1, SEED).permutation(0)
+    poison(monkeypatch, perm[4:])  # steps 1-2 are good, 3 and 4 are bad
+    first = tiny_trainer(tmp_path / "run", max_steps=3, save_steps=3, max_nonfinite_steps=2)
+    first.train()  # step 3 is skipped; the checkpoint at step 3 remembers one bad step in a row
+    saved = ckpt.resolve_checkpoint(tmp_path / "run", "latest")
+    assert saved.name == "checkpoint-3" and ckpt.TrainState.from_json(saved / "trainer_state.json").nonfinite_in_a_row == 1
+    resumed = tiny_trainer(tmp_path / "run", max_steps=4, save_steps=3, max_nonfinite_steps=2)
+    with pytest.raises(tr.NonFiniteError, match=r"2 consecutive optimizer steps .* \(last at step 4\)"):
+        resumed.train(resume_from_checkpoint="latest")
+
+
 def test_the_cli_reports_the_stop_without_a_traceback(tmp_path, monkeypatch, capsys):
     from _train_worker import make_model_dir, pair_rows, write_jsonl
 
