@@ -41,6 +41,13 @@ def _matmul_dtype(t: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, weight.dtype)
 
 
+def _silu_mul_backward(grad, gate, up, act, need_gate: bool, need_up: bool):
+    """Gradients of silu(gate) * up given d loss / d product; act = silu(gate). Eager's own formulas."""
+    grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if need_gate else None
+    grad_up = grad * act if need_up else None
+    return grad_gate, grad_up
+
+
 class _SiluMul(torch.autograd.Function):
     """silu(gate) * up, saving only gate and up."""
 
@@ -52,12 +59,7 @@ class _SiluMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        grad_gate = grad_up = None
-        if ctx.needs_input_grad[0]:
-            grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
-        if ctx.needs_input_grad[1]:
-            grad_up = grad * F.silu(gate)
-        return grad_gate, grad_up
+        return _silu_mul_backward(grad, gate, up, F.silu(gate), *ctx.needs_input_grad)
 
 
 class _SwiGLUDown(torch.autograd.Function):
@@ -91,10 +93,7 @@ class _SwiGLUDown(torch.autograd.Function):
                 grad_w = (g.reshape(-1, g.shape[-1]).t() @ prod.reshape(-1, prod.shape[-1])).to(weight.dtype)
             if need_gate or need_up:
                 grad_prod = (g @ weight.to(dt)).to(torch.promote_types(gate.dtype, up.dtype))
-                if need_gate:
-                    grad_gate = torch.ops.aten.silu_backward(grad_prod * up, gate)
-                if need_up:
-                    grad_up = grad_prod * act
+                grad_gate, grad_up = _silu_mul_backward(grad_prod, gate, up, act, need_gate, need_up)
         return grad_gate, grad_up, grad_w
 
 
@@ -129,9 +128,9 @@ def _rmsnorm_forward(self, x):
 
 
 def _swiglu_forward(self, x):
-    gate, up = self.gate_proj(x), self.up_proj(x)
     if not torch.is_grad_enabled():
-        return self.down_proj(F.silu(gate) * up)
+        return type(self).forward(self, x)
+    gate, up = self.gate_proj(x), self.up_proj(x)
     down = self.down_proj
     if type(down) is nn.Linear and down.bias is None:
         return _SwiGLUDown.apply(gate, up, down.weight)
