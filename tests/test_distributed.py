@@ -185,6 +185,7 @@ def test_two_process_resume_restores_every_process_random_state(runs):
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=1e-7, msg=k)
     after = [r for r in _rows(runs["tmp"] / "two_drop") if r["step"] > 2]  # the resumed run logs from step 3
+    assert any("loss" in r for r in after)  # the comparison below is not empty
     _assert_rows_close(_rows(runs["tmp"] / "two_drop_resumed"), after, rel=1e-7)
     # the dropout run differs from the dropout-free one, so the masks did matter
     plain = _weights(runs["two_lora"], name)
@@ -351,6 +352,7 @@ def test_fsdp2_checkpoint_holds_whole_tensors_and_resumes_exactly(runs, fsdp_run
     _assert_weights_close(_weights(fsdp_runs["fsdp_resumed"]), final, atol=1e-6)  # 2 processes, FSDP
     _assert_weights_close(_weights(fsdp_runs["fsdp_resumed1"]), final, atol=1e-5)  # 1 process
     step3 = [r for r in _rows(fsdp_runs["fsdp"]) if r["step"] == 3 and "loss" in r]
+    assert len(step3) == 1  # the comparison below is not empty
     for name in ("fsdp_resumed", "fsdp_resumed1"):
         _assert_rows_close([r for r in _rows(fsdp_runs[name]) if r["step"] == 3 and "loss" in r], step3)
     name = "adapter_model.safetensors"
