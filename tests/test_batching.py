@@ -143,3 +143,14 @@ def test_token_budget_batches():
     assert len(greedy) <= len(batches)  # one big sorted window packs at least as tightly
     with pytest.raises(ValueError, match="pair 4 .* raise max_tokens"):
         token_budget_batches(feats, 11)
+
+
+def test_prefix_mask_is_built_on_the_requested_device():
+    # the (R, 1, T, T) mask is the one large tensor of a batch: it is made where the model runs
+    # (on "meta" here, which refuses any operand left on the CPU), the rest stays on the CPU
+    b = collate(FEATS, layout="prefix", pad_token_id=PAD, pad_to_multiple_of=8, device="meta")
+    ref = collate(FEATS, layout="prefix", pad_token_id=PAD, pad_to_multiple_of=8)
+    assert b["attention_mask"].device.type == "meta" and b["attention_mask"].shape == ref["attention_mask"].shape
+    assert b["input_ids"].device.type == "cpu" and torch.equal(b["input_ids"], ref["input_ids"])
+    same = collate(FEATS, layout="prefix", pad_token_id=PAD, pad_to_multiple_of=8, device="cpu")
+    assert torch.equal(same["attention_mask"], ref["attention_mask"])

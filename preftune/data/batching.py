@@ -59,6 +59,7 @@ def collate(
     layout: str = "padded",
     pad_token_id: int,
     pad_to_multiple_of: int | None = None,
+    device: torch.device | str | None = None,
 ) -> dict:
     """Tokenized pairs (CONTRACTS.md "Tokenized pair") -> one batch (CONTRACTS.md "Batch").
 
@@ -143,12 +144,14 @@ def collate(
     elif layout == "packed":
         batch["attention_mask"] = None
     else:
-        batch["attention_mask"] = _prefix_mask(rows, T)
+        batch["attention_mask"] = _prefix_mask(rows, T, device)
     return batch
 
 
-def _prefix_mask(rows: list, T: int) -> torch.Tensor:
-    """(R, 1, T, T) bool, True = query may attend key.
+def _prefix_mask(rows: list, T: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(R, 1, T, T) bool, True = query may attend key, built on ``device`` (default CPU) from the
+    (R, T) part ids: building it took 90 ms of a 97 ms collate on this 2-core CPU for 8 pairs of
+    ~1360 tokens, time a GPU would sit idle; on the GPU it is a few kernels.
 
     Key k is visible to query q iff k <= q (row offsets), both are real tokens, and k is in the
     prompt or in q's own part (chosen sees prompt+chosen, rejected sees prompt+rejected). Every
@@ -161,10 +164,11 @@ def _prefix_mask(rows: list, T: int) -> torch.Tensor:
         part[row, :c_start] = 0
         part[row, c_start : r_start] = 1
         part[row, r_start : r_start + len(rejected)] = 2
+    part = part.to(device) if device is not None else part
     q, k = part[:, :, None], part[:, None, :]  # (R, T, 1), (R, 1, T)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    causal = torch.ones(T, T, dtype=torch.bool, device=part.device).tril()
     mask = causal & (q >= 0) & ((k == 0) | (k == q))
-    mask |= torch.eye(T, dtype=torch.bool)
+    mask |= torch.eye(T, dtype=torch.bool, device=part.device)
     return mask[:, None]  # (R, 1, T, T)
 
 
