@@ -118,7 +118,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 elif dt == torch.float32:
                     grad_w.addmm_(dz.T, hc)  # in place: no (V, H) temporary per chunk
                 else:
-                    grad_w += (dz.T @ hc).float()
+                    grad_w += dz.T @ hc  # the low-precision product is upcast inside the add: no (V, H) float32 copy
         if need_w and grad_w is None:  # no completion token at all
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
@@ -229,6 +229,20 @@ def _attention_mask_for(mask, attn_impl: str, dtype: torch.dtype):
     )
 
 
+def attention_kernels(device: torch.device, cudnn: bool = False):
+    """Context for the forwards (and so the backwards) of a run: on a GPU without ``cudnn``, SDPA may
+    use flash, memory-efficient or math attention but not cuDNN's. cuDNN builds an execution plan
+    for every new (batch, length) shape, 0.5-1 s each on an H200 in ``benchmarks/vs_trl.py`` runs,
+    and a DPO run meets a new length in most batches. Elsewhere, or with ``cudnn``, nothing changes."""
+    import contextlib
+
+    if torch.device(device).type != "cuda" or cudnn:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def _final_hidden(model, base, inputs: dict) -> torch.Tensor:
     """(R, T, H) hidden states after the decoder's final norm.
 
@@ -248,10 +262,22 @@ def _final_hidden(model, base, inputs: dict) -> torch.Tensor:
     return caught[-1]
 
 
-def model_logps(model, batch: dict, *, chunk_size: int = 1024, average: bool = False) -> ResponseLogps:
+def auto_chunk_size(vocab_size: int) -> int:
+    """Completion tokens per chunk of the output head when none is configured: 1024, halved until one
+    chunk's float32 logits take at most 512 MiB (1024 up to a 131072 vocabulary, 512 for Qwen2's 151936).
+    The head's peak is a few chunk-sized temporaries at the start of backward, on top of every saved
+    activation, so this bounds it whatever the vocabulary."""
+    chunk = 1024
+    while chunk > 64 and chunk * vocab_size * 4 > 512 * 2**20:
+        chunk //= 2
+    return chunk
+
+
+def model_logps(model, batch: dict, *, chunk_size: int | None = None, average: bool = False) -> ResponseLogps:
     """Per-response log-probs of a collated batch (any layout) under ``model``.
 
-    model: a transformers causal LM, optionally PEFT- and/or DDP-wrapped. Returns
+    model: a transformers causal LM, optionally PEFT- and/or DDP-wrapped. chunk_size None =
+    ``auto_chunk_size`` of the head's vocabulary. Returns
     ``ResponseLogps`` with (B,) float32 sums (means per token with ``average=True``, section
     6.5.5) and long lengths, whatever the model's dtype.
     """
@@ -273,6 +299,8 @@ def model_logps(model, batch: dict, *, chunk_size: int = 1024, average: bool = F
     # calling a sharded head module chunk by chunk would free the final norm's gathered weight
     plain = isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward
     B = batch["num_pairs"]
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(head.weight.shape[0] if hasattr(head, "weight") else base.config.vocab_size)
     logps, counts = sequence_logps(
         hidden,
         head.weight if plain else None,

@@ -62,7 +62,7 @@ def test_defaults_are_the_documented_values():
         save_strategy="steps", save_steps=500, save_total_limit=None, seed=42, fp16=False, bf16=None,
         gradient_checkpointing=False, push_to_hub=False, report_to=["none"],
         # preftune's own
-        model_name_or_path=None, dataset_name=None, batch_layout="auto", logps_chunk_size=1024,
+        model_name_or_path=None, dataset_name=None, batch_layout="auto", logps_chunk_size=None, pad_to_multiple_of=None, cudnn_attention=None,
         bad_rows="error", dtype="auto", max_nonfinite_steps=10, allow_pickle=False, trust_remote_code=False,
         simpo_gamma=0.5, use_peft=False,
     )

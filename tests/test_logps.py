@@ -267,3 +267,34 @@ def test_fsdp2_wrapped_head_takes_the_plain_path():
     got = model_logps(model, batch, chunk_size=2)
     assert calls == [1]  # the model's own forward with logits_to_keep = nothing; no per-chunk calls
     assert torch.equal(got.chosen_logps, want.chosen_logps) and torch.equal(got.rejected_logps, want.rejected_logps)
+
+
+def test_auto_chunk_size_bounds_one_chunk_of_float32_logits():
+    from preftune.logps import auto_chunk_size
+
+    assert auto_chunk_size(300) == auto_chunk_size(49152) == auto_chunk_size(131072) == 1024
+    assert auto_chunk_size(151936) == 512  # Qwen2
+    assert auto_chunk_size(262144) == 512 and auto_chunk_size(10**7) == 64
+    for v in (49152, 128256, 151936, 262144):
+        assert auto_chunk_size(v) * v * 4 <= 512 * 2**20
+
+
+def test_automatic_chunk_equals_an_explicit_one(model):
+    batch = collate(FEATS, layout="prefix", pad_token_id=0)
+    a, b = model_logps(model, batch), model_logps(model, batch, chunk_size=1024)
+    assert torch.equal(a.chosen_logps, b.chosen_logps) and torch.equal(a.rejected_logps, b.rejected_logps)
+
+
+def test_attention_kernels_keep_cudnn_off_on_a_gpu_only_when_asked():
+    from preftune.logps import attention_kernels
+
+    before = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+              torch.backends.cuda.mem_efficient_sdp_enabled())
+    with attention_kernels(torch.device("cuda"), cudnn=False):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    for device, cudnn in ((torch.device("cuda"), True), (torch.device("cpu"), False)):
+        with attention_kernels(device, cudnn=cudnn):
+            assert torch.backends.cuda.cudnn_sdp_enabled() == before[0]
+    assert (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+            torch.backends.cuda.mem_efficient_sdp_enabled()) == before

@@ -242,6 +242,13 @@ def test_fingerprints(tmp_path):
     model.save_pretrained(tmp_path / "m")
     assert model_fingerprint(tmp_path / "m") != fp and weights_fingerprint(model) != w
     assert model_fingerprint("org/name", "v1") == "hub:org/name@v1"
+    tied = tiny_model(tie_word_embeddings=True)  # lm_head and the embedding share one storage: hashed once
+    copy = tiny_model(tie_word_embeddings=True)
+    assert tied.lm_head.weight is tied.get_input_embeddings().weight
+    assert weights_fingerprint(tied) == weights_fingerprint(copy) != weights_fingerprint(tiny_model())
+    with torch.no_grad():
+        copy.lm_head.weight[3, 1] += 1e-3
+    assert weights_fingerprint(copy) != weights_fingerprint(tied)
     assert tokenizer_fingerprint(tiny_tokenizer()) == tokenizer_fingerprint(tiny_tokenizer())
     assert tokenizer_fingerprint(tiny_tokenizer()) != tokenizer_fingerprint(tiny_tokenizer(bos=True))
 

@@ -468,3 +468,29 @@ def test_automatic_reference_precomputes_only_the_pairs_the_run_uses(tmp_path, c
     assert lora._precompute() is False
     trdpo = make_trainer(tmp_path, rows, name="trdpo", max_steps=1, sync_ref_model=True)
     assert trdpo._precompute() is False
+
+
+def test_gpu_shape_defaults_resolve_and_rounded_rows_train_the_same(tmp_path):
+    from types import SimpleNamespace
+
+    from preftune.trainer import resolve_layout, resolve_shapes
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    cfg = lambda **kw: SimpleNamespace(**{"pad_to_multiple_of": None, "cudnn_attention": None, **kw})  # noqa: E731
+    assert resolve_shapes(cfg(), cpu) == (None, False)
+    assert resolve_shapes(cfg(), gpu) == (64, True)
+    assert resolve_shapes(cfg(pad_to_multiple_of=1), gpu) == (None, False)
+    assert resolve_shapes(cfg(cudnn_attention=False), gpu) == (64, False)
+    assert resolve_shapes(cfg(pad_to_multiple_of=32, cudnn_attention=True), cpu) == (32, True)
+    assert resolve_layout("auto", cpu) == resolve_layout("auto", gpu) == resolve_layout("auto", gpu, padding_free=True) == "prefix"
+
+    rows = conversational_rows(8)
+    a = make_trainer(tmp_path, rows, name="a", per_device_train_batch_size=4, max_steps=2)
+    b = make_trainer(tmp_path, rows, name="b", per_device_train_batch_size=4, max_steps=2, pad_to_multiple_of=48)
+    assert (a.pad_multiple, b.pad_multiple) == (None, 48)
+    a.train()
+    b.train()
+    for x, y in zip(train_rows(a), train_rows(b), strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), key
+    assert_same_weights(weights(a), weights(b), atol=1e-5)
