@@ -197,13 +197,17 @@ def run_preftune(job: dict) -> dict:
         report_to="none", warmup_steps=0, lr_scheduler_type="constant", gradient_checkpointing=False,
         precompute_ref_log_probs={"auto": None, "live": False, "precompute": True}[job.get("ref", "auto")],
         dtype=job["dtype"], bf16=job["dtype"] == "bfloat16",
-        batch_layout=job.get("layout", "auto"), logps_chunk_size=job.get("chunk", 1024),
+        batch_layout=job.get("layout", "auto"), logps_chunk_size=job.get("chunk"),
         max_grad_norm=1.0, weight_decay=0.0, cache_dir=os.path.join(out, "cache"),
+        cudnn_attention=job.get("cudnn_attention"), pad_to_multiple_of=job.get("pad_multiple"),
+        precompute_ref_batch_size=job.get("ref_batch"),
     )
     trainer, wall, init_s = _timed_job(device, lambda: DPOTrainer(
         model=model, args=args, train_dataset=rows, processing_class=tok,
         peft_config=_lora() if job["mode"] == "lora" else None))
-    losses = [json.loads(line)["loss"] for line in open(Path(out) / "metrics.jsonl") if '"loss"' in line and "eval_loss" not in line]
+    rows_logged = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+    losses = [r["loss"] for r in rows_logged if "loss" in r]
+    step_s = [job["batch"] / r["pairs_per_second"] for r in rows_logged if r.get("pairs_per_second")]
     if len(trainer.train_split) != len(rows):
         raise RuntimeError(f"preftune kept {len(trainer.train_split)} of {len(rows)} pairs; the orders would differ")
     plan = StepPlan(len(trainer.train_split), job["batch"], 1, 1, job["seed"])
@@ -214,7 +218,8 @@ def run_preftune(job: dict) -> dict:
     base = base.get_base_model() if hasattr(base, "get_base_model") else base
     return dict(side="preftune", wall_s=wall, init_s=init_s, losses=losses, needed_tokens=n_tok,
                 pairs=len(used), peak_mem=peak_memory_bytes(device), n_matmul=matmul_params(base), order=used,
-                layout=args.batch_layout, chunk=args.logps_chunk_size)
+                layout=trainer.layout, chunk=args.logps_chunk_size, pad_to_multiple_of=trainer.pad_multiple,
+                cudnn_attention=trainer.cudnn_attention, step_s=step_s)
 
 
 def run_trl(job: dict) -> dict:
@@ -336,11 +341,15 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4, help="pairs per optimizer step")
     p.add_argument("--lr", type=float, default=5e-6)
     p.add_argument("--dtype", default=None, help="float32 on CPU (default), bfloat16 on GPU")
-    p.add_argument("--layout", default="auto", help="preftune batch layout: auto (prefix on CPU, padded on GPU) | prefix | padded | packed")
-    p.add_argument("--chunk", type=int, default=1024, help="preftune logps_chunk_size")
+    p.add_argument("--layout", default="auto", help="preftune batch layout: auto (= prefix) | prefix | padded | packed")
+    p.add_argument("--chunk", type=int, default=None, help="preftune logps_chunk_size (default: its automatic one)")
     p.add_argument("--ref", default="auto", choices=("auto", "live", "precompute"),
                    help="preftune reference: auto (its default: the pairs the run uses, precomputed with the policy "
                         "before training), live (a frozen copy) or precompute (the whole dataset, TRL's meaning)")
+    p.add_argument("--cudnn-attention", default=None, choices=("on", "off"),
+                   help="preftune cudnn_attention (default: its automatic choice)")
+    p.add_argument("--pad-multiple", type=int, default=None, help="preftune pad_to_multiple_of")
+    p.add_argument("--ref-batch", type=int, default=None, help="preftune precompute_ref_batch_size")
     p.add_argument("--trl-thp", action="store_true",
                    help="run the TRL sides with THP_MEM_ALLOC_ENABLE=1 too (preftune sets it when imported)")
     p.add_argument("--out", default="benchmarks/results.json")
@@ -374,7 +383,8 @@ def main(argv=None) -> int:
             for mode in a.modes.split(","):
                 base = dict(model=path, shape=shape, mode=mode, steps=a.steps, batch=a.batch, lr=a.lr, seed=0,
                             dtype=dtype, max_length=SHAPES[shape]["max_length"], num_pairs=a.steps * a.batch,
-                            layout=a.layout, chunk=a.chunk, ref=a.ref)
+                            layout=a.layout, chunk=a.chunk, ref=a.ref, cudnn_attention=None if a.cudnn_attention is None else a.cudnn_attention == "on",
+                            pad_multiple=a.pad_multiple, ref_batch=a.ref_batch)
                 res = {"preftune": spawn(dict(base, side="preftune"))}
                 for side in sides:
                     res[side] = spawn(dict(base, side="trl", order=res["preftune"]["order"],
