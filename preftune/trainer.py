@@ -350,7 +350,9 @@ class DPOTrainer:
     # ------------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint=None):
         """Run the training loop; returns the last logged train metrics."""
-        with attention_kernels(self.accelerator.device, self.cudnn_attention):
+        # the progress bar and trackers are closed however the run ends (a NonFiniteError too), so a
+        # failed run flushes its trackers and leaves no bar to be printed at interpreter exit
+        with attention_kernels(self.accelerator.device, self.cudnn_attention), contextlib.ExitStack() as self._closing:
             return self._train(resume_from_checkpoint)
 
     def _train(self, resume_from_checkpoint):
@@ -396,11 +398,14 @@ class DPOTrainer:
         if acc.is_main_process:
             ckpt.truncate_metrics(metrics_path, state.global_step, lines=state.metrics_lines if resume else 0)
         trackers = make_trackers(args.report_to, out_dir, args.to_dict(), args.run_name) if acc.is_main_process else None
+        if trackers is not None:
+            self._closing.callback(trackers.close)
 
         if state.global_step == 0 and self.eval_split is not None and args.eval_strategy != "no":
             self.initial_eval = self.evaluate()
             self._log(metrics_path, trackers, {"step": 0, "epoch": 0.0, **self.initial_eval})
-        bar = tqdm(total=total_steps, initial=state.global_step, disable=not acc.is_main_process, desc="dpo", dynamic_ncols=True)
+        bar = self._closing.enter_context(tqdm(total=total_steps, initial=state.global_step,
+                                               disable=not acc.is_main_process, desc="dpo", dynamic_ncols=True))
         window = MetricAccumulator()
         t_window, pairs_window, tokens_window, self._paused = time.perf_counter(), 0, 0, 0.0
         if acc.is_main_process:  # the window saved with the checkpoint holds every process's sums

@@ -95,6 +95,9 @@ def test_consecutive_bad_steps_stop_with_a_checkpoint_of_the_last_good_state(tmp
     with pytest.raises(tr.NonFiniteError, match="2 consecutive optimizer steps .* non-finite") as e:
         trainer.train()
     assert "max_nonfinite_steps" in str(e.value) and str(tmp_path / "run") in str(e.value)
+    from tqdm import tqdm
+
+    assert not [b for b in list(tqdm._instances) if b.desc == "dpo"], "the stopped run left its progress bar open"
     assert len(weights) == 4
     saved = ckpt.resolve_checkpoint(tmp_path / "run", "latest")
     assert saved.name == "checkpoint-4"
