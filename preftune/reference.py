@@ -452,6 +452,7 @@ def precompute_reference_logps(ref_model_or_reference: nn.Module | Reference, fe
     starts = list(range(0, len(order), batch_size))
     mine = starts[rank::world_size]
     rounds = -(-len(starts) // world_size)  # the same for every rank
+    done: list[tuple[torch.Tensor, torch.Tensor]] = []  # (pair ids, (n, 2) log-probs) per batch
     with tqdm(total=len(order), desc="reference log-probs", disable=not progress) as bar:
         for j in range(rounds):
             pad = j >= len(mine)  # a filler forward, to keep collectives in step
@@ -462,9 +463,12 @@ def precompute_reference_logps(ref_model_or_reference: nn.Module | Reference, fe
             out = ref.logps(batch, **logps_kwargs)
             if pad:
                 continue
-            rows = torch.stack([out.chosen_logps, out.rejected_logps], 1).float().cpu()
-            table[batch["pair_index"].cpu()] = rows
+            # kept where they were computed and copied once at the end: no host sync per batch, so
+            # the next batch is collated while the accelerator still runs this one
+            done.append((batch["pair_index"], torch.stack([out.chosen_logps, out.rejected_logps], 1).float()))
             bar.update(len(chunk) * world_size)
+    if done:
+        table[torch.cat([i.cpu() for i, _ in done])] = torch.cat([r.to(done[0][1].device) for _, r in done]).cpu()
     return table
 
 
