@@ -310,6 +310,13 @@ def _row(model_name: str, shape: str, mode: str, res: dict, peak: float) -> dict
     return row
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The run of median wall time (the lower middle one of an even count), with every run's wall."""
+    chosen = dict(sorted(runs, key=lambda r: r["wall_s"])[(len(runs) - 1) // 2])
+    chosen["walls_s"] = [round(r["wall_s"], 3) for r in runs]
+    return chosen
+
+
 def print_table(results: list[dict]) -> None:
     print(f"{'model':<12}{'shape':<8}{'mode':<5}{'side':<15}{'pairs/s':>9}{'tok/s':>9}{'peak MiB':>10}{'MFU':>7}"
           "  first losses")
@@ -319,7 +326,8 @@ def print_table(results: list[dict]) -> None:
                 r = row[side]
                 print(f"{row['model']:<12}{row['shape']:<8}{row['mode']:<5}{side:<15}{r['pairs_per_s']:>9.2f}"
                       f"{r['tokens_per_s']:>9.0f}{r['peak_mem'] / 2**20:>10.0f}{r['mfu'] * 100:>6.1f}%  "
-                      f"{[round(x, 5) for x in r['losses'][:3]]}")
+                      f"{[round(x, 5) for x in r['losses'][:3]]}"
+                      + (f"  walls {r['walls_s']}" if len(r.get("walls_s", [])) > 1 else ""))
         for side in ("trl", "trl_precompute"):
             if side in row:
                 print(f"{'':<25}vs {side}: {row[f'speedup_vs_{side}']:.2f}x pairs/s, memory "
@@ -338,6 +346,9 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="full,lora", help="full and/or lora")
     p.add_argument("--sides", default=",".join(SIDES), help="which sides to run (preftune is always run)")
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per job")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds of all sides, one after the other; each side reports its median-wall run "
+                        "(and every run's wall), so drift of a shared machine cannot favour one side")
     p.add_argument("--batch", type=int, default=4, help="pairs per optimizer step")
     p.add_argument("--lr", type=float, default=5e-6)
     p.add_argument("--dtype", default=None, help="float32 on CPU (default), bfloat16 on GPU")
@@ -385,11 +396,15 @@ def main(argv=None) -> int:
                             dtype=dtype, max_length=SHAPES[shape]["max_length"], num_pairs=a.steps * a.batch,
                             layout=a.layout, chunk=a.chunk, ref=a.ref, cudnn_attention=None if a.cudnn_attention is None else a.cudnn_attention == "on",
                             pad_multiple=a.pad_multiple, ref_batch=a.ref_batch)
-                res = {"preftune": spawn(dict(base, side="preftune"))}
-                for side in sides:
-                    res[side] = spawn(dict(base, side="trl", order=res["preftune"]["order"],
-                                           precompute=side == "trl_precompute"),
-                                      {"THP_MEM_ALLOC_ENABLE": "1"} if a.trl_thp else None)
+                runs: dict[str, list[dict]] = {s: [] for s in ["preftune", *sides]}
+                for _ in range(a.repeats):  # rounds of every side in turn: a slow spell of the machine hits all
+                    ours = spawn(dict(base, side="preftune"))
+                    runs["preftune"].append(ours)
+                    for side in sides:
+                        runs[side].append(spawn(dict(base, side="trl", order=ours["order"],
+                                                     precompute=side == "trl_precompute"),
+                                                {"THP_MEM_ALLOC_ENABLE": "1"} if a.trl_thp else None))
+                res = {side: _median_run(r) for side, r in runs.items()}
                 row = _row(model_name, shape, mode, res, peak)
                 results.append(row)
                 print_table([row])
@@ -398,7 +413,7 @@ def main(argv=None) -> int:
     print_table(results)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(dict(command=" ".join(["python benchmarks/vs_trl.py", *(argv or sys.argv[1:])]),
-                                           versions=info, matmul_peak_flops=peak, dtype=dtype, steps=a.steps,
+                                           versions=info, matmul_peak_flops=peak, dtype=dtype, steps=a.steps, repeats=a.repeats,
                                            batch=a.batch, results=results), indent=1))
     print(f"\nwritten {a.out}")
     return 0
