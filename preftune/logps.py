@@ -14,6 +14,7 @@ Prompt and padding positions never reach the head, so they get no gradient (sect
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 
@@ -234,8 +235,6 @@ def attention_kernels(device: torch.device, cudnn: bool = False):
     use flash, memory-efficient or math attention but not cuDNN's. cuDNN builds an execution plan
     for every new (batch, length) shape, 0.5-1 s each on an H200 in ``benchmarks/vs_trl.py`` runs,
     and a DPO run meets a new length in most batches. Elsewhere, or with ``cudnn``, nothing changes."""
-    import contextlib
-
     if torch.device(device).type != "cuda" or cudnn:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel

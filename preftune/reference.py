@@ -468,7 +468,7 @@ def precompute_reference_logps(ref_model_or_reference: nn.Module | Reference, fe
             done.append((batch["pair_index"], torch.stack([out.chosen_logps, out.rejected_logps], 1).float()))
             bar.update(len(chunk) * world_size)
     if done:
-        table[torch.cat([i.cpu() for i, _ in done])] = torch.cat([r.to(done[0][1].device) for _, r in done]).cpu()
+        table[torch.cat([i for i, _ in done])] = torch.cat([r for _, r in done]).cpu()  # pair ids are on the host
     return table
 
 

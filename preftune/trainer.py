@@ -266,10 +266,9 @@ class DPOTrainer:
         tables = {}
         splits = [("train", self.train_split)] + ([("eval", self.eval_split)] if self.eval_split is not None else [])
         source = self._reference_for_precompute(ref_model)
-        fingerprint = None  # of the reference weights, hashed once for both splits
+        common = self._cache_key_parts(ref_model)  # weights and tokenizer hashed once for both splits
         for name, split in splits:
-            key_parts = self._cache_key_parts(split, ref_model, fingerprint)
-            features, fingerprint = split.features, key_parts["model_fingerprint"]
+            features, key_parts = split.features, dict(common, data_fingerprint=split.features.fingerprint)
             if name == "train" and train_indices is not None:
                 features = [split.features[i] for i in train_indices]
                 key_parts["extra"] = {"pairs": hashlib.sha256(json.dumps(train_indices).encode()).hexdigest()}
@@ -291,16 +290,16 @@ class DPOTrainer:
         del source, ref_model  # the reference model is freed: only the (N, 2) tables stay
         return CachedReference(tables["train"])
 
-    def _cache_key_parts(self, split, ref_model, fingerprint: str | None = None) -> dict:
+    def _cache_key_parts(self, ref_model) -> dict:
+        """The reference cache key's parts that do not depend on the split (all but data_fingerprint)."""
         from preftune.reference import model_fingerprint, tokenizer_fingerprint
 
         args = self.args
         model_for_key = ref_model if ref_model is not None else self.accelerator.unwrap_model(self.model)
         return dict(
             model_id=str(self.model_id),
-            model_fingerprint=fingerprint or model_fingerprint(model_for_key),
+            model_fingerprint=model_fingerprint(model_for_key),
             tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
-            data_fingerprint=split.features.fingerprint,
             max_length=args.max_length,
             max_prompt_length=args.max_prompt_length,
             max_completion_length=args.max_completion_length,
@@ -428,7 +427,7 @@ class DPOTrainer:
                 state.nonfinite_steps += 1
                 bad_pairs = [i for losses, index in pair_losses for i in index[~torch.isfinite(losses).cpu()].tolist()]
                 if not bad_pairs:  # a finite loss with a non-finite gradient: every pair of the step is suspect
-                    bad_pairs = [int(self.train_split.features[i]["index"]) for m in micro for i in m]
+                    bad_pairs = [i for _, index in pair_losses for i in index.tolist()]
                 logger.warning("non-finite %s at step %d: update skipped (pairs %s)",
                                "gradient" if torch.isfinite(step_loss).item() else "loss", state.global_step + 1,
                                bad_pairs)
@@ -507,15 +506,15 @@ class DPOTrainer:
         n_pairs = n_tokens = 0
         pair_losses = []
         for k, indices in enumerate(micro):
-            feats = self._features(self.train_split, indices)
-            batch = self._to_device(self._collate(feats))
+            host = self._collate(self._features(self.train_split, indices))
+            batch = self._to_device(host)
             sync = k == len(micro) - 1
             ctx = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
             with ctx, acc.autocast():
                 per_pair, metrics = self._pair_losses(batch, self.reference)
                 loss = per_pair.sum() * scale
                 acc.backward(loss)
-            pair_losses.append((per_pair.detach(), torch.tensor([int(f["index"]) for f in feats])))
+            pair_losses.append((per_pair.detach(), host["pair_index"]))  # ids still on the host
             total += loss.detach()
             b = len(indices)
             window.add(metrics, b)
