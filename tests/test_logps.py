@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from unittest import mock
 
 import pytest
 import torch
@@ -298,3 +300,50 @@ def test_attention_kernels_keep_cudnn_off_on_a_gpu_only_when_asked():
             assert torch.backends.cuda.cudnn_sdp_enabled() == before[0]
     assert (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
             torch.backends.cuda.mem_efficient_sdp_enabled()) == before
+
+
+def test_cpu_attention_runs_on_grouped_kv_heads_with_the_same_values(model):
+    """Inside attention_kernels on CPU, SDPA gets the K/V heads unrepeated (enable_gqa) and gives
+    the same log-probs and gradients as the repeated heads outside it."""
+    from preftune.logps import attention_kernels
+
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    batch = collate(FEATS, layout="prefix", pad_token_id=0)
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):
+        seen.append((q.shape[1], k.shape[1], kw.get("enable_gqa", False)))
+        return real(q, k, v, *a, **kw)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model_logps(model, batch)
+        (out.chosen_logps.sum() - out.rejected_logps.sum()).backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    with mock.patch.object(F, "scaled_dot_product_attention", spy):
+        plain = run()
+        assert {s[2] for s in seen} == {False} and {s[1] for s in seen} == {model.config.num_attention_heads}
+        seen.clear()
+        with attention_kernels(torch.device("cpu")):
+            grouped = run()
+        assert {s[2] for s in seen} == {True} and {s[1] for s in seen} == {model.config.num_key_value_heads}
+    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
+    torch.testing.assert_close(grouped[0].chosen_logps, plain[0].chosen_logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped[0].rejected_logps, plain[0].rejected_logps, rtol=1e-5, atol=1e-5)
+    for name, g in plain[1].items():
+        torch.testing.assert_close(grouped[1][name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_in_place_logsumexp_equals_torch():
+    from preftune.logps import _logsumexp_
+
+    torch.manual_seed(0)
+    z = torch.randn(37, 1000) * 30
+    z[3, :500] = float("-inf")
+    z[5] = float("-inf")  # a row with no mass: -inf, as torch gives
+    want = torch.logsumexp(z, dim=1)
+    got = _logsumexp_(z.clone())
+    assert torch.equal(got, want)
+    assert got[5] == float("-inf")
