@@ -29,6 +29,7 @@ from preftune.data.batching import collate
 from preftune.data.pipeline import StepPlan, prepare_one, prepare_splits, report_skips
 from preftune.logps import attention_kernels, model_logps
 from preftune.losses import LOSSES, loss_params, preference_loss, resolve_loss_names
+from preftune.memory import init_adamw_state, tune_malloc
 from preftune.metrics import MetricAccumulator, preference_metrics
 
 logger = logging.getLogger("preftune")
@@ -92,6 +93,8 @@ class DPOTrainer:
                            "silence this.", mixed, "GPU" if on_gpu else "CPU", mixed, mixed)  # fmt: skip
             mixed = "no"
         self.accelerator = Accelerator(cpu=not on_gpu, mixed_precision=mixed)
+        if self.accelerator.device.type == "cpu":
+            tune_malloc()
         set_seed(int(args.seed))
         self.layout = resolve_layout(args.batch_layout, self.accelerator.device, padding_free=args.padding_free)
         self.pad_multiple, self.cudnn_attention = resolve_shapes(args, self.accelerator.device)
@@ -149,6 +152,12 @@ class DPOTrainer:
             from preftune.fused import fuse_layers
 
             logger.info("lean backward in %s", fuse_layers(model))
+            if self.accelerator.device.type == "cpu" and self.accelerator.distributed_type == "NO" \
+                    and self.accelerator.num_processes == 1:
+                from preftune.fused import sparse_tied_embedding
+
+                if sparse_tied_embedding(model):
+                    logger.info("tied input embedding: sparse gradient rows added into the head's")
         self.is_peft = peft_config is not None or hasattr(model, "peft_config")
         self.model = model
 
@@ -393,6 +402,8 @@ class DPOTrainer:
             path = ckpt.resolve_checkpoint(out_dir, resume)
             state = ckpt.load_checkpoint(path, self, acc)
             logger.info("resumed from %s at step %d", path, state.global_step)
+        else:
+            init_adamw_state(optimizer)
         metrics_path = out_dir / "metrics.jsonl"
         if acc.is_main_process:
             ckpt.truncate_metrics(metrics_path, state.global_step, lines=state.metrics_lines if resume else 0)
