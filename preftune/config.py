@@ -155,8 +155,7 @@ class DPOConfig:
     use_liger_loss: bool = _f(False, "Accepted for compatibility and ignored: log-probs are always chunked.",
                               group="batch")
     fused_layers: bool = _f(True, "Llama-family SwiGLU MLPs and RMSNorms keep less for backward and recompute "
-                            "the rest there (same values; about 40% less activation memory); on one CPU "
-                            "process a tied input embedding's gradient is the batch's rows, added into the head's.",
+                            "the rest there (same values; about 40% less activation memory).",
                             group="batch", extra=True)
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.", group="batch")
     gradient_checkpointing_kwargs: Optional[dict] = _f(None, "Keyword arguments (JSON) for "

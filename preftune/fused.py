@@ -19,14 +19,6 @@ normalized x in backward (the gradient formula is written out, so it equals auto
 model changes, and ``unfuse_layers`` puts the class forwards back. A LoRA-wrapped ``down_proj``
 (not a plain ``nn.Linear``) keeps its own module; only silu(gate) * up is fused then (``_SiluMul``).
 Without autograd (inference, the reference pass) the class forwards run.
-
-Tied input embedding, ``sparse_tied_embedding(model)``: when the input embedding shares its
-weight with the output head, the head's backward already hands autograd a dense (V, H) gradient;
-the embedding's own backward would allocate and zero another (V, H) and add it in (on the 2-core
-benchmark CPU the zero-fill alone was 119 ms of a 3.9 s step for SmolLM2-135M). With
-``nn.Embedding.sparse`` the embedding's gradient is the batch's rows only, and autograd adds
-those rows into the head's dense gradient: the same sums, and ``.grad`` stays dense for clipping
-and the optimizer. Only for one process (DDP and FSDP reduce dense gradients).
 """
 
 from __future__ import annotations
@@ -171,20 +163,6 @@ def fuse_layers(model: nn.Module, kinds: tuple[str, ...] = ("mlp", "rmsnorm")) -
                 module.forward = types.MethodType(forward, module)
                 counts[kind] += 1
     return counts
-
-
-def sparse_tied_embedding(model: nn.Module) -> bool:
-    """Make the input embedding's backward sparse when its weight is the (trainable) output head's;
-    returns whether it did. The head's dense gradient arrives first in backward (it is the last
-    layer), so ``.grad`` is dense after every backward."""
-    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
-    emb, head = (get_in() if get_in else None), (get_out() if get_out else None)
-    if not isinstance(emb, nn.Embedding) or head is None or getattr(head, "weight", None) is not emb.weight:
-        return False
-    if not emb.weight.requires_grad or emb.sparse:
-        return False
-    emb.sparse = True
-    return True
 
 
 def unfuse_layers(model: nn.Module) -> int:

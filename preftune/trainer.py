@@ -152,12 +152,6 @@ class DPOTrainer:
             from preftune.fused import fuse_layers
 
             logger.info("lean backward in %s", fuse_layers(model))
-            if self.accelerator.device.type == "cpu" and self.accelerator.distributed_type == "NO" \
-                    and self.accelerator.num_processes == 1:
-                from preftune.fused import sparse_tied_embedding
-
-                if sparse_tied_embedding(model):
-                    logger.info("tied input embedding: sparse gradient rows added into the head's")
         self.is_peft = peft_config is not None or hasattr(model, "peft_config")
         self.model = model
 

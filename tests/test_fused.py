@@ -104,12 +104,9 @@ def test_trainer_fuses_by_default_and_trains_the_same(tmp_path):
 
     runs = {}
     for fused in (True, False):
-        trainer = tiny_trainer(tmp_path / str(fused), fused_layers=fused, save_strategy="no", max_steps=3,
-                               model=tiny_model(300, tie_word_embeddings=True))
+        trainer = tiny_trainer(tmp_path / str(fused), fused_layers=fused, save_strategy="no", max_steps=3)
         mlp = trainer.model.model.layers[0].mlp
         assert ("forward" in vars(mlp)) is fused
-        assert trainer.model.get_input_embeddings().weight is trainer.model.get_output_embeddings().weight
-        assert trainer.model.get_input_embeddings().sparse is fused  # tied, one CPU process
         trainer.train()
         runs[fused] = (torch.cat([p.detach().flatten() for p in trainer.model.parameters()]),
                        [json.loads(line)["loss"] for line in (tmp_path / str(fused) / "metrics.jsonl").open()])
@@ -117,36 +114,3 @@ def test_trainer_fuses_by_default_and_trains_the_same(tmp_path):
     # |g| near eps show up at ~1e-3 of an update (lr 1e-2 here); a wrong gradient would be ~1e-2.
     assert torch.allclose(runs[True][0], runs[False][0], rtol=0, atol=1e-4)
     assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-6)
-
-
-def test_sparse_tied_embedding_gives_the_dense_gradient():
-    from preftune.fused import sparse_tied_embedding
-
-    dense = tiny_model(tie_word_embeddings=True)
-    sparse = copy.deepcopy(dense)
-    assert dense.get_input_embeddings().weight is dense.get_output_embeddings().weight
-    assert sparse_tied_embedding(sparse) and not sparse_tied_embedding(sparse)  # once
-    ids = torch.tensor([[5, 9, 9, 17, 3, 5], [4, 4, 200, 9, 1, 0]])
-    out_d, grads_d = _loss_and_grads(dense, ids)
-    out_s, grads_s = _loss_and_grads(sparse, ids)
-    assert torch.equal(out_d, out_s)
-    assert grads_d.keys() == grads_s.keys()
-    for name, g in grads_d.items():
-        assert grads_s[name].layout == torch.strided, name  # clipping and fused AdamW need dense
-        torch.testing.assert_close(grads_s[name], g, rtol=1e-6, atol=1e-7, msg=name)
-    # a second backward (gradient accumulation) adds on top, still dense and still equal
-    for model in (dense, sparse):
-        model(input_ids=ids.flip(1), use_cache=False).logits.float().square().mean().backward()
-    g_d, g_s = dense.get_input_embeddings().weight.grad, sparse.get_input_embeddings().weight.grad
-    assert g_s.layout == torch.strided and not torch.equal(g_d, grads_d["model.embed_tokens.weight"])
-    torch.testing.assert_close(g_s, g_d, rtol=1e-6, atol=1e-7)
-
-
-def test_sparse_tied_embedding_only_for_a_tied_trainable_embedding():
-    from preftune.fused import sparse_tied_embedding
-
-    untied = tiny_model(tie_word_embeddings=False)
-    assert not sparse_tied_embedding(untied) and not untied.get_input_embeddings().sparse
-    frozen = tiny_model(tie_word_embeddings=True)
-    frozen.get_input_embeddings().weight.requires_grad_(False)
-    assert not sparse_tied_embedding(frozen) and not frozen.get_input_embeddings().sparse
