@@ -67,43 +67,56 @@ def _head_logits(h, weight, bias, scale, softcap):
     return z
 
 
-def _logsumexp_(z: torch.Tensor) -> torch.Tensor:
-    """torch.logsumexp(z, dim=1) with the same steps (max, subtract, exp, sum, log, add back) done in
-    z's own memory, which it overwrites: no (n, V) temporary. A fresh (416, 49152) float32 buffer cost
-    more to fault in than the subtraction itself (89 ms per step on the 2-core benchmark CPU)."""
+def _logsumexp_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(torch.logsumexp(z, dim=1), sum(exp(z - max))) with torch's steps (max, subtract, exp, sum, log,
+    add back) done in z's own memory, which is left holding exp(z - max): no (n, V) temporary. A
+    fresh (416, 49152) float32 buffer cost more to fault in than the subtraction itself (89 ms per
+    step on the 2-core benchmark CPU)."""
     m = z.amax(1, keepdim=True)
     m.masked_fill_(m.abs() == float("inf"), 0)  # as torch: rows of -inf give -inf, not nan
-    return z.sub_(m).exp_().sum(1).log_().add_(m[:, 0])
+    total = z.sub_(m).exp_().sum(1)
+    return total.log().add_(m[:, 0]), total
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
     """token_logps[k] = log softmax(head(h[k]))[targets[k]], chunk by chunk; (K,) float32.
 
-    Saves only h (K, H), W (V, H), bias, targets and the per-token log-sum-exp (K,). Backward
+    Saves h (K, H), W (V, H), bias, targets and the per-token log-sum-exp (K,). Backward
     recomputes each chunk's logits and uses d logp / d z = onehot(target) - exp(z - lse), then
     chains through soft-capping (d cap*tanh(u/cap) / du = 1 - tanh^2) and scaling, so it holds
     one (chunk, V) at a time and makes one pass over it (no second log-sum-exp).
+    When all K tokens are one chunk (no soft-capping, ``keep``: autograd records), forward keeps that chunk's softmax for
+    backward instead: the (K, V) buffer is alive at the start of backward either way (recomputed
+    there otherwise), so the peak is the same and backward skips the (K, H) x (H, V) matmul
+    (157 ms of a 3.9 s step for the benchmark's short shape on CPU). A second backward through the
+    same graph (retain_graph) recomputes, since the first one consumed the kept buffer.
     Under CUDA autocast, backward runs with forward's autocast state (custom_fwd/custom_bwd).
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, h, weight, bias, targets, chunk_size, scale, softcap):
-        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-        for s in range(0, h.shape[0], chunk_size):
+    def forward(ctx, h, weight, bias, targets, chunk_size, scale, softcap, keep=False):
+        n = h.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=h.device)
+        lse = torch.empty(n, dtype=torch.float32, device=h.device)
+        keep = keep and n <= chunk_size and softcap is None and any(ctx.needs_input_grad[:3])
+        kept = ()
+        for s in range(0, n, chunk_size):
             z = _head_logits(h[s : s + chunk_size], weight, bias, scale, softcap)  # (c, V)
             out[s : s + chunk_size] = z.gather(1, targets[s : s + chunk_size, None])[:, 0]
-            lse[s : s + chunk_size] = _logsumexp_(z)  # overwrites z
+            lse[s : s + chunk_size], total = _logsumexp_(z)  # z now holds exp(z - max)
             out[s : s + chunk_size] -= lse[s : s + chunk_size]
-        ctx.save_for_backward(h, weight, bias, targets, lse)
-        ctx.chunk_size, ctx.scale, ctx.softcap = chunk_size, scale, softcap
+            if keep:
+                kept = (z.div_(total[:, None]),)  # the softmax
+        ctx.save_for_backward(h, weight, bias, targets, lse, *kept)
+        ctx.chunk_size, ctx.scale, ctx.softcap, ctx.kept_fresh = chunk_size, scale, softcap, bool(kept)
         return out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):  # grad_out (K,) float32
-        h, weight, bias, targets, lse = ctx.saved_tensors
+        h, weight, bias, targets, lse, *kept = ctx.saved_tensors
+        kept, ctx.kept_fresh = (kept[0] if kept and ctx.kept_fresh else None), False
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dt = torch.promote_types(h.dtype, weight.dtype)
         w = weight.to(dt)
@@ -112,9 +125,12 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if need_b else None
         for s in range(0, h.shape[0], ctx.chunk_size):
             hc, tc = h[s : s + ctx.chunk_size].to(dt), targets[s : s + ctx.chunk_size, None]  # (c, H), (c, 1)
-            z = _head_logits(hc, w, bias, ctx.scale, ctx.softcap)  # (c, V) float32
-            dcap = 1 - (z / ctx.softcap) ** 2 if ctx.softcap is not None else None
-            dz = z.sub_(lse[s : s + ctx.chunk_size, None]).exp_().neg_()  # -softmax, in place
+            if kept is not None:  # one chunk, softmax from forward
+                dz, dcap = kept.neg_(), None
+            else:
+                z = _head_logits(hc, w, bias, ctx.scale, ctx.softcap)  # (c, V) float32
+                dcap = 1 - (z / ctx.softcap) ** 2 if ctx.softcap is not None else None
+                dz = z.sub_(lse[s : s + ctx.chunk_size, None]).exp_().neg_()  # -softmax, in place
             dz.scatter_add_(1, tc, torch.ones_like(tc, dtype=dz.dtype))  # onehot - softmax
             dz.mul_(grad_out[s : s + ctx.chunk_size, None] * (ctx.scale if ctx.scale is not None else 1.0))
             if dcap is not None:
@@ -134,7 +150,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         if need_w and grad_w is None:  # no completion token at all
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
 
 
 def _module_token_logps(head, h, targets, chunk_size, scale, softcap):
@@ -186,7 +202,7 @@ def sequence_logps(
         token = _module_token_logps(head_module, h, targets, chunk_size, logit_scale, logit_softcap)
     else:
         token = _ChunkedTokenLogps.apply(
-            h, lm_head_weight, lm_head_bias, targets, chunk_size, logit_scale, logit_softcap
+            h, lm_head_weight, lm_head_bias, targets, chunk_size, logit_scale, logit_softcap, torch.is_grad_enabled()
         )  # (K,)
     logps = torch.zeros(num_segments, dtype=torch.float32, device=h.device).index_add(0, segments, token)
     counts = torch.bincount(segments, minlength=num_segments)

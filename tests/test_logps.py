@@ -344,6 +344,39 @@ def test_in_place_logsumexp_equals_torch():
     z[3, :500] = float("-inf")
     z[5] = float("-inf")  # a row with no mass: -inf, as torch gives
     want = torch.logsumexp(z, dim=1)
-    got = _logsumexp_(z.clone())
+    got = _logsumexp_(z.clone())[0]
     assert torch.equal(got, want)
     assert got[5] == float("-inf")
+
+
+def test_one_chunk_keeps_its_softmax_and_a_second_backward_recomputes():
+    torch.manual_seed(3)
+    K, H, Vs = 12, 8, 50
+    hidden = torch.randn(K, H, requires_grad=True)
+    W = torch.randn(Vs, H, requires_grad=True)
+    targets, seg = torch.randint(0, Vs, (K,)), torch.arange(K) % 3
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    grads = {}
+    for chunk in (K, 5):  # one chunk: softmax kept; three chunks: recomputed in backward
+        sizes.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logps, _ = sequence_logps(hidden, W, torch.arange(K), targets, seg, 3, chunk_size=chunk)
+        assert (K * Vs in sizes) is (chunk == K)
+        loss = (logps * torch.tensor([1.0, -2.0, 0.5])).sum()
+        first = torch.autograd.grad(loss, (hidden, W), retain_graph=True)
+        second = torch.autograd.grad(loss, (hidden, W))  # the kept buffer was used up: recomputed
+        for a, b in zip(first, second):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        grads[chunk] = first
+    for a, b in zip(grads[K], grads[5]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # nothing kept without autograd
+        sizes.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            sequence_logps(hidden, W, torch.arange(K), targets, seg, 3, chunk_size=K)
+        assert K * Vs not in sizes
