@@ -85,11 +85,11 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     recomputes each chunk's logits and uses d logp / d z = onehot(target) - exp(z - lse), then
     chains through soft-capping (d cap*tanh(u/cap) / du = 1 - tanh^2) and scaling, so it holds
     one (chunk, V) at a time and makes one pass over it (no second log-sum-exp).
-    When all K tokens are one chunk (no soft-capping, ``keep``: autograd records), forward keeps that chunk's softmax for
-    backward instead: the (K, V) buffer is alive at the start of backward either way (recomputed
-    there otherwise), so the peak is the same and backward skips the (K, H) x (H, V) matmul
-    (157 ms of a 3.9 s step for the benchmark's short shape on CPU). A second backward through the
-    same graph (retain_graph) recomputes, since the first one consumed the kept buffer.
+    When all K tokens are one chunk, with no soft-capping and ``keep`` (autograd records), forward
+    keeps that chunk's softmax for backward instead: the (K, V) buffer is alive at the start of
+    backward either way (recomputed there otherwise), so the peak is the same and backward skips the
+    (K, H) x (H, V) matmul (157 ms of a 3.9 s step for the benchmark's short shape on CPU). A second
+    backward through the same graph (retain_graph) recomputes: the first one consumed the buffer.
     Under CUDA autocast, backward runs with forward's autocast state (custom_fwd/custom_bwd).
     """
 
