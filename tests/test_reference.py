@@ -253,6 +253,29 @@ def test_fingerprints(tmp_path):
     assert tokenizer_fingerprint(tiny_tokenizer()) != tokenizer_fingerprint(tiny_tokenizer(bos=True))
 
 
+@pytest.mark.parametrize("numel", [1, 250, 256, 1000])
+def test_staged_hash_is_the_plain_hash(numel):
+    """Accelerator tensors are hashed chunk by chunk through host buffers: same digest as all at once."""
+    import xxhash
+
+    from preftune.reference import _hash_staged
+
+    t = torch.randn(numel).to(torch.bfloat16)
+    plain, staged, staging = xxhash.xxh3_128(), xxhash.xxh3_128(), []
+    plain.update(t.view(torch.uint8).numpy())
+    _hash_staged(staged, t, staging, chunk_bytes=128)
+    _hash_staged(staged, t, staging, chunk_bytes=128)  # the buffers are reused across tensors
+    plain.update(t.view(torch.uint8).numpy())
+    assert staged.hexdigest() == plain.hexdigest() and len(staging) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_weights_fingerprint_on_gpu_equals_cpu():
+    model = tiny_model(tie_word_embeddings=True)
+    on_cpu = weights_fingerprint(model)
+    assert weights_fingerprint(model.cuda(), chunk_bytes=4096) == weights_fingerprint(model) == on_cpu
+
+
 def test_cache_roundtrip_reuse_and_key_change(tmp_path, caplog, monkeypatch):
     model = tiny_model()
     feats = make_features(5)
