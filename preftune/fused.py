@@ -19,6 +19,10 @@ normalized x in backward (the gradient formula is written out, so it equals auto
 model changes, and ``unfuse_layers`` puts the class forwards back. A LoRA-wrapped ``down_proj``
 (not a plain ``nn.Linear``) keeps its own module; only silu(gate) * up is fused then (``_SiluMul``).
 Without autograd (inference, the reference pass) the class forwards run.
+
+On a GPU (``fuse_layers(..., triton=True)``, the trainer's ``triton_kernels``), the elementwise
+work of both runs as ``preftune.kernels`` Triton kernels: one per RMSNorm and per silu(gate) * up
+forward (with or without autograd) and one each in backward, in place of 2-10 eager kernels.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import types
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from preftune import kernels
 
 SWIGLU_MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
 RMSNORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
@@ -49,17 +55,22 @@ def _silu_mul_backward(grad, gate, up, act, need_gate: bool, need_up: bool):
 
 
 class _SiluMul(torch.autograd.Function):
-    """silu(gate) * up, saving only gate and up."""
+    """silu(gate) * up, saving only gate and up (one Triton kernel each way when ``triton``)."""
 
     @staticmethod
-    def forward(ctx, gate, up):
+    def forward(ctx, gate, up, triton):
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        ctx.triton = triton
+        return kernels.silu_mul(gate, up) if triton else F.silu(gate) * up
 
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        return _silu_mul_backward(grad, gate, up, F.silu(gate), *ctx.needs_input_grad)
+        need_gate, need_up, _ = ctx.needs_input_grad
+        if ctx.triton:
+            _, grad_gate, grad_up = kernels.silu_mul_backward(grad, gate, up, need_gate=need_gate, need_up=need_up)
+            return grad_gate, grad_up, None
+        return (*_silu_mul_backward(grad, gate, up, F.silu(gate), need_gate, need_up), None)
 
 
 class _SwiGLUDown(torch.autograd.Function):
@@ -70,71 +81,100 @@ class _SwiGLUDown(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, gate, up, weight):
+    def forward(ctx, gate, up, weight, triton):
         dt = _matmul_dtype(gate, weight)
         with torch.autocast(gate.device.type, enabled=False):
-            prod = F.silu(gate) * up
+            prod = kernels.silu_mul(gate, up) if triton else F.silu(gate) * up
             out = F.linear(prod.to(dt), weight.to(dt))
         ctx.save_for_backward(gate, up, weight)
-        ctx.dt = dt
+        ctx.dt, ctx.triton = dt, triton
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         gate, up, weight = ctx.saved_tensors
         dt = ctx.dt
-        need_gate, need_up, need_w = ctx.needs_input_grad
+        need_gate, need_up, need_w, _ = ctx.needs_input_grad
         grad_gate = grad_up = grad_w = None
         with torch.autocast(gate.device.type, enabled=False):
-            act = F.silu(gate)
             g = grad_out.to(dt)
+            if ctx.triton:  # one pass: the product for the weight gradient, d gate (into d prod's memory), d up
+                if need_gate or need_up:
+                    grad_prod = (g @ weight.to(dt)).to(torch.promote_types(gate.dtype, up.dtype))
+                    prod, grad_gate, grad_up = kernels.silu_mul_backward(
+                        grad_prod, gate, up, need_gate=need_gate, need_up=need_up, want_prod=need_w, prod_dtype=dt,
+                        inplace=True)
+                else:
+                    prod = kernels.silu_mul(gate, up).to(dt)
+                if need_w:
+                    grad_w = (g.reshape(-1, g.shape[-1]).t() @ prod.reshape(-1, prod.shape[-1])).to(weight.dtype)
+                return grad_gate, grad_up, grad_w, None
+            act = F.silu(gate)
             if need_w:
                 prod = (act * up).to(dt)
                 grad_w = (g.reshape(-1, g.shape[-1]).t() @ prod.reshape(-1, prod.shape[-1])).to(weight.dtype)
             if need_gate or need_up:
                 grad_prod = (g @ weight.to(dt)).to(torch.promote_types(gate.dtype, up.dtype))
                 grad_gate, grad_up = _silu_mul_backward(grad_prod, gate, up, act, need_gate, need_up)
-        return grad_gate, grad_up, grad_w
+        return grad_gate, grad_up, grad_w, None
 
 
 class _RMSNorm(torch.autograd.Function):
-    """weight * (x * rstd).to(x.dtype), rstd = rsqrt(mean(x^2) + eps) in float32; saves x, weight, rstd."""
+    """weight * (x * rstd).to(x.dtype), rstd = rsqrt(mean(x^2) + eps) in float32; saves x, weight, rstd.
+    With ``triton`` forward and backward are one Triton kernel each."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps):
-        xf = x.float()
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    def forward(ctx, x, weight, eps, triton):
+        if triton:
+            y, rstd = kernels.rmsnorm_forward(x, weight, eps)
+        else:
+            xf = x.float()
+            rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+            y = weight * (xf * rstd).to(x.dtype)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (xf * rstd).to(x.dtype)
+        ctx.triton = triton
+        return y
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        if ctx.triton:
+            grad_x, grad_w = kernels.rmsnorm_backward(grad, x, weight, rstd, need_dx=need_x, need_dw=need_w)
+            return grad_x, grad_w, None, None
         n = x.float() * rstd  # the normalized x, float32
         grad_x = grad_w = None
-        if ctx.needs_input_grad[1]:
+        if need_w:
             grad_w = (grad * n.to(x.dtype)).reshape(-1, weight.shape[-1]).sum(0).to(weight.dtype)
-        if ctx.needs_input_grad[0]:
+        if need_x:
             gn = (grad * weight).float()  # d loss / d n
             # d n / d x = rstd * (I - n n^T / H): grad_x = rstd * (gn - n * mean(gn * n))
             grad_x = (rstd * (gn - n * (gn * n).mean(-1, keepdim=True))).to(x.dtype)
-        return grad_x, grad_w, None
+        return grad_x, grad_w, None, None
+
+
+def _use_triton(module: nn.Module, *tensors: torch.Tensor) -> bool:
+    return getattr(module, "_preftune_triton", False) and kernels.usable(*tensors)
 
 
 def _rmsnorm_forward(self, x):
+    triton = _use_triton(self, x, self.weight)
     if not torch.is_grad_enabled():
-        return type(self).forward(self, x)
-    return _RMSNorm.apply(x, self.weight, self.variance_epsilon)
+        return kernels.rmsnorm_forward(x, self.weight, self.variance_epsilon)[0] if triton else type(self).forward(self, x)
+    return _RMSNorm.apply(x, self.weight, self.variance_epsilon, triton)
 
 
 def _swiglu_forward(self, x):
-    if not torch.is_grad_enabled():
+    triton = _use_triton(self, x)
+    if not torch.is_grad_enabled() and not triton:
         return type(self).forward(self, x)
     gate, up = self.gate_proj(x), self.up_proj(x)
     down = self.down_proj
+    if not torch.is_grad_enabled():
+        return down(kernels.silu_mul(gate, up))
     if type(down) is nn.Linear and down.bias is None:
-        return _SwiGLUDown.apply(gate, up, down.weight)
-    return down(_SiluMul.apply(gate, up))
+        return _SwiGLUDown.apply(gate, up, down.weight, triton)
+    return down(_SiluMul.apply(gate, up, triton))
 
 
 def _is_swiglu_mlp(module: nn.Module) -> bool:
@@ -153,14 +193,17 @@ def _is_rmsnorm(module: nn.Module) -> bool:
 _FORWARDS = ((_is_swiglu_mlp, _swiglu_forward), (_is_rmsnorm, _rmsnorm_forward))
 
 
-def fuse_layers(model: nn.Module, kinds: tuple[str, ...] = ("mlp", "rmsnorm")) -> dict[str, int]:
+def fuse_layers(model: nn.Module, kinds: tuple[str, ...] = ("mlp", "rmsnorm"), *, triton: bool = True) -> dict[str, int]:
     """Give every Llama-family SwiGLU MLP and RMSNorm in ``model`` (of ``kinds``) the lean
-    backward; returns how many of each ({"mlp": n, "rmsnorm": m})."""
+    backward; returns how many of each ({"mlp": n, "rmsnorm": m}). triton=True: their elementwise
+    work runs as ``preftune.kernels`` Triton kernels wherever those apply (CUDA tensors, Triton
+    installed), forward (also without autograd) and backward."""
     counts = {"mlp": 0, "rmsnorm": 0}
     for module in model.modules():
         for (test, forward), kind in zip(_FORWARDS, counts):
             if kind in kinds and test(module):
                 module.forward = types.MethodType(forward, module)
+                module._preftune_triton = bool(triton)
                 counts[kind] += 1
     return counts
 
@@ -172,5 +215,6 @@ def unfuse_layers(model: nn.Module) -> int:
     for module in model.modules():
         if "forward" in vars(module) and getattr(module.forward, "__func__", None) in ours:
             del module.forward
+            vars(module).pop("_preftune_triton", None)
             n += 1
     return n

@@ -151,7 +151,7 @@ class DPOTrainer:
         if args.fused_layers:
             from preftune.fused import fuse_layers
 
-            logger.info("lean backward in %s", fuse_layers(model))
+            logger.info("lean backward in %s", fuse_layers(model, triton=args.triton_kernels))
         self.is_peft = peft_config is not None or hasattr(model, "peft_config")
         self.model = model
 

@@ -1,0 +1,207 @@
+"""Triton kernels for the elementwise work of ``preftune.fused`` on a GPU.
+
+Eager PyTorch runs an RMSNorm as 6-7 kernels forward and ~10 backward (upcast, square, mean,
+rsqrt, scale, downcast, weight product, ...), and SwiGLU's ``silu(gate) * up`` as 2 forward and 5
+backward, each reading and writing whole activations. For a model of hidden size ~1000 these
+memory-bound kernels took more GPU time than the matmuls in a DPO step (``docs/benchmarks.md``).
+Here each is one kernel:
+
+- ``rmsnorm_forward`` / ``rmsnorm_backward``: one program per row forward; backward, each program
+  walks a block of rows and writes its float32 partial sum of the weight gradient (summed after).
+- ``silu_mul`` / ``silu_mul_backward``: elementwise; the backward returns d gate, d up and, when
+  asked, the recomputed product (for the down projection's weight gradient) in one pass; d gate
+  may overwrite d product's memory.
+
+Each kernel rounds where the eager ops round (to the activation dtype after silu, after the
+weight product, ...), so results equal the eager ones up to the order of float32 sums and the
+exp/rsqrt approximations: within one bfloat16 rounding (``tests/test_kernels.py`` holds them to
+the eager modules). The kernels run on CUDA tensors; the tests run them on CPU tensors in Triton's
+interpreter (``TRITON_INTERPRET=1`` from ``tests/conftest.py``, plus ``INTERPRET_ON_CPU``). ``usable``
+says whether they apply; everything else falls back to the eager ops.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:  # Triton ships with PyTorch's CUDA wheels; CPU-only installs may not have it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+# Under Triton's interpreter (TRITON_INTERPRET=1 before triton is first imported) kernels run on the
+# host, one program at a time: GPU tensors never take them then, CPU tensors only when a test sets
+# INTERPRET_ON_CPU.
+INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET_ON_CPU = False
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """True when the kernels can run on these tensors: Triton is installed and every tensor is a
+    plain CUDA tensor, not a tensor subclass such as DTensor (see INTERPRET_ON_CPU for the tests)."""
+    if triton is None or (INTERPRETED and not INTERPRET_ON_CPU):
+        return False
+    device = "cpu" if INTERPRETED else "cuda"
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == device for t in tensors)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rmsnorm_fwd(X, W, Y, RSTD, stride_x, stride_y, N, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.math.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+        normed = (x * rstd).to(X.dtype.element_ty).to(tl.float32)  # eager: (x * rstd).to(input dtype)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + row * stride_y + cols, (w * normed).to(Y.dtype.element_ty), mask=mask)
+        tl.store(RSTD + row, rstd)
+
+    @triton.jit
+    def _rmsnorm_bwd(DY, X, W, RSTD, DX, DW, stride_dy, stride_x, stride_dx, M, N, BLOCK: tl.constexpr,
+                     ROWS: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr):
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK], dtype=tl.float32)
+        start = pid.to(tl.int64) * ROWS
+        for i in range(0, ROWS):
+            row = start + i
+            in_row = cols < tl.where(row < M, N, 0)  # the last program's block may run past the last row
+            dy = tl.load(DY + row * stride_dy + cols, mask=in_row, other=0.0).to(tl.float32)
+            x = tl.load(X + row * stride_x + cols, mask=in_row, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + row, mask=row < M, other=0.0)
+            n = x * rstd  # the normalized row, float32
+            if NEED_DW:  # sum over rows of dy * n.to(x dtype), in float32 (eager rounds each product first)
+                dw += dy * n.to(X.dtype.element_ty).to(tl.float32)
+            if NEED_DX:
+                gn = (dy * w).to(DY.dtype.element_ty).to(tl.float32)  # d loss / d n
+                dx = rstd * (gn - n * (tl.sum(gn * n, axis=0) / N))
+                tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=in_row)
+        if NEED_DW:
+            tl.store(DW + pid.to(tl.int64) * N + cols, dw, mask=mask)
+
+    @triton.jit
+    def _silu(g):
+        return g / (1.0 + tl.exp(-g))
+
+    @triton.jit
+    def _silu_mul_fwd(G, U, P, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+        act = _silu(g).to(G.dtype.element_ty).to(tl.float32)  # eager: silu(gate) in gate's dtype
+        tl.store(P + offs, (act * u).to(P.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _silu_mul_bwd(DP, G, U, P, DG, DU, n, BLOCK: tl.constexpr, STORE_P: tl.constexpr,
+                      NEED_DG: tl.constexpr, NEED_DU: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        dp = tl.load(DP + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+        denom = 1.0 + tl.exp(-g)
+        sig = 1.0 / denom
+        act = (g / denom).to(G.dtype.element_ty).to(tl.float32)  # the forward's silu, to the bit
+        if STORE_P:
+            tl.store(P + offs, (act * u).to(P.dtype.element_ty), mask=mask)
+        if NEED_DG:  # eager: silu_backward(dp * up, gate)
+            t = (dp * u).to(DP.dtype.element_ty).to(tl.float32)
+            tl.store(DG + offs, (t * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty), mask=mask)
+        if NEED_DU:
+            tl.store(DU + offs, (dp * act).to(DU.dtype.element_ty), mask=mask)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as (rows, last dim) with a unit stride along the last dim (a view when possible)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@functools.cache
+def _sm_count(device_index: int | None) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count if device_index is not None else 1
+
+
+def _rows_per_program(rows: int, device: torch.device) -> int:
+    """Rows each backward program walks: about four programs per multiprocessor, a power of two in
+    [16, 256] (few compiled variants; the float32 partial weight gradients stay small)."""
+    want = -(-rows // (4 * _sm_count(device.index if device.type == "cuda" else None)))
+    return min(256, max(16, triton.next_power_of_2(max(want, 1))))
+
+
+def rmsnorm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` -> (y, rstd (rows,) float32)."""
+    n = x.shape[-1]
+    x2 = _rows(x)
+    y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+    if x2.shape[0]:
+        _rmsnorm_fwd[(x2.shape[0],)](x2, weight.contiguous(), y, rstd, x2.stride(0), y.stride(0), n, eps,
+                                      BLOCK=triton.next_power_of_2(n))
+    return y.view(*x.shape[:-1], n), rstd
+
+
+def rmsnorm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, *,
+                     need_dx: bool = True, need_dw: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(d x, d weight) of ``rmsnorm_forward`` given d y; d weight is summed in float32."""
+    n = x.shape[-1]
+    x2, dy2 = _rows(x), _rows(dy)
+    rows = x2.shape[0]
+    per_program = _rows_per_program(rows, x.device)
+    programs = -(-rows // per_program)
+    dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device) if need_dx else None
+    partial = torch.empty(programs, n, dtype=torch.float32, device=x.device) if need_dw else None
+    if rows:
+        _rmsnorm_bwd[(programs,)](dy2, x2, weight.contiguous(), rstd, dx if need_dx else x2,
+                                  partial if need_dw else rstd, dy2.stride(0), x2.stride(0),
+                                  dx.stride(0) if need_dx else 0, rows, n, BLOCK=triton.next_power_of_2(n),
+                                  ROWS=per_program, NEED_DX=need_dx, NEED_DW=need_dw)
+    dw = None
+    if need_dw:
+        dw = partial.sum(0).to(weight.dtype) if rows else torch.zeros_like(weight)
+    return (dx.view(x.shape) if need_dx else None), dw
+
+
+_BLOCK = 1024
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` (same shapes) in one pass."""
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
+    n = gate.numel()
+    if n:
+        _silu_mul_fwd[(triton.cdiv(n, _BLOCK),)](gate, up, out, n, BLOCK=_BLOCK)
+    return out
+
+
+def silu_mul_backward(dprod: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *, need_gate: bool = True,
+                      need_up: bool = True, want_prod: bool = False, prod_dtype: torch.dtype | None = None,
+                      inplace: bool = False):
+    """(prod or None, d gate, d up) of ``silu_mul`` given d prod, in one pass. ``prod`` is the
+    recomputed ``silu(gate) * up`` in ``prod_dtype`` (for the next matmul's weight gradient).
+    inplace=True writes d gate into ``dprod`` (when the dtypes agree) instead of new memory."""
+    dprod, gate, up = dprod.contiguous(), gate.contiguous(), up.contiguous()
+    n = gate.numel()
+    prod = torch.empty(gate.shape, dtype=prod_dtype or torch.promote_types(gate.dtype, up.dtype),
+                       device=gate.device) if want_prod else None
+    dgate = None
+    if need_gate:
+        dgate = dprod if inplace and dprod.dtype == gate.dtype else torch.empty_like(gate)
+    dup = torch.empty_like(up) if need_up else None
+    if n:
+        _silu_mul_bwd[(triton.cdiv(n, _BLOCK),)](dprod, gate, up, prod if want_prod else gate,
+                                                 dgate if need_gate else gate, dup if need_up else up, n,
+                                                 BLOCK=_BLOCK, STORE_P=want_prod, NEED_DG=need_gate,
+                                                 NEED_DU=need_up)
+    return prod, dgate, dup

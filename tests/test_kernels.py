@@ -1,0 +1,186 @@
+"""preftune.kernels (Triton) against the eager ops they replace.
+
+On a GPU the kernels run as compiled; elsewhere in Triton's interpreter (``TRITON_INTERPRET=1``,
+set by ``conftest.py`` before anything imports Triton), so CPU-only CI checks the same kernel code. The eager twins: the formulas of ``transformers``' Llama RMSNorm and ``silu(gate) * up``
+under autograd, and the fused layers without kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from preftune import fused  # noqa: E402
+from preftune.fused import fuse_layers, unfuse_layers  # noqa: E402
+from preftune.testing import tiny_model  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+
+
+@pytest.fixture
+def kern(monkeypatch):
+    """(the kernels module, the device its kernels run on)."""
+    import preftune.kernels as kernels
+
+    if not ON_GPU:
+        if not kernels.INTERPRETED:
+            pytest.skip("no GPU, and Triton was imported without TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+        monkeypatch.setattr(kernels, "INTERPRET_ON_CPU", True)
+    return kernels, "cuda" if ON_GPU else "cpu"
+
+
+def _eager_rmsnorm(x, weight, eps):
+    """transformers' LlamaRMSNorm.forward."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _close(a, b, dtype):
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+    return torch.allclose(a.float(), b.float(), **tol)
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("hidden", [64, 72])
+def test_rmsnorm_kernels_match_eager(kern, x_dtype, w_dtype, hidden):
+    kernels, device = kern
+    torch.manual_seed(hidden)
+    base = torch.randn(3, hidden, 13, device=device) * 3
+    x = base.transpose(1, 2).to(x_dtype).requires_grad_()  # (3, 13, hidden), not contiguous: rows are copied
+    weight = (1 + 0.1 * torch.randn(hidden, device=device)).to(w_dtype).requires_grad_()
+    dy = torch.randn(3, 13, hidden, device=device).to(torch.promote_types(x_dtype, w_dtype))
+
+    y_ref = _eager_rmsnorm(x, weight, 1e-6)
+    dx_ref, dw_ref = torch.autograd.grad(y_ref, (x, weight), dy)
+    y, rstd = kernels.rmsnorm_forward(x.detach(), weight.detach(), 1e-6)
+    assert y.dtype == y_ref.dtype and y.shape == y_ref.shape
+    assert _close(y, y_ref, x_dtype)
+    xf = x.detach().float()
+    assert torch.allclose(rstd, torch.rsqrt(xf.pow(2).mean(-1) + 1e-6).reshape(-1), rtol=1e-5)
+    dx, dw = kernels.rmsnorm_backward(dy, x.detach(), weight.detach(), rstd)
+    assert dx.dtype == x_dtype and dw.dtype == w_dtype
+    assert _close(dx, dx_ref, x_dtype)
+    # d weight sums products over all rows: held to the float64 sum, relative to the sum of |products|
+    # (the interpreter rounds float32 -> bfloat16 by truncation, a GPU to nearest)
+    xd = x.detach().double()
+    n = (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x_dtype).double()
+    exact, scale = (dy.double() * n).sum((0, 1)), (dy.double() * n).abs().sum((0, 1))
+    rel = 1e-6 if x_dtype == torch.float32 and w_dtype == torch.float32 else 1e-2
+    for got in (dw, dw_ref):
+        assert ((got.double() - exact).abs() <= rel * scale + 1e-6).all()
+    assert kernels.rmsnorm_backward(dy, x.detach(), weight.detach(), rstd, need_dx=False)[0] is None
+    only_dx = kernels.rmsnorm_backward(dy, x.detach(), weight.detach(), rstd, need_dw=False)
+    assert only_dx[1] is None and torch.equal(only_dx[0], dx)
+
+
+def test_rmsnorm_kernels_on_empty_rows(kern):
+    kernels, device = kern
+    x, w = torch.zeros(0, 8, device=device), torch.ones(8, device=device)
+    y, rstd = kernels.rmsnorm_forward(x, w, 1e-6)
+    assert y.shape == (0, 8) and rstd.shape == (0,)
+    dx, dw = kernels.rmsnorm_backward(torch.zeros(0, 8, device=device), x, w, rstd)
+    assert dx.shape == (0, 8) and torch.equal(dw, torch.zeros(8, device=device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_kernels_match_eager(kern, dtype):
+    kernels, device = kern
+    torch.manual_seed(1)
+    shape = (3, 37, 50)  # 5550 elements: not a multiple of the kernel's block
+    gate = (torch.randn(shape, device=device) * 4).to(dtype).requires_grad_()
+    up = torch.randn(shape, device=device).to(dtype).requires_grad_()
+    dprod = torch.randn(shape, device=device).to(dtype)
+    ref = F.silu(gate) * up
+    dgate_ref, dup_ref = torch.autograd.grad(ref, (gate, up), dprod)
+
+    out = kernels.silu_mul(gate.detach(), up.detach())
+    assert out.dtype == dtype and _close(out, ref, dtype)
+    prod, dgate, dup = kernels.silu_mul_backward(dprod.clone(), gate.detach(), up.detach(), want_prod=True)
+    assert torch.equal(prod, out)
+    assert _close(dgate, dgate_ref, dtype) and _close(dup, dup_ref, dtype)
+    # d gate written over d prod's memory gives the same numbers
+    buf = dprod.clone()
+    _, dgate_in, _ = kernels.silu_mul_backward(buf, gate.detach(), up.detach(), need_up=False, inplace=True)
+    assert dgate_in.data_ptr() == buf.data_ptr() and torch.equal(dgate_in, dgate)
+    assert kernels.silu_mul_backward(dprod, gate.detach(), up.detach(), need_gate=False)[1] is None
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, use_cache=False).logits
+    loss = (out.float().log_softmax(-1)[..., 0] * torch.linspace(-1, 1, ids.shape[1], device=ids.device)).sum()
+    loss.backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lora", [False, True])
+def test_fused_layers_with_kernels_match_eager(kern, dtype, lora, monkeypatch):
+    """A whole model: fused layers on Triton kernels vs the eager model, values and every gradient,
+    with grad and without (the reference pass); with LoRA the MLP takes the silu-mul-only path."""
+    kernels, device = kern
+    eager = tiny_model(intermediate_size=48).to(device=device, dtype=dtype)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        eager = get_peft_model(eager, LoraConfig(r=4, target_modules=["down_proj", "q_proj"], init_lora_weights=False))
+    truth = copy.deepcopy(eager).float()  # for bfloat16: what both roundings are measured against
+    model = copy.deepcopy(eager)
+    counts = fuse_layers(model, triton=True)
+    assert counts["mlp"] == 2 and counts["rmsnorm"] == 5
+    calls = []
+    for name in ("rmsnorm_forward", "rmsnorm_backward", "silu_mul", "silu_mul_backward"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=real, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    ids = torch.randint(0, 300, (3, 11), device=device)
+    out_e, grads_e = _loss_and_grads(eager, ids)
+    out_k, grads_k = _loss_and_grads(model, ids)
+    grads_t = _loss_and_grads(truth, ids)[1]
+    assert {"rmsnorm_forward", "rmsnorm_backward", "silu_mul", "silu_mul_backward"} <= set(calls)
+    assert _close(out_k, out_e, dtype)
+    assert grads_e.keys() == grads_k.keys() and grads_e
+    for name in grads_e:
+        got, want = grads_k[name], grads_e[name]
+        assert got.dtype == want.dtype
+        if dtype == torch.float32:
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), name
+        else:  # bfloat16: as close to the float32 model's gradient as eager's bfloat16 one is (the
+            # interpreter rounds float32 -> bfloat16 by truncation, so there within a looser bound)
+            exact = grads_t[name]
+            err_k, err_e = (got.float() - exact).norm(), (want.float() - exact).norm()
+            bound = 3e-2 * exact.norm() if kernels.INTERPRETED else 2 * err_e + 2e-3 * exact.norm()
+            assert err_k <= bound, (name, err_k, err_e)
+    calls.clear()
+    with torch.no_grad():
+        assert _close(model(input_ids=ids).logits, eager(input_ids=ids).logits, dtype)
+    assert set(calls) == {"rmsnorm_forward", "silu_mul"}
+    assert unfuse_layers(model) == 7 and not any("_preftune_triton" in vars(m) for m in model.modules())
+
+
+def test_kernels_apply_only_to_plain_tensors_on_their_device(kern, monkeypatch):
+    kernels, device = kern
+    t = torch.zeros(4, device=device)
+    assert kernels.usable(t, torch.nn.Parameter(t.clone()))
+    assert not kernels.usable(t.to("meta"))
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert not kernels.usable(t.as_subclass(Sub))  # DTensor and other subclasses take the eager ops
+    monkeypatch.setattr(kernels, "triton", None)
+    assert not kernels.usable(t)
+
+
+def test_fuse_layers_without_triton_uses_eager_ops(kern):
+    kernels, device = kern
+    model = tiny_model(intermediate_size=48).to(device)
+    fuse_layers(model, triton=False)
+    assert not any(fused._use_triton(m, torch.zeros(1, device=device)) for m in model.modules()
+                   if "_preftune_triton" in vars(m))
