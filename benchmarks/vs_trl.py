@@ -200,7 +200,7 @@ def run_preftune(job: dict) -> dict:
         batch_layout=job.get("layout", "auto"), logps_chunk_size=job.get("chunk"),
         max_grad_norm=1.0, weight_decay=0.0, cache_dir=os.path.join(out, "cache"),
         cudnn_attention=job.get("cudnn_attention"), pad_to_multiple_of=job.get("pad_multiple"),
-        precompute_ref_batch_size=job.get("ref_batch"),
+        precompute_ref_batch_size=job.get("ref_batch"), triton_kernels=job.get("triton_kernels", True),
     )
     trainer, wall, init_s = _timed_job(device, lambda: DPOTrainer(
         model=model, args=args, train_dataset=rows, processing_class=tok,
@@ -219,7 +219,7 @@ def run_preftune(job: dict) -> dict:
     return dict(side="preftune", wall_s=wall, init_s=init_s, losses=losses, needed_tokens=n_tok,
                 pairs=len(used), peak_mem=peak_memory_bytes(device), n_matmul=matmul_params(base), order=used,
                 layout=trainer.layout, chunk=args.logps_chunk_size, pad_to_multiple_of=trainer.pad_multiple,
-                cudnn_attention=trainer.cudnn_attention, step_s=step_s)
+                cudnn_attention=trainer.cudnn_attention, triton_kernels=args.triton_kernels, step_s=step_s)
 
 
 def run_trl(job: dict) -> dict:
@@ -359,6 +359,8 @@ def main(argv=None) -> int:
                         "before training), live (a frozen copy) or precompute (the whole dataset, TRL's meaning)")
     p.add_argument("--cudnn-attention", default=None, choices=("on", "off"),
                    help="preftune cudnn_attention (default: its automatic choice)")
+    p.add_argument("--triton-kernels", default="on", choices=("on", "off"),
+                   help="preftune triton_kernels (on a GPU: RMSNorm and SwiGLU as Triton kernels; default on)")
     p.add_argument("--pad-multiple", type=int, default=None, help="preftune pad_to_multiple_of")
     p.add_argument("--ref-batch", type=int, default=None, help="preftune precompute_ref_batch_size")
     p.add_argument("--trl-thp", action="store_true",
@@ -395,7 +397,8 @@ def main(argv=None) -> int:
                 base = dict(model=path, shape=shape, mode=mode, steps=a.steps, batch=a.batch, lr=a.lr, seed=0,
                             dtype=dtype, max_length=SHAPES[shape]["max_length"], num_pairs=a.steps * a.batch,
                             layout=a.layout, chunk=a.chunk, ref=a.ref, cudnn_attention=None if a.cudnn_attention is None else a.cudnn_attention == "on",
-                            pad_multiple=a.pad_multiple, ref_batch=a.ref_batch)
+                            pad_multiple=a.pad_multiple, ref_batch=a.ref_batch,
+                            triton_kernels=a.triton_kernels == "on")
                 runs: dict[str, list[dict]] = {s: [] for s in ["preftune", *sides]}
                 for _ in range(a.repeats):  # rounds of every side in turn: a slow spell of the machine hits all
                     ours = spawn(dict(base, side="preftune"))
