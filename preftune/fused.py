@@ -158,7 +158,7 @@ def _use_triton(module: nn.Module, *tensors: torch.Tensor) -> bool:
 
 
 def _rmsnorm_forward(self, x):
-    triton = _use_triton(self, x, self.weight)
+    triton = x.shape[-1] <= kernels.MAX_NORM_WIDTH and _use_triton(self, x, self.weight)
     if not torch.is_grad_enabled():
         return kernels.rmsnorm_forward(x, self.weight, self.variance_epsilon)[0] if triton else type(self).forward(self, x)
     return _RMSNorm.apply(x, self.weight, self.variance_epsilon, triton)

@@ -40,6 +40,10 @@ INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 INTERPRET_ON_CPU = False
 
 
+# The norm kernels hold one row in registers: wider rows (no known model) keep the eager ops.
+MAX_NORM_WIDTH = 32768
+
+
 def usable(*tensors: torch.Tensor) -> bool:
     """True when the kernels can run on these tensors: Triton is installed and every tensor is a
     plain CUDA tensor, not a tensor subclass such as DTensor (see INTERPRET_ON_CPU for the tests)."""

@@ -178,6 +178,16 @@ def test_kernels_apply_only_to_plain_tensors_on_their_device(kern, monkeypatch):
     assert not kernels.usable(t)
 
 
+def test_norms_wider_than_the_kernels_take_keep_the_eager_ops(kern, monkeypatch):
+    kernels, device = kern
+    model = tiny_model(intermediate_size=48).to(device)
+    fuse_layers(model, triton=True)
+    monkeypatch.setattr(kernels, "MAX_NORM_WIDTH", model.config.hidden_size - 1)
+    monkeypatch.setattr(kernels, "rmsnorm_forward", lambda *a, **k: pytest.fail("kernel used"))
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 300, (2, 5), device=device))
+
+
 def test_fuse_layers_without_triton_uses_eager_ops(kern):
     kernels, device = kern
     model = tiny_model(intermediate_size=48).to(device)
