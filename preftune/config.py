@@ -155,7 +155,8 @@ class DPOConfig:
     use_liger_loss: bool = _f(False, "Accepted for compatibility and ignored: log-probs are always chunked.",
                               group="batch")
     fused_layers: bool = _f(True, "Llama-family SwiGLU MLPs and RMSNorms keep less for backward and recompute "
-                            "the rest there (same values; about 40% less activation memory).",
+                            "the rest there (same values; about 40% less activation memory); LoRA linears add "
+                            "their adapter in one matmul without copying their input.",
                             group="batch", extra=True)
     triton_kernels: bool = _f(True, "With fused_layers on a CUDA GPU where Triton is installed (PyTorch's CUDA "
                               "wheels bring it): each RMSNorm and SwiGLU product runs as one Triton kernel forward "

@@ -177,6 +177,40 @@ def _swiglu_forward(self, x):
     return down(_SiluMul.apply(gate, up, triton))
 
 
+def _lora_linear_forward(self, x, *args, **kwargs):
+    """peft ``lora.Linear``: ``base(x) + scaling * B(A(dropout(x)))`` as ``addmm(base(x), A(x), B^T,
+    alpha=scaling)``: the adapter's product, scaling and sum in one matmul, in the dtype the base
+    layer's matmul uses (autocast's under mixed precision). peft's own forward writes B's output,
+    its scaled copy and the sum as three activation-sized tensors, and with float32 adapters under
+    autocast first casts x to float32 and back: two more copies per adapted layer, the bfloat16 one
+    kept for backward, so q, k and v each keep their own copy of one input. Here A's matmul reads
+    x itself (kept once however many adapted layers read it). Anything else (adapters
+    disabled or merged, several active adapters, DoRA and other variants, a bias on B, extra
+    arguments) runs peft's forward."""
+    names = self.active_adapters
+    name = names[0] if len(names) == 1 else None
+    if (args or kwargs or self.disable_adapters or self.merged or name not in self.lora_A
+            or name in getattr(self, "lora_variant", {}) or getattr(self, "use_dora", {}).get(name)
+            or self.lora_B[name].bias is not None or type(self.base_layer) is not nn.Linear):
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    a, b = self.lora_A[name].weight, self.lora_B[name].weight
+    dt = _matmul_dtype(result, a)
+    with torch.autocast(x.device.type, enabled=False):
+        xa = F.linear(self.lora_dropout[name](x).to(dt), a.to(dt))
+        out = torch.addmm(result.reshape(-1, result.shape[-1]).to(dt), xa.reshape(-1, xa.shape[-1]), b.to(dt).t(),
+                          alpha=self.scaling[name])
+    return out.view(result.shape).to(result.dtype)
+
+
+def _is_lora_linear(module: nn.Module) -> bool:
+    try:
+        from peft.tuners.lora.layer import Linear
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return type(module) is Linear
+
+
 def _is_swiglu_mlp(module: nn.Module) -> bool:
     return (
         type(module).__name__ in SWIGLU_MLP_CLASSES
@@ -190,15 +224,17 @@ def _is_rmsnorm(module: nn.Module) -> bool:
         and isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
-_FORWARDS = ((_is_swiglu_mlp, _swiglu_forward), (_is_rmsnorm, _rmsnorm_forward))
+_FORWARDS = ((_is_swiglu_mlp, _swiglu_forward), (_is_rmsnorm, _rmsnorm_forward), (_is_lora_linear, _lora_linear_forward))
 
 
-def fuse_layers(model: nn.Module, kinds: tuple[str, ...] = ("mlp", "rmsnorm"), *, triton: bool = True) -> dict[str, int]:
+def fuse_layers(model: nn.Module, kinds: tuple[str, ...] = ("mlp", "rmsnorm", "lora"), *,
+                triton: bool = True) -> dict[str, int]:  # fmt: skip
     """Give every Llama-family SwiGLU MLP and RMSNorm in ``model`` (of ``kinds``) the lean
-    backward; returns how many of each ({"mlp": n, "rmsnorm": m}). triton=True: their elementwise
-    work runs as ``preftune.kernels`` Triton kernels wherever those apply (CUDA tensors, Triton
-    installed), forward (also without autograd) and backward."""
-    counts = {"mlp": 0, "rmsnorm": 0}
+    backward, and every peft LoRA ``Linear`` the one-matmul adapter; returns how many of each
+    ({"mlp": n, "rmsnorm": m, "lora": k}). triton=True: the MLPs' and norms' elementwise work runs
+    as ``preftune.kernels`` Triton kernels wherever those apply (CUDA tensors, Triton installed),
+    forward (also without autograd) and backward."""
+    counts = {"mlp": 0, "rmsnorm": 0, "lora": 0}
     for module in model.modules():
         for (test, forward), kind in zip(_FORWARDS, counts):
             if kind in kinds and test(module):

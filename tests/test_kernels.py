@@ -161,7 +161,7 @@ def test_fused_layers_with_kernels_match_eager(kern, dtype, lora, monkeypatch):
     with torch.no_grad():
         assert _close(model(input_ids=ids).logits, eager(input_ids=ids).logits, dtype)
     assert set(calls) == {"rmsnorm_forward", "silu_mul"}
-    assert unfuse_layers(model) == 7 and not any("_preftune_triton" in vars(m) for m in model.modules())
+    assert unfuse_layers(model) == 7 + 4 * lora and not any("_preftune_triton" in vars(m) for m in model.modules())
 
 
 def test_kernels_apply_only_to_plain_tensors_on_their_device(kern, monkeypatch):
