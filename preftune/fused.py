@@ -20,6 +20,10 @@ model changes, and ``unfuse_layers`` puts the class forwards back. A LoRA-wrappe
 (not a plain ``nn.Linear``) keeps its own module; only silu(gate) * up is fused then (``_SiluMul``).
 Without autograd (inference, the reference pass) the class forwards run.
 
+peft LoRA ``Linear`` (kind "lora"): ``addmm(base(x), A(x), B^T, alpha=scaling)``, see
+``_lora_linear_forward``: no scaled or summed copies, and the input is read as it is instead of
+through a float32 copy and back (which peft keeps, in bfloat16, per adapted layer under autocast).
+
 On a GPU (``fuse_layers(..., triton=True)``, the trainer's ``triton_kernels``), the elementwise
 work of both runs as ``preftune.kernels`` Triton kernels: one per RMSNorm and per silu(gate) * up
 forward (with or without autograd) and one each in backward, in place of 2-10 eager kernels.
