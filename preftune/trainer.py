@@ -415,6 +415,12 @@ class DPOTrainer:
         if acc.is_main_process:  # the window saved with the checkpoint holds every process's sums
             pairs_window, tokens_window = ckpt.restore_window(window, state.log_window, acc.device)
         last_logged: dict = {}
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
+        defer = self._defers_nonfinite_checks(inner)
+        # deferred: the host reads the steps' finiteness at most this many steps late, and at every
+        # boundary (log, eval, save, the end); once a run of bad steps has begun, every step
+        settle_every = max(1, min(log_every or 1, args.max_nonfinite_steps))
+        pending: list = []
         self.model.train()
         while state.global_step < total_steps:
             epoch = state.pairs_seen // (plan.steps_per_epoch * plan.global_batch)
@@ -423,32 +429,33 @@ class DPOTrainer:
             micro = plan.micro_batches(perm, step_in_epoch, acc.process_index)
             step_loss, step_pairs, step_tokens, pair_losses = self._optimizer_step(micro, plan, window)
             grad_norm = self._clip()
-            finite = bool(torch.isfinite(torch.stack([step_loss.float(), grad_norm.float().to(step_loss.device)])).all())
-            if finite:
+            finite_t = torch.isfinite(torch.stack([step_loss.float(), grad_norm.float().to(step_loss.device)])).all()
+            if defer:  # the fused AdamW skips a non-finite step on the device; the host learns of it later
+                inner.found_inf = (~finite_t).to(torch.float32)
                 optimizer.step()
-                state.nonfinite_in_a_row = 0
+                pending.append((state.global_step + 1, finite_t, step_loss, grad_norm, pair_losses))
             else:
-                state.nonfinite_in_a_row += 1
-                state.nonfinite_steps += 1
-                bad_pairs = [i for losses, index in pair_losses for i in index[~torch.isfinite(losses).cpu()].tolist()]
-                if not bad_pairs:  # a finite loss with a non-finite gradient: every pair of the step is suspect
-                    bad_pairs = [i for _, index in pair_losses for i in index.tolist()]
-                logger.warning("non-finite %s at step %d: update skipped (pairs %s)",
-                               "gradient" if torch.isfinite(step_loss).item() else "loss", state.global_step + 1,
-                               bad_pairs)
+                finite = bool(finite_t)
+                if finite:
+                    optimizer.step()
+                self._count_step(state, window, finite, state.global_step + 1, step_loss, grad_norm, pair_losses)
             with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
                 warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.global_step += 1
             state.pairs_seen += plan.global_batch
-            if finite and self.reference is not None:
+            if not defer and finite and self.reference is not None:
                 self.reference.on_optimizer_step(state.global_step, acc.unwrap_model(self.model))
             pairs_window += step_pairs
             tokens_window += step_tokens
-            if finite:
-                window.add({"loss": step_loss.detach(), "grad_norm": grad_norm.detach()}, 1)
             bar.update(1)
+            if pending and (len(pending) >= settle_every or state.nonfinite_in_a_row
+                            or self._boundary(state, plan, total_steps, log_every, eval_every)):
+                # one host sync for the steps since the last one, in their order
+                for (step, _, loss_t, norm_t, losses), ok in zip(pending, torch.stack([p[1] for p in pending]).tolist()):
+                    self._count_step(state, window, ok, step, loss_t, norm_t, losses)
+                pending.clear()
             if state.nonfinite_in_a_row >= args.max_nonfinite_steps:
                 state.log_window = self._window_snapshot(window, pairs_window, tokens_window)
                 self._save(state, final=False)
@@ -486,6 +493,7 @@ class DPOTrainer:
                 self._save(state)
                 self._paused += time.perf_counter() - t_save
         bar.close()
+        vars(inner).pop("found_inf", None)  # later steps of this optimizer are not skipped
         if self.eval_split is not None and args.eval_strategy != "no":
             self.final_eval = self.evaluate()
             self._log(metrics_path, trackers, {"step": state.global_step, "epoch": round(state.pairs_seen / (plan.steps_per_epoch * plan.global_batch), 4), **self.final_eval})
@@ -493,6 +501,51 @@ class DPOTrainer:
             trackers.close()
         self.state = state
         return last_logged
+
+    DEFER_ON_CPU = False  # tests: the deferred check with the CPU's fused AdamW (no gain on a CPU)
+
+    def _defers_nonfinite_checks(self, optimizer) -> bool:
+        """Whether a non-finite step is skipped on the device without a host sync in the step: a GPU,
+        one process or DDP, a fused torch AdamW (it takes ``found_inf`` and then leaves parameters,
+        moments and step count alone), no loss scaler (fp16 sets ``found_inf`` itself), and no TR-DPO
+        reference sync (that acts on the host after good steps only)."""
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        fused = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and all(
+            g.get("fused") for g in optimizer.param_groups)
+        return (
+            (acc.device.type == "cuda" or self.DEFER_ON_CPU)
+            and acc.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU)
+            and fused
+            and getattr(acc, "scaler", None) is None
+            and getattr(self.reference, "sync", None) is None
+        )
+
+    def _boundary(self, state, plan, total_steps: int, log_every: int, eval_every: int) -> bool:
+        """A step after which the loop logs, evaluates, saves or ends: the counts must be settled."""
+        args = self.args
+        per_epoch = plan.steps_per_epoch * plan.global_batch
+        return (state.global_step == total_steps or (log_every and state.global_step % log_every == 0)
+                or (args.logging_first_step and state.global_step == 1) or self._should_save(state, plan)
+                or (args.eval_strategy == "steps" and eval_every and state.global_step % eval_every == 0)
+                or (args.eval_strategy == "epoch" and state.pairs_seen % per_epoch == 0))  # fmt: skip
+
+    def _count_step(self, state, window: MetricAccumulator, finite: bool, step: int, step_loss, grad_norm,
+                    pair_losses) -> None:  # fmt: skip
+        """Book one optimizer step: its loss and grad norm into the window, or a skipped update counted
+        and logged with the pairs to blame."""
+        if finite:
+            state.nonfinite_in_a_row = 0
+            window.add({"loss": step_loss.detach(), "grad_norm": grad_norm.detach()}, 1)
+            return
+        state.nonfinite_in_a_row += 1
+        state.nonfinite_steps += 1
+        bad_pairs = [i for losses, index in pair_losses for i in index[~torch.isfinite(losses).cpu()].tolist()]
+        if not bad_pairs:  # a finite loss with a non-finite gradient: every pair of the step is suspect
+            bad_pairs = [i for _, index in pair_losses for i in index.tolist()]
+        logger.warning("non-finite %s at step %d: update skipped (pairs %s)",
+                       "gradient" if torch.isfinite(step_loss).item() else "loss", step, bad_pairs)
 
     def _timed_eval(self) -> dict:
         """evaluate(), with its time left out of the training throughput."""

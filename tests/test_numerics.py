@@ -21,6 +21,22 @@ from preftune.data.pipeline import StepPlan  # noqa: E402
 SEED = 3
 
 
+@pytest.fixture(autouse=True, params=["sync", "deferred"])
+def check_mode(request, monkeypatch):
+    """Every test twice: the finiteness read on the host each step, and read later while the fused
+    AdamW skips the bad step on the device (what a GPU run does; forced here on the CPU's fused AdamW)."""
+    monkeypatch.setattr(tr.DPOTrainer, "DEFER_ON_CPU", request.param == "deferred")
+    real = tr.DPOTrainer._defers_nonfinite_checks
+
+    def check(self, optimizer):
+        used = real(self, optimizer)
+        assert used == (request.param == "deferred")
+        return used
+
+    monkeypatch.setattr(tr.DPOTrainer, "_defers_nonfinite_checks", check)
+    return request.param
+
+
 def poison(monkeypatch, bad_pairs, *, mode="loss"):
     """Make the policy's log-probs of `bad_pairs` non-finite: NaN in the forward ("loss"), or a finite
     forward whose gradient is NaN ("gradient": sqrt(0 * x) is 0 with derivative inf * 0)."""
@@ -158,3 +174,47 @@ def _metrics(out: Path) -> list[dict]:
     import json
 
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_deferred_checks_train_the_same_and_read_the_host_only_at_boundaries(tmp_path, monkeypatch, check_mode):
+    """Deferred, a step's finiteness reaches the host at the next logging step (here every 2 steps), not
+    in the step, and at once while a run of bad steps may be under way; the same step is skipped."""
+    perm = StepPlan(8, 2, 1, 1, SEED).permutation(0)
+    poison(monkeypatch, {perm[2]})  # step 2 is bad
+    seen = []  # (step booked, global step when the host booked it)
+    real = tr.DPOTrainer._count_step
+
+    def count(self, state, window, finite, step, *a):
+        seen.append((step, state.global_step))
+        return real(self, state, window, finite, step, *a)
+
+    monkeypatch.setattr(tr.DPOTrainer, "_count_step", count)
+    trainer = tiny_trainer(tmp_path / check_mode, save_strategy="no", logging_steps=2, max_nonfinite_steps=5)
+    trainer.train()
+    if check_mode == "deferred":
+        # steps 1-2 read together at the step-2 log; step 2 was bad, so step 3 is read at once
+        assert seen == [(1, 2), (2, 2), (3, 3), (4, 4)]
+    else:
+        assert seen == [(1, 0), (2, 1), (3, 2), (4, 3)]
+    rows = _metrics(tmp_path / check_mode)
+    assert trainer.state.nonfinite_steps == 1 and [r["nonfinite_steps"] for r in rows if "loss" in r] == [1, 1]
+
+
+def test_deferred_and_sync_runs_are_bitwise_equal(tmp_path, monkeypatch, check_mode):
+    if check_mode == "sync":
+        pytest.skip("compares both modes itself")
+    perm = StepPlan(8, 2, 1, 1, SEED).permutation(0)
+    poison(monkeypatch, {perm[2], perm[5]})  # steps 2 and 3 are bad
+    results = {}
+    monkeypatch.setattr(tr.DPOTrainer, "_defers_nonfinite_checks",
+                        lambda self, opt: self.args.output_dir.endswith("deferred"))
+    for mode in ("sync", "deferred"):
+        trainer = tiny_trainer(tmp_path / mode, save_strategy="no", logging_steps=3, max_nonfinite_steps=5)
+        trainer.train()
+        rows = [{k: v for k, v in r.items() if "per_second" not in k} for r in _metrics(tmp_path / mode)]
+        results[mode] = (torch.cat([p.detach().flatten() for p in trainer.model.parameters()]), rows,
+                         trainer.optimizer.state_dict()["state"])
+    assert torch.equal(results["sync"][0], results["deferred"][0])
+    assert results["sync"][1] == results["deferred"][1]
+    for a, b in zip(results["sync"][2].values(), results["deferred"][2].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
