@@ -218,3 +218,18 @@ def test_deferred_and_sync_runs_are_bitwise_equal(tmp_path, monkeypatch, check_m
     assert results["sync"][1] == results["deferred"][1]
     for a, b in zip(results["sync"][2].values(), results["deferred"][2].values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_the_check_is_deferred_and_skips_the_bad_step(tmp_path, monkeypatch, check_mode):
+    if check_mode == "sync":
+        pytest.skip("a GPU run with the fused AdamW always defers")
+    bad_step = steps_of(5)
+    poison(monkeypatch, {5})
+    weights = record_weights(monkeypatch)
+    trainer = tiny_trainer(tmp_path / "run", save_strategy="no", use_cpu=False, bf16=False, logging_steps=4)
+    trainer.train()
+    weights.append([p.detach().clone() for p in trainer.model.parameters()])
+    for k in range(1, 5):
+        assert same(weights[k], weights[k - 1]) == (k == bad_step), f"step {k}"
+    assert trainer.state.nonfinite_steps == 1
