@@ -450,8 +450,13 @@ class DPOTrainer:
             pairs_window += step_pairs
             tokens_window += step_tokens
             bar.update(1)
-            if pending and (len(pending) >= settle_every or state.nonfinite_in_a_row
-                            or self._boundary(state, plan, total_steps, log_every, eval_every)):
+            log_due = state.global_step % max(1, log_every) == 0 or state.global_step == total_steps \
+                or (args.logging_first_step and state.global_step == 1)
+            eval_due = self.eval_split is not None and state.global_step != total_steps and (
+                (args.eval_strategy == "steps" and bool(eval_every) and state.global_step % eval_every == 0)
+                or (args.eval_strategy == "epoch" and state.pairs_seen % (plan.steps_per_epoch * plan.global_batch) == 0))
+            save_due = self._should_save(state, plan)
+            if pending and (len(pending) >= settle_every or state.nonfinite_in_a_row or log_due or eval_due or save_due):
                 # one host sync for the steps since the last one, in their order
                 for (step, _, loss_t, norm_t, losses), ok in zip(pending, torch.stack([p[1] for p in pending]).tolist()):
                     self._count_step(state, window, ok, step, loss_t, norm_t, losses)
@@ -465,8 +470,7 @@ class DPOTrainer:
                     "Lower learning_rate or beta, check the data, or raise max_nonfinite_steps."
                 )
             epoch_f = state.pairs_seen / (plan.steps_per_epoch * plan.global_batch)
-            if state.global_step % max(1, log_every) == 0 or state.global_step == total_steps \
-                    or (args.logging_first_step and state.global_step == 1):
+            if log_due:
                 elapsed = time.perf_counter() - t_window - self._paused
                 row = {"step": state.global_step, "epoch": round(epoch_f, 4), **_reduced(window, acc),
                        "learning_rate": scheduler.get_last_lr()[0],
@@ -481,13 +485,9 @@ class DPOTrainer:
                                 pairs_s=f"{row['pairs_per_second']:.2f}")
                 window = MetricAccumulator()
                 t_window, pairs_window, tokens_window, self._paused = time.perf_counter(), 0, 0, 0.0
-            if args.eval_strategy == "steps" and eval_every and state.global_step % eval_every == 0 \
-                    and self.eval_split is not None and state.global_step != total_steps:
+            if eval_due:
                 self._log(metrics_path, trackers, {"step": state.global_step, "epoch": round(epoch_f, 4), **self._timed_eval()})
-            elif args.eval_strategy == "epoch" and state.pairs_seen % (plan.steps_per_epoch * plan.global_batch) == 0 \
-                    and self.eval_split is not None and state.global_step != total_steps:
-                self._log(metrics_path, trackers, {"step": state.global_step, "epoch": round(epoch_f, 4), **self._timed_eval()})
-            if self._should_save(state, plan):
+            if save_due:
                 t_save = time.perf_counter()
                 state.log_window = self._window_snapshot(window, pairs_window, tokens_window)
                 self._save(state)
@@ -521,15 +521,6 @@ class DPOTrainer:
             and getattr(acc, "scaler", None) is None
             and getattr(self.reference, "sync", None) is None
         )
-
-    def _boundary(self, state, plan, total_steps: int, log_every: int, eval_every: int) -> bool:
-        """A step after which the loop logs, evaluates, saves or ends: the counts must be settled."""
-        args = self.args
-        per_epoch = plan.steps_per_epoch * plan.global_batch
-        return (state.global_step == total_steps or (log_every and state.global_step % log_every == 0)
-                or (args.logging_first_step and state.global_step == 1) or self._should_save(state, plan)
-                or (args.eval_strategy == "steps" and eval_every and state.global_step % eval_every == 0)
-                or (args.eval_strategy == "epoch" and state.pairs_seen % per_epoch == 0))  # fmt: skip
 
     def _count_step(self, state, window: MetricAccumulator, finite: bool, step: int, step_loss, grad_norm,
                     pair_losses) -> None:  # fmt: skip
