@@ -158,10 +158,11 @@ class DPOConfig:
                             "the rest there (same values; about 40% less activation memory); LoRA linears add "
                             "their adapter in one matmul without copying their input.",
                             group="batch", extra=True)
-    triton_kernels: bool = _f(True, "With fused_layers on a CUDA GPU where Triton is installed (PyTorch's CUDA "
-                              "wheels bring it): each RMSNorm and SwiGLU product runs as one Triton kernel forward "
-                              "and one backward instead of 2-10 eager elementwise kernels (same formulas; bfloat16 "
-                              "results within a rounding).", group="batch", extra=True)
+    triton_kernels: bool = _f(True, "On a CUDA GPU where Triton is installed (PyTorch's CUDA wheels bring it): the "
+                              "log-prob head's log-softmax runs as one Triton kernel each way over logits kept in "
+                              "bfloat16 (no float32 copy), and with fused_layers each RMSNorm and SwiGLU product as "
+                              "one kernel forward and one backward instead of 2-10 eager elementwise kernels (same "
+                              "formulas; results within a bfloat16 rounding).", group="batch", extra=True)
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.", group="batch")
     gradient_checkpointing_kwargs: Optional[dict] = _f(None, "Keyword arguments (JSON) for "
                                                        "gradient_checkpointing_enable.", group="batch")

@@ -1,4 +1,4 @@
-"""Triton kernels for the elementwise work of ``preftune.fused`` on a GPU.
+"""Triton kernels for the elementwise work of ``preftune.fused`` and of the log-prob head on a GPU.
 
 Eager PyTorch runs an RMSNorm as 6-7 kernels forward and ~10 backward (upcast, square, mean,
 rsqrt, scale, downcast, weight product, ...), and SwiGLU's ``silu(gate) * up`` as 2 forward and 5
@@ -11,6 +11,10 @@ Here each is one kernel:
 - ``silu_mul`` / ``silu_mul_backward``: elementwise; the backward returns d gate, d up and, when
   asked, the recomputed product (for the down projection's weight gradient) in one pass; d gate
   may overwrite d product's memory.
+- ``head_logps_forward`` / ``head_logps_backward_`` (for ``preftune.logps``' chunked head): the
+  log-softmax of one chunk of logits at the targets, read once in the matmul's dtype with an online
+  log-sum-exp, and its gradient written over the logits' own memory. Eager does this in float32
+  with a (chunk, vocab) float32 copy and 4-6 passes over it each way.
 
 Each kernel rounds where the eager ops round (to the activation dtype after silu, after the
 weight product, ...), so results equal the eager ones up to the order of float32 sums and the
@@ -124,6 +128,59 @@ if triton is not None:
         if NEED_DU:
             tl.store(DU + offs, (dp * act).to(DU.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _capped(z, scale, softcap, HAS_SCALE: tl.constexpr, HAS_CAP: tl.constexpr):
+        """(logit, tanh(logit / softcap)) of the float32 head output z: z * scale, then softcap * tanh(. / softcap)."""
+        if HAS_SCALE:
+            z = z * scale
+        t = z  # unused without soft-capping
+        if HAS_CAP:
+            e = tl.exp(-2.0 * tl.abs(z / softcap))  # tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|): no overflow
+            t = tl.where(z < 0, -1.0, 1.0) * (1.0 - e) / (1.0 + e)
+            z = softcap * t
+        return z, t
+
+    @triton.jit
+    def _head_fwd(Z, T, OUT, LSE, stride_z, scale, softcap, V: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):  # V constexpr: one compile per vocabulary
+        row = tl.program_id(0).to(tl.int64)
+        base = Z + row * stride_z
+        cols = tl.arange(0, BLOCK)
+        m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)  # running max (a float32 scalar)
+        s = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)  # running sum of exp(z - m)
+        for start in range(0, V, BLOCK):
+            idx = start + cols
+            z, _t = _capped(tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32), scale, softcap,
+                            HAS_SCALE, HAS_CAP)
+            z = tl.where(idx < V, z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row of -inf so far: nothing to rescale
+            s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
+            m = m_new
+        lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(s)
+        tgt = tl.load(T + row)
+        ok = (tgt >= 0) & (tgt < V)  # a target outside the vocabulary gives nan (the trainer's non-finite check)
+        zt, _t = _capped(tl.load(base + tl.where(ok, tgt, 0)).to(tl.float32), scale, softcap, HAS_SCALE, HAS_CAP)
+        tl.store(OUT + row, tl.where(ok, zt - lse, float("nan")))
+        tl.store(LSE + row, lse)
+
+    @triton.jit
+    def _head_bwd(Z, T, LSE, G, DZ, stride_z, stride_dz, scale, softcap, V: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        idx = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < V
+        z, t = _capped(tl.load(Z + row * stride_z + idx, mask=mask, other=0.0).to(tl.float32), scale, softcap,
+                       HAS_SCALE, HAS_CAP)
+        d = tl.where(idx == tl.load(T + row), 1.0, 0.0) - tl.exp(z - tl.load(LSE + row))  # onehot - softmax
+        g = tl.load(G + row)
+        if HAS_SCALE:
+            g = g * scale
+        d = d * g
+        if HAS_CAP:
+            d = d * (1.0 - t * t)
+        tl.store(DZ + row * stride_dz + idx, d.to(DZ.dtype.element_ty), mask=mask)
+
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """t as (rows, last dim) with a unit stride along the last dim (a view when possible)."""
@@ -209,3 +266,39 @@ def silu_mul_backward(dprod: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                                                  BLOCK=_BLOCK, STORE_P=want_prod, NEED_DG=need_gate,
                                                  NEED_DU=need_up)
     return prod, dgate, dup
+
+
+_HEAD_BLOCK = 4096
+
+
+def _head_args(z: torch.Tensor, scale: float | None, softcap: float | None) -> dict:
+    return dict(scale=1.0 if scale is None else float(scale), softcap=1.0 if softcap is None else float(softcap),
+                HAS_SCALE=scale is not None, HAS_CAP=softcap is not None,
+                BLOCK=min(_HEAD_BLOCK, triton.next_power_of_2(z.shape[1])))
+
+
+def head_logps_forward(z: torch.Tensor, targets: torch.Tensor, scale: float | None = None,
+                       softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token log-probs and log-sum-exps of one chunk of head outputs z (n, V) in their own dtype
+    (the matmul's): logits = softcap * tanh(z * scale / softcap) in float32, then
+    (logits[k, targets[k]] - logsumexp(logits[k]), logsumexp(logits[k])), both (n,) float32.
+    One read of z (an online log-sum-exp per row); no float32 (n, V) copy."""
+    n, v = z.shape
+    out = torch.empty(n, dtype=torch.float32, device=z.device)
+    lse = torch.empty(n, dtype=torch.float32, device=z.device)
+    if n:
+        _head_fwd[(n,)](z, targets.contiguous(), out, lse, z.stride(0), V=v, **_head_args(z, scale, softcap))
+    return out, lse
+
+
+def head_logps_backward_(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
+                         scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
+    """d loss / d z of ``head_logps_forward`` given d loss / d token log-prob ``grad`` (n,) float32,
+    written over z (same dtype, z is returned): (onehot(target) - softmax) * grad, chained through
+    soft-capping and scaling in float32, rounded to z's dtype once."""
+    n, v = z.shape
+    if n:
+        args = _head_args(z, scale, softcap)
+        _head_bwd[(n, triton.cdiv(v, args["BLOCK"]))](z, targets.contiguous(), lse, grad.contiguous(), z,
+                                                       z.stride(0), z.stride(0), V=v, **args)
+    return z

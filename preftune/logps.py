@@ -15,6 +15,7 @@ Prompt and padding positions never reach the head, so they get no gradient (sect
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from preftune import kernels
 from preftune.data.batching import IGNORE_INDEX
 
 
@@ -51,14 +53,17 @@ def logps_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, average: bo
     return (logps / counts.clamp(min=1) if average else logps), counts
 
 
-def _head_logits(h, weight, bias, scale, softcap):
-    """(n, H) -> (n, V) logits upcast to float32, then the config's scaling and soft-capping.
-
-    The matmul runs in the inputs' common dtype (bf16 in bf16 training, float32 accumulate),
-    exactly like ``lm_head`` followed by ``.float()``; everything after it is float32.
-    """
+def _head_matmul(h, weight, bias):
+    """(n, H) -> (n, V) head outputs in the inputs' common dtype (bf16 in bf16 training, float32
+    accumulate), exactly like ``lm_head``."""
     dt = torch.promote_types(h.dtype, weight.dtype)
-    z = F.linear(h.to(dt), weight.to(dt), None if bias is None else bias.to(dt)).float()
+    return F.linear(h.to(dt), weight.to(dt), None if bias is None else bias.to(dt))
+
+
+def _head_logits(h, weight, bias, scale, softcap):
+    """(n, H) -> (n, V) logits upcast to float32, then the config's scaling and soft-capping:
+    ``lm_head`` followed by ``.float()``; everything after the matmul is float32."""
+    z = _head_matmul(h, weight, bias).float()
     # z is this call's own tensor: scale and cap it in place (no second (n, V) buffer)
     if scale is not None:
         z.mul_(scale)
@@ -91,17 +96,25 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     (K, H) x (H, V) matmul (157 ms of a 3.9 s step for the benchmark's short shape on CPU). A second
     backward through the same graph (retain_graph) recomputes: the first one consumed the buffer.
     Under CUDA autocast, backward runs with forward's autocast state (custom_fwd/custom_bwd).
+    With ``triton`` (CUDA tensors, ``preftune.kernels.usable``) each chunk's logits stay in the
+    matmul's dtype: one kernel reads them once for the log-softmax at the targets (forward), one
+    writes d logits over them (backward), and the weight gradient accumulates in float32 inside the
+    matmul where torch has that (``_add_weight_grad``); same float32 math, no float32 (chunk, V) copy.
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, h, weight, bias, targets, chunk_size, scale, softcap, keep=False):
+    def forward(ctx, h, weight, bias, targets, chunk_size, scale, softcap, keep=False, triton=False):
         n = h.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=h.device)
         lse = torch.empty(n, dtype=torch.float32, device=h.device)
-        keep = keep and n <= chunk_size and softcap is None and any(ctx.needs_input_grad[:3])
+        keep = keep and not triton and n <= chunk_size and softcap is None and any(ctx.needs_input_grad[:3])
         kept = ()
         for s in range(0, n, chunk_size):
+            if triton:  # logits in the matmul's dtype, read once by the kernel
+                out[s : s + chunk_size], lse[s : s + chunk_size] = kernels.head_logps_forward(
+                    _head_matmul(h[s : s + chunk_size], weight, bias), targets[s : s + chunk_size], scale, softcap)
+                continue
             z = _head_logits(h[s : s + chunk_size], weight, bias, scale, softcap)  # (c, V)
             out[s : s + chunk_size] = z.gather(1, targets[s : s + chunk_size, None])[:, 0]
             lse[s : s + chunk_size], total = _logsumexp_(z)  # z now holds exp(z - max)
@@ -110,6 +123,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 kept = (z.div_(total[:, None]),)  # the softmax
         ctx.save_for_backward(h, weight, bias, targets, lse, *kept)
         ctx.chunk_size, ctx.scale, ctx.softcap, ctx.kept_fresh = chunk_size, scale, softcap, bool(kept)
+        ctx.triton = triton
         return out
 
     @staticmethod
@@ -125,32 +139,64 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if need_b else None
         for s in range(0, h.shape[0], ctx.chunk_size):
             hc, tc = h[s : s + ctx.chunk_size].to(dt), targets[s : s + ctx.chunk_size, None]  # (c, H), (c, 1)
-            if kept is not None:  # one chunk, softmax from forward
-                dz, dcap = kept.neg_(), None
+            if ctx.triton:  # d logits over the recomputed logits, in the matmul's dtype
+                dz = kernels.head_logps_backward_(_head_matmul(hc, w, bias), tc[:, 0], lse[s : s + ctx.chunk_size],
+                                                  grad_out[s : s + ctx.chunk_size], ctx.scale, ctx.softcap)
+                if need_b:
+                    grad_b += dz.sum(0, dtype=torch.float32)
             else:
-                z = _head_logits(hc, w, bias, ctx.scale, ctx.softcap)  # (c, V) float32
-                dcap = 1 - (z / ctx.softcap) ** 2 if ctx.softcap is not None else None
-                dz = z.sub_(lse[s : s + ctx.chunk_size, None]).exp_().neg_()  # -softmax, in place
-            dz.scatter_add_(1, tc, torch.ones_like(tc, dtype=dz.dtype))  # onehot - softmax
-            dz.mul_(grad_out[s : s + ctx.chunk_size, None] * (ctx.scale if ctx.scale is not None else 1.0))
-            if dcap is not None:
-                dz.mul_(dcap)
-            if need_b:
-                grad_b += dz.sum(0)
-            dz = dz.to(dt)
+                if kept is not None:  # one chunk, softmax from forward
+                    dz, dcap = kept.neg_(), None
+                else:
+                    z = _head_logits(hc, w, bias, ctx.scale, ctx.softcap)  # (c, V) float32
+                    dcap = 1 - (z / ctx.softcap) ** 2 if ctx.softcap is not None else None
+                    dz = z.sub_(lse[s : s + ctx.chunk_size, None]).exp_().neg_()  # -softmax, in place
+                dz.scatter_add_(1, tc, torch.ones_like(tc, dtype=dz.dtype))  # onehot - softmax
+                dz.mul_(grad_out[s : s + ctx.chunk_size, None] * (ctx.scale if ctx.scale is not None else 1.0))
+                if dcap is not None:
+                    dz.mul_(dcap)
+                if need_b:
+                    grad_b += dz.sum(0)
+                dz = dz.to(dt)
             if need_h:
                 grad_h[s : s + ctx.chunk_size] = (dz @ w).to(h.dtype)
             if need_w:
-                if grad_w is None:
-                    grad_w = (dz.T @ hc).float()
-                elif dt == torch.float32:
-                    grad_w.addmm_(dz.T, hc)  # in place: no (V, H) temporary per chunk
-                else:
-                    grad_w += dz.T @ hc  # the low-precision product is upcast inside the add: no (V, H) float32 copy
+                grad_w = _add_weight_grad(grad_w, dz, hc)
         if need_w and grad_w is None:  # no completion token at all
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None)
+
+
+@functools.cache
+def _mixed_mm(device: torch.device) -> bool:
+    """Whether torch's matmuls take bfloat16/float16 inputs with a float32 output and accumulator
+    (``out_dtype``, CUDA in recent torch) on ``device``."""
+    if device.type != "cuda":
+        return False
+    try:
+        a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+        c = torch.ones(2, 2, dtype=torch.float32, device=device)
+        with torch.autocast("cuda", enabled=False):
+            torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
+        return bool(c[0, 0].item() == 3.0)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def _add_weight_grad(grad_w, dz, hc):
+    """grad_w + dz^T hc in float32, grad_w None for the first chunk. Low-precision inputs accumulate
+    inside the matmul into float32 where torch can (``_mixed_mm``): no (V, H) product and no add pass."""
+    if dz.dtype in (torch.bfloat16, torch.float16) and hc.dtype == dz.dtype and _mixed_mm(dz.device):
+        if grad_w is None:
+            return torch.mm(dz.T, hc, out_dtype=torch.float32)
+        return torch.addmm(grad_w, dz.T, hc, out_dtype=torch.float32, out=grad_w)
+    if grad_w is None:
+        return (dz.T @ hc).float()
+    if dz.dtype == hc.dtype == torch.float32:
+        return grad_w.addmm_(dz.T, hc)  # in place: no (V, H) temporary per chunk
+    grad_w += dz.T @ hc  # the low-precision product is upcast inside the add: no (V, H) float32 copy
+    return grad_w
 
 
 def _module_token_logps(head, h, targets, chunk_size, scale, softcap):
@@ -186,6 +232,7 @@ def sequence_logps(
     logit_scale: float | None = None,
     logit_softcap: float | None = None,
     head_module: torch.nn.Module | None = None,
+    triton: bool = False,
 ):
     """Completion-only summed log-probs per segment (eq 6.3), without (tokens, V) logits.
 
@@ -193,6 +240,7 @@ def sequence_logps(
     lm_head_weight (V, H) (and lm_head_bias (V,)); positions, targets, segments (K,) from
     ``collate``. logits = (h W^T + b) * logit_scale, then logit_softcap * tanh(. / softcap),
     all float32. ``head_module`` instead of the weight calls that module (for wrapped heads).
+    ``triton``: the log-softmax runs as ``preftune.kernels`` head kernels where they apply (CUDA).
     Returns (logps (S,) float32, counts (S,) long) with S = num_segments.
     """
     if chunk_size < 1:
@@ -201,8 +249,10 @@ def sequence_logps(
     if head_module is not None:
         token = _module_token_logps(head_module, h, targets, chunk_size, logit_scale, logit_softcap)
     else:
+        triton = triton and kernels.usable(h, lm_head_weight, *(() if lm_head_bias is None else (lm_head_bias,)))
         token = _ChunkedTokenLogps.apply(
-            h, lm_head_weight, lm_head_bias, targets, chunk_size, logit_scale, logit_softcap, torch.is_grad_enabled()
+            h, lm_head_weight, lm_head_bias, targets, chunk_size, logit_scale, logit_softcap, torch.is_grad_enabled(),
+            triton,
         )  # (K,)
     logps = torch.zeros(num_segments, dtype=torch.float32, device=h.device).index_add(0, segments, token)
     counts = torch.bincount(segments, minlength=num_segments)
@@ -314,15 +364,30 @@ def _final_hidden(model, base, inputs: dict) -> torch.Tensor:
     return caught[-1]
 
 
-def auto_chunk_size(vocab_size: int) -> int:
+def auto_chunk_size(vocab_size: int, logit_bytes: int = 4) -> int:
     """Completion tokens per chunk of the output head when none is configured: 1024, halved until one
-    chunk's float32 logits take at most 512 MiB (1024 up to a 131072 vocabulary, 512 for Qwen2's 151936).
-    The head's peak is a few chunk-sized temporaries at the start of backward, on top of every saved
-    activation, so this bounds it whatever the vocabulary."""
+    chunk's logits take at most 512 MiB, float32 for the eager head (1024 up to a 131072 vocabulary,
+    512 for Qwen2's 151936), ``logit_bytes`` each for the Triton head, which keeps them in the matmul's
+    dtype. The head's peak is a few chunk-sized temporaries at the start of backward, on top of every
+    saved activation, so this bounds it whatever the vocabulary."""
     chunk = 1024
-    while chunk > 64 and chunk * vocab_size * 4 > 512 * 2**20:
+    while chunk > 64 and chunk * vocab_size * logit_bytes > 512 * 2**20:
         chunk //= 2
     return chunk
+
+
+TRITON_HEAD = "_preftune_triton_head"  # attribute on the output head module: run it with the Triton kernels
+
+
+def use_triton_head(model: torch.nn.Module, on: bool = True) -> bool:
+    """Mark ``model``'s output head for ``model_logps``' Triton kernels (where they apply: CUDA tensors,
+    Triton installed). Returns whether the model has a head to mark."""
+    get = getattr(_unwrap(model), "get_output_embeddings", None)
+    head = get() if get is not None else None
+    if head is None:
+        return False
+    setattr(head, TRITON_HEAD, bool(on))
+    return True
 
 
 def model_logps(model, batch: dict, *, chunk_size: int | None = None, average: bool = False) -> ResponseLogps:
@@ -351,8 +416,10 @@ def model_logps(model, batch: dict, *, chunk_size: int | None = None, average: b
     # calling a sharded head module chunk by chunk would free the final norm's gathered weight
     plain = isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward
     B = batch["num_pairs"]
+    triton = plain and getattr(head, TRITON_HEAD, False) and kernels.usable(head.weight)
     if chunk_size is None:
-        chunk_size = auto_chunk_size(head.weight.shape[0] if hasattr(head, "weight") else base.config.vocab_size)
+        vocab = head.weight.shape[0] if hasattr(head, "weight") else base.config.vocab_size
+        chunk_size = auto_chunk_size(vocab, hidden.element_size() if triton else 4)
     logps, counts = sequence_logps(
         hidden,
         head.weight if plain else None,
@@ -365,6 +432,7 @@ def model_logps(model, batch: dict, *, chunk_size: int | None = None, average: b
         logit_scale=scale,
         logit_softcap=softcap,
         head_module=None if plain else head,
+        triton=triton,
     )
     mean = logps / counts.clamp(min=1)
     out = mean if average else logps

@@ -27,7 +27,7 @@ from preftune import checkpoint as ckpt
 from preftune.config import DPOConfig
 from preftune.data.batching import collate
 from preftune.data.pipeline import StepPlan, prepare_one, prepare_splits, report_skips
-from preftune.logps import attention_kernels, model_logps
+from preftune.logps import attention_kernels, model_logps, use_triton_head
 from preftune.losses import LOSSES, loss_params, preference_loss, resolve_loss_names
 from preftune.memory import init_adamw_state, tune_malloc
 from preftune.metrics import MetricAccumulator, preference_metrics
@@ -152,6 +152,7 @@ class DPOTrainer:
             from preftune.fused import fuse_layers
 
             logger.info("lean backward in %s", fuse_layers(model, triton=args.triton_kernels))
+        use_triton_head(model, args.triton_kernels)
         self.is_peft = peft_config is not None or hasattr(model, "peft_config")
         self.model = model
 
@@ -219,6 +220,7 @@ class DPOTrainer:
         """Frozen and placed like the policy: sharded under FSDP / ZeRO-3, plain on the device otherwise."""
         from preftune.reference import prepare_reference_model
 
+        use_triton_head(ref_model, self.args.triton_kernels)
         return prepare_reference_model(ref_model, self.accelerator, micro_batch=self.args.per_device_train_batch_size,
                                        accumulation=self.args.gradient_accumulation_steps)
 

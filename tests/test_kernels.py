@@ -194,3 +194,125 @@ def test_fuse_layers_without_triton_uses_eager_ops(kern):
     fuse_layers(model, triton=False)
     assert not any(fused._use_triton(m, torch.zeros(1, device=device)) for m in model.modules()
                    if "_preftune_triton" in vars(m))
+
+
+def _eager_head(z, targets, scale, softcap):
+    """The eager head on logits z (n, V) in the matmul's dtype: float32 log-softmax at the targets."""
+    x = z.float()
+    x = x * scale if scale is not None else x
+    x = softcap * torch.tanh(x / softcap) if softcap is not None else x
+    return F.log_softmax(x, dim=-1).gather(1, targets[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale,softcap", [(None, None), (0.5, None), (None, 3.0), (2.0, 5.0)])
+def test_head_kernels_match_eager(kern, monkeypatch, dtype, scale, softcap):
+    """Forward: log-softmax at the targets and the log-sum-exp; backward: d logits (written over the
+    logits) equal autograd through the eager float32 formula, rounded once to the logits' dtype. A
+    64-wide block makes the 300-token vocabulary five blocks with a ragged last one."""
+    kernels, device = kern
+    monkeypatch.setattr(kernels, "_HEAD_BLOCK", 64)
+    torch.manual_seed(0)
+    z = (torch.randn(7, 300, device=device) * 4).to(dtype)
+    targets = torch.randint(0, 300, (7,), device=device)
+    targets[0], targets[1] = 0, 299  # the first and the last column
+    grad = torch.randn(7, device=device)
+
+    out, lse = kernels.head_logps_forward(z, targets, scale, softcap)
+    zf = z.float().requires_grad_()
+    want = _eager_head(zf, targets, scale, softcap)
+    assert out.dtype == lse.dtype == torch.float32
+    assert torch.allclose(out, want.detach(), rtol=1e-5, atol=1e-5)
+    x = z.float() * (scale or 1.0)
+    x = softcap * torch.tanh(x / softcap) if softcap is not None else x
+    assert torch.allclose(lse, torch.logsumexp(x, -1), rtol=1e-5, atol=1e-5)
+
+    (dz_want,) = torch.autograd.grad(want, zf, grad)
+    buf = z.clone()
+    dz = kernels.head_logps_backward_(buf, targets, lse, grad, scale, softcap)
+    assert dz.data_ptr() == buf.data_ptr() and dz.dtype == dtype  # written over the logits
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+    assert torch.allclose(dz.float(), dz_want.to(dtype).float(), **tol)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter computes -inf - -inf in numpy
+def test_head_kernel_rows_of_minus_infinity_and_bad_targets(kern):
+    """A row of -inf logits gives a log-sum-exp of -inf as torch's does; a target outside the
+    vocabulary gives nan (caught by the trainer's non-finite check) instead of reading past the row."""
+    kernels, device = kern
+    z = torch.zeros(3, 10, device=device)
+    z[0] = float("-inf")
+    out, lse = kernels.head_logps_forward(z, torch.tensor([1, 10, -1], device=device))
+    assert lse[0] == float("-inf") and torch.isnan(out[1:]).all()
+    assert torch.allclose(lse[1:], torch.full((2,), float(torch.tensor(10.0).log())))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_head_with_kernels_matches_eager(kern, dtype, bias):
+    """sequence_logps with triton=True vs the eager chunked head: per-response log-probs and the
+    gradients of the hidden states, head weight and bias, over several chunks and a ragged last one,
+    with logit scaling and soft-capping."""
+    from preftune.logps import sequence_logps
+
+    kernels, device = kern
+    torch.manual_seed(1)
+    K, H, V, S = 23, 16, 300, 4
+    hidden = torch.randn(K, H, device=device, dtype=dtype, requires_grad=True)
+    W = (torch.randn(V, H, device=device) * 0.5).to(dtype).requires_grad_()
+    b = (torch.randn(V, device=device) * 0.1).to(dtype).requires_grad_() if bias else None
+    targets = torch.randint(0, V, (K,), device=device)
+    segments = torch.randint(0, S, (K,), device=device)
+    weights = torch.randn(S, device=device)
+    results = []
+    for triton in (False, True):
+        logps, counts = sequence_logps(hidden, W, torch.arange(K, device=device), targets, segments, S,
+                                       lm_head_bias=b, chunk_size=8, logit_scale=0.7, logit_softcap=20.0,
+                                       triton=triton)
+        params = (hidden, W) + ((b,) if bias else ())
+        results.append((logps.detach(), counts, torch.autograd.grad((logps * weights).sum(), params)))
+    (lp_e, c_e, g_e), (lp_k, c_k, g_k) = results
+    assert torch.equal(c_e, c_k)
+    assert torch.allclose(lp_k, lp_e, rtol=1e-5, atol=1e-4)
+    for got, want in zip(g_k, g_e):
+        assert got.dtype == want.dtype
+        if dtype == torch.float32:
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+        else:  # both round d logits to bfloat16 once (the interpreter by truncation)
+            assert (got.float() - want.float()).norm() <= 2e-2 * want.float().norm()
+
+
+def test_model_logps_uses_the_head_kernels_when_marked(kern, monkeypatch):
+    """A marked head runs the kernels (forward and backward) and gives the eager values and gradients;
+    unmarked (triton_kernels=False) it does not; the chunk doubles for bfloat16 logits."""
+    from preftune import logps as L
+    from preftune.data.batching import collate
+
+    kernels, device = kern
+    model = tiny_model().to(device)
+    feats = [dict(index=i, prompt_ids=[1, 5, 6 + i], chosen_ids=[7, 8, 9][: 1 + i], rejected_ids=[10, 11])
+             for i in range(3)]
+    batch = collate(feats, layout="prefix", pad_token_id=0)
+    calls = []
+    for name in ("head_logps_forward", "head_logps_backward_"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=real, _n=name, **k: calls.append(_n) or _f(*a, **k))
+
+    def run():
+        model.zero_grad()
+        out = L.model_logps(model, batch)
+        (out.chosen_logps - 0.5 * out.rejected_logps).sum().backward()
+        return out.chosen_logps.detach(), out.rejected_logps.detach(), model.lm_head.weight.grad.clone()
+
+    eager = run()
+    assert not calls
+    assert L.use_triton_head(model) and getattr(model.lm_head, L.TRITON_HEAD)
+    fast = run()
+    assert calls.count("head_logps_forward") == 1 and calls.count("head_logps_backward_") == 1
+    for got, want in zip(fast, eager):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    L.use_triton_head(model, False)
+    calls.clear()
+    run()
+    assert not calls
+    assert L.auto_chunk_size(151936, 2) == 1024 and L.auto_chunk_size(151936) == 512

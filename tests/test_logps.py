@@ -380,3 +380,21 @@ def test_one_chunk_keeps_its_softmax_and_a_second_backward_recomputes():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             sequence_logps(hidden, W, torch.arange(K), targets, seg, 3, chunk_size=K)
         assert K * Vs not in sizes
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_weight_gradient_accumulates_in_float32(device, dtype):
+    """The head's weight gradient over chunks (``_add_weight_grad``; on a GPU in bfloat16 the matmul
+    accumulates into the float32 sum itself) equals the float32 sum of the chunk products."""
+    from preftune.logps import _add_weight_grad
+
+    torch.manual_seed(0)
+    chunks = [(torch.randn(5, 40, device=device).to(dtype), torch.randn(5, 8, device=device).to(dtype)) for _ in range(3)]
+    grad_w = None
+    for dz, hc in chunks:
+        grad_w = _add_weight_grad(grad_w, dz, hc)
+    want = sum(dz.double().T @ hc.double() for dz, hc in chunks)
+    assert grad_w.dtype == torch.float32 and grad_w.shape == (40, 8)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(grad_w.double(), want, rtol=tol, atol=tol)
