@@ -284,7 +284,7 @@ def test_chunked_head_with_kernels_matches_eager(kern, dtype, bias):
 
 def test_model_logps_uses_the_head_kernels_when_marked(kern, monkeypatch):
     """A marked head runs the kernels (forward and backward) and gives the eager values and gradients;
-    unmarked (triton_kernels=False) it does not; the chunk doubles for bfloat16 logits."""
+    unmarked (triton_kernels=False) it does not."""
     from preftune import logps as L
     from preftune.data.batching import collate
 
@@ -315,4 +315,3 @@ def test_model_logps_uses_the_head_kernels_when_marked(kern, monkeypatch):
     calls.clear()
     run()
     assert not calls
-    assert L.auto_chunk_size(151936, 2) == 1024 and L.auto_chunk_size(151936) == 512
