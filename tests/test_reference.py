@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import types
 import logging
 import random
 
@@ -105,6 +106,43 @@ def test_adapter_disabled_reference_equals_base():
     torch.testing.assert_close(as_table(forward_logps(policy, batch)), policy_before)  # adapters back on
     with pytest.raises(TypeError, match="peft"):
         AdapterDisabledReference(base)
+
+
+def test_adapter_disabled_reference_matches_peft_disable_adapter():
+    """The flag switch equals peft's own disable_adapter() for LoRA plus a modules_to_save head, leaves
+    every flag, requires_grad and the PeftModel's own flag as they were (also a layer the user had
+    switched off), and prompt-learning methods keep peft's context."""
+    from peft import LoraConfig, get_peft_model
+
+    from preftune.reference import _adapter_switches
+
+    base = tiny_model()
+    torch.manual_seed(2)
+    policy = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "up_proj"],
+                                                            modules_to_save=["lm_head"], init_lora_weights=False))
+    with torch.no_grad():
+        policy.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)  # saved head != base head
+    batch = collate(make_features(), layout="prefix", pad_token_id=0)
+    with policy.disable_adapter():
+        want = as_table(forward_logps(policy, batch))
+    torch.testing.assert_close(want, as_table(forward_logps(base, batch)), atol=1e-5, rtol=1e-5)
+    ref = AdapterDisabledReference(policy)
+    assert len(ref._switches) == 5  # 2 layers x (q_proj, up_proj) + the modules_to_save wrapper
+    off = ref._switches[0]
+    off._disable_adapters = True  # a layer the user switched off stays off
+    flags = [m._disable_adapters for m in ref._switches]
+    grads = {n: p.requires_grad for n, p in policy.named_parameters()}
+    policy_before = as_table(forward_logps(policy, batch))
+    assert (policy_before - want).abs().max() > 1e-3
+    torch.testing.assert_close(as_table(ref.logps(batch)), want, atol=0, rtol=0)
+    assert [m._disable_adapters for m in ref._switches] == flags and not policy._adapters_disabled
+    assert {n: p.requires_grad for n, p in policy.named_parameters()} == grads
+    torch.testing.assert_close(as_table(forward_logps(policy, batch)), policy_before, atol=0, rtol=0)
+
+    class PromptTuned(torch.nn.Module):
+        peft_config = {"default": types.SimpleNamespace(is_prompt_learning=True)}
+
+    assert _adapter_switches(PromptTuned()) is None
 
 
 # --------------------------------------------------------------------------------------------
