@@ -392,6 +392,10 @@ class DPOTrainer:
         )
         self.model, optimizer = acc.prepare(self.model, optimizer)
         self.optimizer, self.scheduler = optimizer, scheduler
+        # once, not per step: unwrapping and listing the parameters each walk every module (with LoRA
+        # on a 24-layer model, 2000 modules: ~16 ms of host time per step on the CPU)
+        policy = acc.unwrap_model(self.model)
+        self._clip_params = [p for p in self.model.parameters() if p.requires_grad]
         state = ckpt.TrainState()
         resume = resume_from_checkpoint if resume_from_checkpoint is not None else args.resume_from_checkpoint
         if resume:
@@ -448,7 +452,7 @@ class DPOTrainer:
             state.global_step += 1
             state.pairs_seen += plan.global_batch
             if not defer and finite and self.reference is not None:
-                self.reference.on_optimizer_step(state.global_step, acc.unwrap_model(self.model))
+                self.reference.on_optimizer_step(state.global_step, policy)
             pairs_window += step_pairs
             tokens_window += step_tokens
             bar.update(1)
@@ -575,7 +579,9 @@ class DPOTrainer:
         return total, n_pairs, n_tokens, pair_losses
 
     def _clip(self) -> torch.Tensor:
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = getattr(self, "_clip_params", None)
+        if params is None:
+            params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
         if self.accelerator.num_processes > 1 or self.accelerator.distributed_type != "NO":
             norm = self.accelerator.clip_grad_norm_(params, max_norm)
