@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import copy
-import types
 import logging
 import random
+import types
 
 import pytest
 import torch
