@@ -272,6 +272,10 @@ def test_chunked_head_with_kernels_matches_eager(kern, dtype, bias):
         params = (hidden, W) + ((b,) if bias else ())
         results.append((logps.detach(), counts, torch.autograd.grad((logps * weights).sum(), params)))
     (lp_e, c_e, g_e), (lp_k, c_k, g_k) = results
+    empty = torch.zeros(0, dtype=torch.long, device=device)  # no completion token at all
+    lp0, _ = sequence_logps(hidden, W, empty, empty, empty, 2, lm_head_bias=b, chunk_size=8, triton=True)
+    assert torch.equal(lp0, torch.zeros(2, device=device))
+    assert not torch.autograd.grad(lp0.sum(), W, allow_unused=True)[0].any()
     assert torch.equal(c_e, c_k)
     assert torch.allclose(lp_k, lp_e, rtol=1e-5, atol=1e-4)
     for got, want in zip(g_k, g_e):
