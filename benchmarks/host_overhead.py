@@ -18,12 +18,21 @@ import time
 
 
 def run(mode: str, steps: int, layers: int) -> float:
+    """Median step seconds of one job (steps >= 4), on one CPU thread."""
     import torch
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _timed_steps(mode, steps, layers)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _timed_steps(mode: str, steps: int, layers: int) -> float:
     from preftune import DPOConfig, DPOTrainer
     from preftune.testing import tiny_model, tiny_tokenizer
 
-    torch.set_num_threads(1)
     tok = tiny_tokenizer()
     rows = [dict(prompt=f"question {i} " * 3, chosen=f"good answer {i}", rejected=f"bad reply {i}!")
             for i in range(8 * steps)]
