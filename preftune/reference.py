@@ -219,8 +219,8 @@ class AdapterDisabledReference(Reference):
     forward and put back after: what peft's ``disable_adapter()`` does for a forward without autograd,
     without its per-call model-status walk over every module (and requires_grad toggling), which took
     26 ms of host time per call for a 24-layer model with LoRA on 7 projections on the CPU (the
-    reference forward runs every step). The layers are listed once, here; other peft methods use
-    ``disable_adapter()``.
+    reference forward runs every step). The layers are listed once, and again when the model's set of
+    adapters changes; other peft methods use ``disable_adapter()``.
     """
 
     def __init__(self, peft_model: nn.Module):
@@ -228,10 +228,14 @@ class AdapterDisabledReference(Reference):
             raise TypeError("AdapterDisabledReference needs a peft model (with disable_adapter()); "
                             "pass ref_model for a full-model policy")  # fmt: skip
         self.model = peft_model
+        self._listed_for = tuple(getattr(peft_model, "peft_config", {}))
         self._switches = _adapter_switches(peft_model)
 
     @contextmanager
     def _adapters_off(self) -> Iterator[None]:
+        if tuple(getattr(self.model, "peft_config", {})) != self._listed_for:  # adapters added or deleted since
+            self._listed_for = tuple(getattr(self.model, "peft_config", {}))
+            self._switches = _adapter_switches(self.model)
         if self._switches is None:
             with self.model.disable_adapter():
                 yield

@@ -139,6 +139,10 @@ def test_adapter_disabled_reference_matches_peft_disable_adapter():
     assert {n: p.requires_grad for n, p in policy.named_parameters()} == grads
     torch.testing.assert_close(as_table(forward_logps(policy, batch)), policy_before, atol=0, rtol=0)
 
+    policy.add_adapter("second", LoraConfig(r=2, target_modules=["k_proj"], init_lora_weights=False))
+    ref.logps(batch)
+    assert len(ref._switches) == 7 and all(not m._disable_adapters for m in ref._switches[1:])  # re-listed
+
     class PromptTuned(torch.nn.Module):
         peft_config = {"default": types.SimpleNamespace(is_prompt_learning=True)}
 
