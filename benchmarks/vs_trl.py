@@ -360,7 +360,8 @@ def main(argv=None) -> int:
     p.add_argument("--cudnn-attention", default=None, choices=("on", "off"),
                    help="preftune cudnn_attention (default: its automatic choice)")
     p.add_argument("--triton-kernels", default="on", choices=("on", "off"),
-                   help="preftune triton_kernels (on a GPU: RMSNorm and SwiGLU as Triton kernels; default on)")
+                   help="preftune triton_kernels (on a GPU: the log-prob head, RMSNorm and SwiGLU as Triton kernels; "
+                        "default on)")
     p.add_argument("--pad-multiple", type=int, default=None, help="preftune pad_to_multiple_of")
     p.add_argument("--ref-batch", type=int, default=None, help="preftune precompute_ref_batch_size")
     p.add_argument("--trl-thp", action="store_true",

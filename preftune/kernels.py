@@ -165,8 +165,8 @@ if triton is not None:
         tl.store(LSE + row, lse)
 
     @triton.jit
-    def _head_bwd(Z, T, LSE, G, DZ, stride_z, stride_dz, scale, softcap, V: tl.constexpr, HAS_SCALE: tl.constexpr,
-                  HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
+    def _head_bwd(Z, T, LSE, G, stride_z, scale, softcap, V: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):  # d logits written over Z
         row = tl.program_id(0).to(tl.int64)
         idx = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = idx < V
@@ -179,7 +179,7 @@ if triton is not None:
         d = d * g
         if HAS_CAP:
             d = d * (1.0 - t * t)
-        tl.store(DZ + row * stride_dz + idx, d.to(DZ.dtype.element_ty), mask=mask)
+        tl.store(Z + row * stride_z + idx, d.to(Z.dtype.element_ty), mask=mask)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -299,6 +299,6 @@ def head_logps_backward_(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tens
     n, v = z.shape
     if n:
         args = _head_args(z, scale, softcap)
-        _head_bwd[(n, triton.cdiv(v, args["BLOCK"]))](z, targets.contiguous(), lse, grad.contiguous(), z,
-                                                       z.stride(0), z.stride(0), V=v, **args)
+        _head_bwd[(n, triton.cdiv(v, args["BLOCK"]))](z, targets.contiguous(), lse, grad.contiguous(), z.stride(0),
+                                                       V=v, **args)
     return z

@@ -418,7 +418,7 @@ def model_logps(model, batch: dict, *, chunk_size: int | None = None, average: b
     # calling a sharded head module chunk by chunk would free the final norm's gathered weight
     plain = isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward
     B = batch["num_pairs"]
-    triton = plain and getattr(head, TRITON_HEAD, False) and kernels.usable(head.weight)
+    triton = plain and getattr(head, TRITON_HEAD, False)  # sequence_logps checks the tensors (kernels.usable)
     if chunk_size is None:
         chunk_size = auto_chunk_size(head.weight.shape[0] if hasattr(head, "weight") else base.config.vocab_size)
     logps, counts = sequence_logps(

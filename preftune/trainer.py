@@ -579,9 +579,7 @@ class DPOTrainer:
         return total, n_pairs, n_tokens, pair_losses
 
     def _clip(self) -> torch.Tensor:
-        params = getattr(self, "_clip_params", None)
-        if params is None:
-            params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self._clip_params  # listed once per run in _train
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
         if self.accelerator.num_processes > 1 or self.accelerator.distributed_type != "NO":
             norm = self.accelerator.clip_grad_norm_(params, max_norm)
