@@ -86,6 +86,7 @@ class _Encoder:
     def __init__(self, tokenizer, chat_template: str | None = None):
         self.tok = tokenizer
         self.chat_template = chat_template
+        self._known: dict[str, list[int]] = {}  # texts encoded ahead by `encode_ahead`
         self.eos = tokenizer.eos_token_id
         if self.eos is None:
             raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token before tokenizing pairs")
@@ -96,7 +97,16 @@ class _Encoder:
         self.bos = tokenizer.bos_token_id
 
     def plain(self, text: str) -> list[int]:
-        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+        ids = self._known.get(text)
+        return list(ids if ids is not None else self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def encode_ahead(self, texts) -> None:
+        """Encode ``texts`` in one batched tokenizer call, for the ``plain`` calls that follow; forgets
+        what was encoded ahead before. A fast tokenizer encodes a batch on all cores and without the
+        GIL: 240 pairs of ~1400 tokens took 0.81 s one text per call on a 2-core CPU (722 calls), 0.23 s
+        in one call. The ids are the same as one call per text."""
+        todo = list(dict.fromkeys(texts))
+        self._known = dict(zip(todo, self.tok(todo, add_special_tokens=False)["input_ids"])) if todo else {}
 
     def with_prefix(self, text: str) -> list[int]:
         ids = self.plain(text)
@@ -134,15 +144,26 @@ def _response_text(enc: _Encoder, prompt: list, prompt_text: str, full_text: str
     )
 
 
-def _encode(pair: PreferencePair, enc: _Encoder) -> tuple[list[int], list[int], list[int], bool]:
-    """(prompt_ids, chosen_ids, rejected_ids, tokenized_apart) before truncation."""
+def _texts(pair: PreferencePair, enc: _Encoder) -> tuple[str, str, str]:
+    """The texts ``_encode`` tokenizes: (prompt, chosen, rejected), or for a conversation the rendered
+    prompt (with the generation prompt) and the two rendered whole conversations."""
+    if pair.kind != "conversational":
+        return pair.prompt, pair.chosen, pair.rejected
+    return (enc.render(list(pair.prompt), True),
+            *(enc.render(list(pair.prompt) + list(response), False) for response in (pair.chosen, pair.rejected)))
+
+
+def _encode(pair: PreferencePair, enc: _Encoder,
+            texts: tuple[str, str, str] | None = None) -> tuple[list[int], list[int], list[int], bool]:
+    """(prompt_ids, chosen_ids, rejected_ids, tokenized_apart) before truncation; ``texts`` =
+    ``_texts(pair, enc)`` when the caller has them."""
     separate = False
+    texts = texts or _texts(pair, enc)
     if pair.kind == "conversational":
-        prompt_text = enc.render(list(pair.prompt), True)
+        prompt_text = texts[0]
         prompt_ids = enc.with_prefix(prompt_text)
         responses = []
-        for response in (pair.chosen, pair.rejected):
-            full_text = enc.render(list(pair.prompt) + list(response), False)
+        for response, full_text in zip((pair.chosen, pair.rejected), texts[1:]):
             full_ids = enc.with_prefix(full_text)
             if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
                 ids = full_ids[len(prompt_ids) :]
@@ -151,9 +172,9 @@ def _encode(pair: PreferencePair, enc: _Encoder) -> tuple[list[int], list[int], 
                 ids = enc.plain(_response_text(enc, list(pair.prompt), prompt_text, full_text, list(response)))
             responses.append(ids if enc.eos in ids else ids + [enc.eos])
     else:
-        prompt_ids = enc.with_prefix(pair.prompt)
+        prompt_ids = enc.with_prefix(texts[0])
         responses = []
-        for text in (pair.chosen, pair.rejected):
+        for text in texts[1:]:
             ids = enc.plain(text)
             responses.append(ids if ids and ids[-1] == enc.eos else ids + [enc.eos])
     if not prompt_ids:  # batching needs >= 1 prompt token
@@ -196,8 +217,8 @@ def truncate_pair(prompt_ids, chosen_ids, rejected_ids, *, max_length=None, max_
     return p, c, r
 
 
-def _tokenize_one(pair, enc, opts) -> tuple[dict | Dropped, bool]:
-    prompt_ids, chosen_ids, rejected_ids, separate = _encode(pair, enc)
+def _tokenize_one(pair, enc, opts, texts=None) -> tuple[dict | Dropped, bool]:
+    prompt_ids, chosen_ids, rejected_ids, separate = _encode(pair, enc, texts)
     keep_first = len(enc.prefix) if enc.prefix and prompt_ids[: len(enc.prefix)] == enc.prefix else 0
     out = truncate_pair(prompt_ids, chosen_ids, rejected_ids, keep_first=keep_first, **opts)
     if isinstance(out, Dropped):
@@ -219,6 +240,9 @@ def tokenize_pair(pair: PreferencePair, tokenizer, *, max_length=None, max_promp
     return out
 
 
+_AHEAD = 1024  # pairs per batched tokenizer call in tokenize_dataset
+
+
 def tokenize_dataset(pairs, tokenizer, *, max_length=None, max_prompt_length=None, max_completion_length=None,
                      truncation_mode="keep_end", chat_template=None) -> TokenizedPairs:
     """Tokenize pairs (a list of `PreferencePair` or `NormalizedData`) -> `TokenizedPairs`.
@@ -226,22 +250,26 @@ def tokenize_dataset(pairs, tokenizer, *, max_length=None, max_prompt_length=Non
     Dropped pairs are counted by reason in ``.dropped``; the kept ones are renumbered so that
     ``result[i]["index"] == i`` and ``result.pairs[i]`` is the source pair.
     """
-    if isinstance(pairs, NormalizedData):
-        pairs = pairs.pairs
+    pairs = list(pairs.pairs if isinstance(pairs, NormalizedData) else pairs)
     opts = dict(max_length=max_length, max_prompt_length=max_prompt_length,
                 max_completion_length=max_completion_length, truncation_mode=truncation_mode)
     _check_options(**opts)
     enc = _Encoder(tokenizer, chat_template)
     features, kept, dropped, apart = [], [], Counter(), 0
-    for pair in pairs:
-        out, separate = _tokenize_one(pair, enc, opts)
-        apart += separate
-        if isinstance(out, Dropped):
-            dropped[out.reason] += 1
-            continue
-        out["index"] = len(features)
-        features.append(out)
-        kept.append(pair)
+    for start in range(0, len(pairs), _AHEAD):  # the texts of _AHEAD pairs encoded in one batched call
+        chunk = pairs[start : start + _AHEAD]
+        texts = [_texts(pair, enc) for pair in chunk]
+        enc.encode_ahead(t for three in texts for t in three)
+        for pair, three in zip(chunk, texts):
+            out, separate = _tokenize_one(pair, enc, opts, three)
+            apart += separate
+            if isinstance(out, Dropped):
+                dropped[out.reason] += 1
+                continue
+            out["index"] = len(features)
+            features.append(out)
+            kept.append(pair)
+    enc.encode_ahead(())
     note = None
     if apart:
         note = (f"the chat template does not render the prompt as a prefix of prompt+response for {apart} "
