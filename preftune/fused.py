@@ -31,6 +31,7 @@ forward (with or without autograd) and one each in backward, in place of 2-10 ea
 
 from __future__ import annotations
 
+import sys
 import types
 
 import torch
@@ -208,10 +209,12 @@ def _lora_linear_forward(self, x, *args, **kwargs):
 
 
 def _is_lora_linear(module: nn.Module) -> bool:
-    try:
-        from peft.tuners.lora.layer import Linear
-    except ImportError:  # pragma: no cover - peft is a dependency
+    # a LoRA layer exists only once peft is imported: no import here for models without one
+    # (importing peft took 0.3 s of a trainer's construction on a 2-core CPU)
+    if "peft" not in sys.modules:
         return False
+    from peft.tuners.lora.layer import Linear
+
     return type(module) is Linear
 
 
