@@ -27,7 +27,9 @@ says whether they apply; everything else falls back to the eager ops.
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import threading
 
 import torch
 
@@ -50,11 +52,84 @@ MAX_NORM_WIDTH = 32768
 
 def usable(*tensors: torch.Tensor) -> bool:
     """True when the kernels can run on these tensors: Triton is installed and every tensor is a
-    plain CUDA tensor, not a tensor subclass such as DTensor (see INTERPRET_ON_CPU for the tests)."""
+    plain CUDA tensor, not a tensor subclass such as DTensor (see INTERPRET_ON_CPU for the tests).
+    Waits for a running ``warm_up_async`` first."""
+    if _warming is not None:
+        wait_warm_up()
+    return _usable_now(*tensors)
+
+
+def _usable_now(*tensors: torch.Tensor) -> bool:
     if triton is None or (INTERPRETED and not INTERPRET_ON_CPU):
         return False
     device = "cpu" if INTERPRETED else "cuda"
     return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == device for t in tensors)
+
+
+logger = logging.getLogger(__name__)
+_warming: threading.Thread | None = None  # the latest warm_up_async thread (it waits for the one before)
+
+
+def warm_up_async(device: torch.device | str, dtype: torch.dtype = torch.bfloat16, *, norm_width: int | None = None,
+                  mlp_width: int | None = None, vocab: int | None = None) -> bool:
+    """Start Triton's one-time set-up and the kernels' compiles in a background thread, so that they
+    overlap the caller's work (model loading, tokenizing) instead of stalling the first forward.
+
+    The first kernel a process launches pays Triton's set-up: on an H100 with every kernel already in
+    Triton's disk cache, 0.66 s for the first kernel and ~4 ms for each one after it (much of it
+    hashing Triton's own 400 MB library for cache keys, which releases the GIL); with an empty cache,
+    0.1-1.1 s more per kernel to compile. The widths given compile the variants a model of those
+    widths runs (SwiGLU's and the head's forward and backward, the norm's forward); without them only
+    the set-up runs. Returns whether a thread started (tensors on ``device`` can take the kernels). A
+    second call queues behind the first. ``usable``, which every caller asks before running a kernel,
+    waits for the thread first (``wait_warm_up``), so no kernel of the caller's runs beside it; a
+    failure in it is logged at debug level and met again, with its real error, by the call that
+    needs the kernel.
+    """
+    global _warming
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type not in ("cuda", "cpu") or not _usable_now(torch.empty(0, device=device)):
+        return False
+    before = _warming
+    _warming = threading.Thread(target=_warm_up, args=(before, device, dtype, norm_width, mlp_width, vocab),
+                                name="preftune-triton-warm-up", daemon=True)
+    _warming.start()
+    return True
+
+
+def wait_warm_up() -> None:
+    """Block until the background warm-up (if any) is done."""
+    global _warming
+    thread = _warming
+    if thread is not None and thread is not threading.current_thread():
+        thread.join()
+        if _warming is thread:
+            _warming = None
+
+
+def _warm_up(before, device, dtype, norm_width, mlp_width, vocab) -> None:
+    if before is not None:
+        before.join()
+    try:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        new = functools.partial(torch.ones, dtype=dtype, device=device)
+        gate = new(16, mlp_width or 1)  # without a width: the smallest launch there is, for Triton's set-up
+        prod = silu_mul(gate, gate)
+        if mlp_width:  # the training step's variant
+            silu_mul_backward(prod, gate, gate, want_prod=True, prod_dtype=dtype, inplace=True)
+        if norm_width and norm_width <= MAX_NORM_WIDTH:  # the backward's row split follows the batch: not warmed
+            rmsnorm_forward(new(16, norm_width), new(norm_width), 1e-6)
+        if vocab:
+            z, targets = new(2, vocab), torch.zeros(2, dtype=torch.long, device=device)
+            _, lse = head_logps_forward(z, targets)
+            head_logps_backward_(z, targets, lse, torch.ones(2, device=device))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as err:  # noqa: BLE001 - the call that needs the kernel raises it again
+        logger.debug("Triton warm-up failed: %r", err)
 
 
 if triton is not None:

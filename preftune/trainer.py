@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 from preftune import checkpoint as ckpt
+from preftune import kernels
 from preftune.config import DPOConfig
 from preftune.data.batching import collate
 from preftune.data.pipeline import StepPlan, prepare_one, prepare_splits, report_skips
-from preftune.logps import attention_kernels, model_logps, use_triton_head
+from preftune.logps import TRITON_HEAD, attention_kernels, model_logps, use_triton_head
 from preftune.losses import LOSSES, loss_params, preference_loss, resolve_loss_names
 from preftune.memory import init_adamw_state, tune_malloc
 from preftune.metrics import MetricAccumulator, preference_metrics
@@ -95,6 +96,8 @@ class DPOTrainer:
         self.accelerator = Accelerator(cpu=not on_gpu, mixed_precision=mixed)
         if self.accelerator.device.type == "cpu":
             tune_malloc()
+        elif args.triton_kernels:  # Triton's one-time set-up, beside loading the model and tokenizing
+            kernels.warm_up_async(self.accelerator.device)
         set_seed(int(args.seed))
         self.layout = resolve_layout(args.batch_layout, self.accelerator.device, padding_free=args.padding_free)
         self.pad_multiple, self.cudnn_attention = resolve_shapes(args, self.accelerator.device)
@@ -153,6 +156,8 @@ class DPOTrainer:
 
             logger.info("lean backward in %s", fuse_layers(model, triton=args.triton_kernels))
         use_triton_head(model, args.triton_kernels)
+        if args.triton_kernels and self.accelerator.device.type == "cuda":
+            self._warm_up_kernels(model)
         self.is_peft = peft_config is not None or hasattr(model, "peft_config")
         self.model = model
 
@@ -168,6 +173,22 @@ class DPOTrainer:
         self._ref_model_arg = ref_model
         self.reference = None
         self._eval_reference_table = None
+
+    def _warm_up_kernels(self, model) -> None:
+        """Compile (or load from Triton's cache) the kernel variants this model's widths run, in the
+        background while the data is tokenized (``kernels.warm_up_async``)."""
+        base = self.accelerator.unwrap_model(model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        config = getattr(base, "config", None)
+        get_head = getattr(base, "get_output_embeddings", None)
+        head = get_head() if get_head is not None else None
+        kernels.warm_up_async(
+            self.accelerator.device,
+            next(base.parameters()).dtype,
+            norm_width=getattr(config, "hidden_size", None),
+            mlp_width=getattr(config, "intermediate_size", None),
+            vocab=head.weight.shape[0] if getattr(head, TRITON_HEAD, False) and hasattr(head, "weight") else None,
+        )
 
     # ------------------------------------------------------------------------------------------
     def _build_reference(self):

@@ -319,3 +319,52 @@ def test_model_logps_uses_the_head_kernels_when_marked(kern, monkeypatch):
     calls.clear()
     run()
     assert not calls
+
+
+# ----------------------------------------------------------------------------- background warm-up
+
+
+def test_warm_up_runs_every_kernel_in_the_background_and_usable_waits(kern, monkeypatch):
+    kernels, device = kern
+    ran, gate = [], __import__("threading").Event()
+    for name in ("silu_mul", "silu_mul_backward", "rmsnorm_forward", "head_logps_forward", "head_logps_backward_"):
+        real = getattr(kernels, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            gate.wait(10)  # held until the test has seen the thread running
+            ran.append(_name)
+            return _real(*a, **k)
+
+        monkeypatch.setattr(kernels, name, spy)
+    assert kernels.warm_up_async(device, torch.float32, norm_width=24, mlp_width=40, vocab=50)
+    assert kernels._warming is not None and kernels._warming.is_alive() and not ran
+    gate.set()
+    assert kernels.usable(torch.ones(1, device=device))  # waits for the thread
+    assert kernels._warming is None
+    assert ran == ["silu_mul", "silu_mul_backward", "rmsnorm_forward", "head_logps_forward", "head_logps_backward_"]
+
+
+def test_warm_up_calls_queue_and_a_failure_stays_in_the_thread(kern, monkeypatch, caplog):
+    kernels, device = kern
+    order = []
+
+    def boom(*a, **k):
+        order.append(len(order))
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(kernels, "silu_mul", boom)
+    with caplog.at_level("DEBUG", logger="preftune.kernels"):
+        assert kernels.warm_up_async(device, torch.float32)
+        assert kernels.warm_up_async(device, torch.float32, vocab=50)  # queues behind the first
+        kernels.wait_warm_up()
+    assert order == [0, 1] and kernels._warming is None
+    assert sum("no compiler" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_warm_up_is_a_no_op_where_the_kernels_do_not_run(monkeypatch):
+    import preftune.kernels as kernels
+
+    monkeypatch.setattr(kernels, "INTERPRET_ON_CPU", False)
+    if not ON_GPU:
+        assert not kernels.warm_up_async("cpu") and kernels._warming is None
+    assert not kernels.warm_up_async("meta")
