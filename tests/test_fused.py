@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -215,3 +217,10 @@ def test_trainer_lora_run_is_the_same_with_lean_layers(tmp_path):
         trainer.train()
         losses[fused] = [json.loads(line)["loss"] for line in (tmp_path / str(fused) / "metrics.jsonl").open()]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_fusing_a_model_without_lora_does_not_import_peft():
+    """peft's import took 0.3 s of a trainer's construction; a model has LoRA layers only if it is imported."""
+    code = ("import sys; from preftune.fused import fuse_layers; from preftune.testing import tiny_model; "
+            "fuse_layers(tiny_model()); assert 'peft' not in sys.modules, 'peft imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
