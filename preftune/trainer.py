@@ -182,9 +182,10 @@ class DPOTrainer:
         config = getattr(base, "config", None)
         get_head = getattr(base, "get_output_embeddings", None)
         head = get_head() if get_head is not None else None
+        param = next(base.parameters(), None)
         kernels.warm_up_async(
             self.accelerator.device,
-            next(base.parameters()).dtype,
+            param.dtype if param is not None else torch.bfloat16,
             norm_width=getattr(config, "hidden_size", None),
             mlp_width=getattr(config, "intermediate_size", None),
             vocab=head.weight.shape[0] if getattr(head, TRITON_HEAD, False) and hasattr(head, "weight") else None,

@@ -263,24 +263,23 @@ def test_dataset_encodes_in_batches_with_the_ids_of_one_call_per_pair(monkeypatc
     import preftune.data.tokenize as tk
 
     monkeypatch.setattr(tk, "_AHEAD", 3)
+    pairs = [std(prompt=f"p{i % 2} is", chosen=" same.", rejected=f" r{i}.", index=i) for i in range(5)]
+    pairs += [conv(prompt=f"q{i % 3}", chosen="Hello!", rejected=f"no {i}", index=5 + i) for i in range(5)]
     for template in (None, REPLY_AWARE_TEMPLATE):
         tok = tiny_tokenizer()
         if template:
             tok.chat_template = template
-        pairs = [std(prompt=f"p{i % 2} is", chosen=" same.", rejected=f" r{i}.", index=i) for i in range(5)]
-        pairs += [conv(prompt=f"q{i % 3}", chosen="Hello!", rejected=f"no {i}", index=5 + i) for i in range(5)]
         batched_calls = []
         real_call = type(tok).__call__
 
-        def counting(self, text, *a, **k):
+        def counting(self, text, *a, _calls=batched_calls, _real=real_call, **k):
             if isinstance(text, list):
-                batched_calls.append(len(text))
-            return real_call(self, text, *a, **k)
+                _calls.append(len(text))
+            return _real(self, text, *a, **k)
 
-        monkeypatch.setattr(type(tok), "__call__", counting)
-        out = tokenize_dataset(pairs, tok, max_length=40)
-        one_by_one = [tokenize_pair(p, tok, max_length=40) for p in pairs]
+        with monkeypatch.context() as m:
+            m.setattr(type(tok), "__call__", counting)
+            out = tokenize_dataset(pairs, tok, max_length=40)
+            one_by_one = [tokenize_pair(p, tok, max_length=40) for p in pairs]
         assert [dict(f, index=0) for f in out] == [dict(f, index=0) for f in one_by_one]
         assert len(batched_calls) == 4  # ceil(10 / 3) chunks of pairs, one call each
-        monkeypatch.undo()
-        monkeypatch.setattr(tk, "_AHEAD", 3)
