@@ -352,7 +352,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4, help="pairs per optimizer step")
     p.add_argument("--lr", type=float, default=5e-6)
     p.add_argument("--dtype", default=None, help="float32 on CPU (default), bfloat16 on GPU")
-    p.add_argument("--layout", default="auto", help="preftune batch layout: auto (= prefix) | prefix | padded | packed")
+    p.add_argument("--layout", default="auto", help="preftune batch layout: auto (= prefix) | prefix | prefix_packed | padded | packed")
     p.add_argument("--chunk", type=int, default=None, help="preftune logps_chunk_size (default: its automatic one)")
     p.add_argument("--ref", default="auto", choices=("auto", "live", "precompute"),
                    help="preftune reference: auto (its default: the pairs the run uses, precomputed with the policy "

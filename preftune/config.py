@@ -135,11 +135,13 @@ class DPOConfig:
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", group="batch")
     batch_layout: str = _f("auto", "'padded' = chosen and rejected rows padded; 'packed' = no padding, "
                            "positions restart per sequence; 'prefix' = prompt once, then chosen and rejected "
-                           "(fewest tokens); 'auto' = 'prefix' (fastest and leanest measured, on CPU and on an "
+                           "(fewest tokens); 'prefix_packed' = the 'prefix' rows end to end without padding, "
+                           "attention as variable-length sequences (flash's kernel on a GPU; no gradient "
+                           "checkpointing); 'auto' = 'prefix' (fastest and leanest measured, on CPU and on an "
                            "H200 with cuDNN attention). All give the same log-probs.", group="batch",
-                           choices=("auto", "padded", "packed", "prefix"), extra=True)
-    padding_free: bool = _f(False, "Batches without padding: satisfied by batch_layout 'packed' or 'prefix'.",
-                            group="batch")
+                           choices=("auto", "padded", "packed", "prefix", "prefix_packed"), extra=True)
+    padding_free: bool = _f(False, "Batches without padding: satisfied by batch_layout 'packed', 'prefix' or "
+                            "'prefix_packed'.", group="batch")
     pad_to_multiple_of: Optional[int] = _f(None, "Round every batch's row length up to a multiple of this. None = "
                                            "64 on a GPU (a bounded set of shapes for kernels that plan per shape), "
                                            "none on CPU (padding is compute there).", group="batch")
@@ -761,6 +763,9 @@ def _check(c: DPOConfig) -> list[tuple[str, str]]:
                        "that moves during training cannot be precomputed; drop one"))
     if c.padding_free and c.batch_layout == "padded":
         errors.append(("padding_free", "padding_free=True with batch_layout='padded': use 'packed' or 'prefix'"))
+    if c.gradient_checkpointing and c.batch_layout == "prefix_packed":
+        errors.append(("batch_layout", "batch_layout='prefix_packed' with gradient_checkpointing=True: the recompute "
+                       "in backward would not see the variable-length attention; use 'prefix'"))
     if c.lr_scheduler_type in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):
         kw = c.lr_scheduler_kwargs or {}
         if "min_lr" not in kw and "min_lr_rate" not in kw:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from preftune import kernels
+from preftune import attention, kernels
 from preftune.data.batching import IGNORE_INDEX
 
 
@@ -413,7 +413,12 @@ def model_logps(model, batch: dict, *, chunk_size: int | None = None, average: b
         "position_ids": batch["position_ids"].to(device),
         "use_cache": False,
     }
-    hidden = _final_hidden(model, base, inputs)  # (R, T, H)
+    forward = contextlib.nullcontext()
+    if batch.get("varlen") is not None:  # prefix_packed: variable-length attention, no mask
+        inputs[attention.KWARG] = batch["varlen"].to(device)
+        forward = attention.prefix_packed_forward(base)
+    with forward:
+        hidden = _final_hidden(model, base, inputs)  # (R, T, H)
     # a plain Linear head, also when FSDP2 has swapped its class (FSDPLinear keeps Linear.forward);
     # calling a sharded head module chunk by chunk would free the final norm's gathered weight
     plain = isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward

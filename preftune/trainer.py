@@ -26,7 +26,7 @@ import torch
 from preftune import checkpoint as ckpt
 from preftune import kernels
 from preftune.config import DPOConfig
-from preftune.data.batching import collate
+from preftune.data.batching import VarlenPrefix, collate
 from preftune.data.pipeline import StepPlan, prepare_one, prepare_splits, report_skips
 from preftune.logps import TRITON_HEAD, attention_kernels, model_logps, use_triton_head
 from preftune.losses import LOSSES, loss_params, preference_loss, resolve_loss_names
@@ -341,7 +341,8 @@ class DPOTrainer:
 
     def _to_device(self, batch: dict) -> dict:
         dev = self.accelerator.device
-        return {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        return {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v.to(dev) if isinstance(v, VarlenPrefix)
+                    else v) for k, v in batch.items()}  # fmt: skip
 
     def _pair_losses(self, batch: dict, reference, model=None):
         """Per-pair losses (B,) and metric tensors for one micro-batch."""

@@ -1,4 +1,4 @@
-"""preftune.data.batching: the three layouts, checked by hand and against each other."""
+"""preftune.data.batching: the layouts, checked by hand and against each other (prefix_packed by hand in test_attention.py)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""The three batch layouts are the same math: log-probs, gradients and one trainer step.
+"""The four batch layouts are the same math: log-probs, gradients and one trainer step.
 
 The slow obvious twin everywhere is the plain path: each response alone, ``prompt + response``
 unpadded through the model, full (T, V) logits, ``logps_from_logits`` (eq 6.3 with the mask of
-eq 6.7/6.8). Padded, packed and prefix-shared batches must give its per-response log-probs (1e-5,
+eq 6.7/6.8). Padded, packed, prefix-shared and prefix-shared packed batches must give its per-response log-probs (1e-5,
 float32) and its gradients, and one optimizer step of ``DPOTrainer`` under each ``batch_layout``
 must give the weights that the plain path with ``torch.optim.AdamW`` gives. Prompts of different
 lengths share a batch, and some pairs are truncated by ``max_length``. No timings are asserted.

@@ -1,4 +1,4 @@
-"""Collate tokenized preference pairs into one of three batch layouts.
+"""Collate tokenized preference pairs into one of four batch layouts.
 
 Every layout answers the same question for the log-prob head (``preftune.logps``): which
 hidden states predict which completion tokens, and for which response. B pairs give 2B
@@ -18,17 +18,51 @@ responses, numbered chosen of pair i -> i, rejected of pair i -> B + i (docs/CON
   them see the prompt and themselves but not the chosen tokens. The prompt runs once per pair.
   The last prompt token predicts both chosen[0] and rejected[0], so its flat index appears
   twice in ``positions``, with different ``targets`` and ``segments``.
+- ``prefix_packed``: the rows of ``prefix`` end to end in ONE row, without padding, and instead of
+  a mask the attention as variable-length sequences (``batch["varlen"]``, a `VarlenPrefix`): per
+  pair, ``prompt + chosen`` attends causally to itself, and ``rejected`` attends to its prompt's
+  keys followed by its own, causally aligned at the end (the keys gathered by ``k_index``). That is
+  the form of flash attention's variable-length kernel (``preftune.logps`` runs it on a GPU and a
+  per-sequence SDPA elsewhere): no padding, no (T, T) mask, no attention over blocks the mask would
+  hide. Row lengths are not rounded (no kernel here plans per shape).
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 IGNORE_INDEX = -100
-LAYOUTS = ("padded", "packed", "prefix")
+LAYOUTS = ("padded", "packed", "prefix", "prefix_packed")
+PREFIX_LAYOUTS = ("prefix", "prefix_packed")  # the prompt once per pair
+
+
+@dataclass
+class VarlenPrefix:
+    """Attention of a ``prefix_packed`` batch as variable-length sequences over its one row.
+
+    Query sequence 2i is pair i's ``prompt + chosen`` and 2i+1 its ``rejected``, in row order (the
+    queries are the row as it is). Key sequence 2i is the same span; 2i+1 is the prompt followed by the
+    rejected span, gathered from the row by ``k_index``. Every sequence is causal with the queries
+    aligned to the END of its keys (rejected token j sees the whole prompt and rejected 0..j).
+    ``cu_q``/``cu_k`` (int32, 2B+1) are the cumulative lengths, ``max_q``/``max_k`` the longest, the
+    ``*_host`` lists the same on the host.
+    """
+
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    k_index: torch.Tensor
+    max_q: int
+    max_k: int
+    cu_q_host: list[int]
+    cu_k_host: list[int]
+
+    def to(self, device) -> VarlenPrefix:
+        return VarlenPrefix(self.cu_q.to(device), self.cu_k.to(device), self.k_index.to(device), self.max_q,
+                            self.max_k, self.cu_q_host, self.cu_k_host)
 
 
 def _check_features(features: Sequence[dict]) -> None:
@@ -46,7 +80,7 @@ def _check_features(features: Sequence[dict]) -> None:
 def pair_num_tokens(feature: dict, layout: str = "packed") -> int:
     """Tokens a pair occupies in a batch: the prompt once for ``prefix``, twice otherwise."""
     p, c, r = len(feature["prompt_ids"]), len(feature["chosen_ids"]), len(feature["rejected_ids"])
-    return p + c + r if layout == "prefix" else 2 * p + c + r
+    return p + c + r if layout in PREFIX_LAYOUTS else 2 * p + c + r
 
 
 def _round_up(n: int, multiple: int | None) -> int:
@@ -65,7 +99,9 @@ def collate(
 
     Returns ``input_ids (R, T)``, ``attention_mask``, ``position_ids (R, T)``, ``positions``,
     ``targets``, ``segments`` (all (K,)), ``num_pairs``, ``pair_index (B,)``, ``num_tokens``,
-    and for ``padded`` also ``labels (R, T)``. R = 2B (padded), 1 (packed) or B (prefix).
+    for ``padded`` also ``labels (R, T)``, for ``prefix_packed`` ``varlen`` (a `VarlenPrefix`, on
+    ``device``). R = 2B (padded), 1 (packed, prefix_packed) or B (prefix). ``pad_to_multiple_of`` does
+    not apply to ``prefix_packed``.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"collate: layout={layout!r} is not one of {LAYOUTS}.")
@@ -95,13 +131,24 @@ def collate(
             pos += range(P + len(comp))
             spans.append((r, start + P - 1, start + P, comp))
         rows.append((tokens, pos, spans))
-    else:  # prefix
+    else:  # prefix, prefix_packed
         for i, f in enumerate(features):
             prompt, chosen, rejected = f["prompt_ids"], f["chosen_ids"], f["rejected_ids"]
             P, C = len(prompt), len(chosen)
             pos = list(range(P + C)) + list(range(P, P + len(rejected)))
             spans = [(i, P - 1, P, chosen), (B + i, P - 1, P + C, rejected)]
             rows.append((prompt + chosen + rejected, pos, spans))
+        if layout == "prefix_packed":
+            varlen = _varlen_prefix([len(f["prompt_ids"]) for f in features], [len(f["chosen_ids"]) for f in features],
+                                    [len(f["rejected_ids"]) for f in features], device)  # fmt: skip
+            tokens, pos, spans = [], [], []
+            for row_tokens, row_pos, row_spans in rows:
+                start = len(tokens)
+                spans += [(r, start + anchor, start + s0, comp) for r, anchor, s0, comp in row_spans]
+                tokens += row_tokens
+                pos += row_pos
+            rows = [(tokens, pos, spans)]
+            pad_to_multiple_of = None
 
     R = len(rows)
     T = _round_up(max(len(t) for t, _, _ in rows), pad_to_multiple_of)
@@ -143,9 +190,28 @@ def collate(
         batch["labels"] = labels
     elif layout == "packed":
         batch["attention_mask"] = None
+    elif layout == "prefix_packed":
+        batch["attention_mask"] = None
+        batch["varlen"] = varlen
     else:
         batch["attention_mask"] = _prefix_mask(rows, T, device)
     return batch
+
+
+def _varlen_prefix(P: list[int], C: list[int], R: list[int], device) -> VarlenPrefix:
+    """The `VarlenPrefix` of pairs with these prompt / chosen / rejected lengths, end to end in one row."""
+    q_lens, k_lens, k_index, start = [], [], [], 0
+    for p, c, r in zip(P, C, R):
+        q_lens += [p + c, r]
+        k_lens += [p + c, p + r]
+        k_index += [torch.arange(start, start + p + c), torch.arange(start, start + p),
+                    torch.arange(start + p + c, start + p + c + r)]  # fmt: skip
+        start += p + c + r
+    cu_q = [0, *torch.tensor(q_lens).cumsum(0).tolist()]
+    cu_k = [0, *torch.tensor(k_lens).cumsum(0).tolist()]
+    return VarlenPrefix(torch.tensor(cu_q, dtype=torch.int32, device=device),
+                        torch.tensor(cu_k, dtype=torch.int32, device=device),
+                        torch.cat(k_index).to(device), max(q_lens), max(k_lens), cu_q, cu_k)  # fmt: skip
 
 
 def _prefix_mask(rows: list, T: int, device: torch.device | str | None = None) -> torch.Tensor:

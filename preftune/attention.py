@@ -1,0 +1,130 @@
+"""Attention of the ``prefix_packed`` layout: variable-length causal sequences instead of a mask.
+
+A ``prefix_packed`` batch (``preftune.data.batching``) is one row of pairs end to end, each
+``prompt + chosen + rejected``, with a `VarlenPrefix` that cuts it into sequences: ``prompt +
+chosen`` attending causally to itself, and ``rejected`` attending to its prompt's keys and then
+its own, causally aligned at the end. On a GPU that is one call of flash attention's
+variable-length kernel (``torch.nn.attention.varlen.varlen_attn``): no padding, no (T, T) mask, no
+attention over the blocks a mask would hide, and no per-shape plan (cuDNN's masked attention builds
+one for every new row length). ``per_sequence`` is the slow, obvious twin (one SDPA call per
+sequence with an explicit mask): it runs on CPU, in float32 and wherever the kernel is missing, and
+the tests hold the two to each other and to the masked ``prefix`` layout.
+
+``model_logps`` runs a model's forward with it by switching ``config._attn_implementation`` to
+`NAME` (registered with transformers' ``AttentionInterface``) for that forward and passing the
+`VarlenPrefix` as the keyword `KWARG`, which transformers hands to every attention call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+NAME = "preftune_varlen_prefix"
+KWARG = "preftune_varlen"
+
+
+@functools.cache
+def _flash_varlen():
+    """(torch's varlen_attn, its parameter names), or None where this torch has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.10
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def flash_usable(q: torch.Tensor) -> bool:
+    """Whether ``varlen_prefix_attention`` runs flash's kernel for these queries (CUDA, half precision)."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_varlen() is not None
+
+
+def varlen_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta, scale: float | None = None):
+    """q (N, Hq, D), k and v (N, Hkv, D): the row's queries, keys and values in row order. The keys of
+    each sequence are gathered by ``meta.k_index``. Returns (N, Hq, D)."""
+    k, v = k.index_select(0, meta.k_index), v.index_select(0, meta.k_index)
+    if not flash_usable(q):
+        return per_sequence(q, k, v, meta, scale)
+    fn, params = _flash_varlen()
+    kw = {}
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:  # torch 2.11's kernel takes no grouped K/V heads
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    return fn(q.contiguous(), k, v, meta.cu_q, meta.cu_k, meta.max_q, meta.max_k, scale=scale,
+              window_size=(-1, 0), **kw)  # fmt: skip
+
+
+def per_sequence(q, k, v, meta, scale: float | None = None) -> torch.Tensor:
+    """``varlen_prefix_attention`` with the keys already gathered, one SDPA per sequence: causal with
+    the queries aligned to the end of the keys."""
+    outs = []
+    cu_q, cu_k = meta.cu_q_host, meta.cu_k_host
+    for j in range(len(cu_q) - 1):
+        qs, ks, vs = (t.transpose(0, 1) for t in (q[cu_q[j] : cu_q[j + 1]], k[cu_k[j] : cu_k[j + 1]],
+                                                   v[cu_k[j] : cu_k[j + 1]]))  # fmt: skip
+        lq, lk = qs.shape[1], ks.shape[1]
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale,
+                                                   enable_gqa=qs.shape[0] != ks.shape[0]).transpose(0, 1))  # fmt: skip
+    return torch.cat(outs)
+
+
+def _transformers_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention-function signature: query (1, Hq, N, D), key/value (1, Hkv, N, D) after
+    the rotary embedding; returns ((1, N, Hq, D), None)."""
+    meta = kwargs.get(KWARG)
+    if meta is None:  # a forward without a prefix_packed batch under the switch: plain SDPA
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)  # fmt: skip
+    if dropout:
+        raise ValueError(f"batch_layout='prefix_packed' runs attention without dropout, and this model has "
+                         f"attention dropout {dropout} in training; set config.attention_dropout = 0 or use "
+                         "batch_layout='prefix'")  # fmt: skip
+    window = kwargs.get("sliding_window")
+    if kwargs.get("softcap") is not None or (window is not None and window < meta.max_k):
+        raise NotImplementedError("batch_layout='prefix_packed' does not apply attention soft-capping or a sliding "
+                                  "window shorter than the sequences; use batch_layout='prefix'")  # fmt: skip
+    if query.shape[0] != 1:
+        raise ValueError(f"a prefix_packed batch is one row, got {query.shape[0]}")
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    return varlen_prefix_attention(q, k, v, meta, scaling)[None], None
+
+
+@functools.cache
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, _transformers_attention)
+
+
+def _checkpointing(model) -> bool:
+    flag = getattr(type(model), "is_activation_checkpointing", None)
+    return bool(model.is_activation_checkpointing if flag is not None else getattr(model, "is_gradient_checkpointing",
+                                                                                    False))  # fmt: skip
+
+
+@contextlib.contextmanager
+def prefix_packed_forward(model):
+    """Context for one forward of the transformers model ``model`` over a ``prefix_packed`` batch:
+    its attention runs ``varlen_prefix_attention``. Refuses gradient checkpointing, whose recompute
+    in backward would run outside this context with the model's own attention."""
+    if _checkpointing(model):
+        raise ValueError("batch_layout='prefix_packed' does not work with gradient checkpointing (the recompute "
+                         "in backward would not see the variable-length attention); use batch_layout='prefix'")
+    _register()
+    config = model.config
+    before = config._attn_implementation
+    config._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
