@@ -44,12 +44,12 @@ def flash_usable(q: torch.Tensor) -> bool:
 
 
 def varlen_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta, scale: float | None = None):
-    """q (N, Hq, D), k and v (N, Hkv, D): the row's queries, keys and values in row order. The keys of
-    each sequence are gathered by ``meta.k_index``. Returns (N, Hq, D)."""
-    k, v = k.index_select(0, meta.k_index), v.index_select(0, meta.k_index)
+    """q (N, Hq, D), k and v (N, Hkv, D): the row's queries, keys and values in row order. Returns
+    (N, Hq, D). Flash's kernel gets each sequence's keys gathered by ``meta.k_index``."""
     if not flash_usable(q):
         return per_sequence(q, k, v, meta, scale)
     fn, params = _flash_varlen()
+    k, v = k.index_select(0, meta.k_index), v.index_select(0, meta.k_index)
     kw = {}
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" in params:
@@ -62,18 +62,31 @@ def varlen_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
 
 
 def per_sequence(q, k, v, meta, scale: float | None = None) -> torch.Tensor:
-    """``varlen_prefix_attention`` with the keys already gathered, one SDPA per sequence: causal with
-    the queries aligned to the end of the keys."""
+    """``varlen_prefix_attention`` as two SDPA calls per pair with explicit masks, on views of the row
+    (no gathered copy of the prompt's keys kept for backward): ``prompt + chosen`` causal over itself;
+    ``rejected`` over the pair's whole span, its chosen keys masked out, its prompt keys visible and its
+    own causal."""
     outs = []
     cu_q, cu_k = meta.cu_q_host, meta.cu_k_host
-    for j in range(len(cu_q) - 1):
-        qs, ks, vs = (t.transpose(0, 1) for t in (q[cu_q[j] : cu_q[j + 1]], k[cu_k[j] : cu_k[j + 1]],
-                                                   v[cu_k[j] : cu_k[j + 1]]))  # fmt: skip
-        lq, lk = qs.shape[1], ks.shape[1]
-        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale,
-                                                   enable_gqa=qs.shape[0] != ks.shape[0]).transpose(0, 1))  # fmt: skip
+    for i in range(0, len(cu_q) - 1, 2):
+        a0, a1, end = cu_q[i], cu_q[i + 1], cu_q[i + 2]  # prompt+chosen = [a0, a1), rejected = [a1, end)
+        r = end - a1
+        p = cu_k[i + 2] - cu_k[i + 1] - r
+        keep = torch.ones(a1 - a0, a1 - a0, dtype=torch.bool, device=q.device).tril()
+        outs.append(_sdpa(q[a0:a1], k[a0:a1], v[a0:a1], keep, scale))
+        keep = torch.zeros(r, end - a0, dtype=torch.bool, device=q.device)
+        keep[:, :p] = True
+        keep[:, a1 - a0 :] = torch.ones(r, r, dtype=torch.bool, device=q.device).tril()
+        outs.append(_sdpa(q[a1:end], k[a0:end], v[a0:end], keep, scale))
     return torch.cat(outs)
+
+
+def _sdpa(q, k, v, keep, scale):
+    """(L, H, D) views -> (Lq, Hq, D). 4-D inputs: SDPA's CPU kernel takes them with a mask (3-D ones
+    fall back to the math path, which keeps the (heads, Lq, Lk) weights for backward)."""
+    q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out[0].transpose(0, 1)
 
 
 def _transformers_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -81,6 +81,31 @@ def test_per_sequence_equals_the_masked_prefix_rows(hq, hkv):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def _flash_semantics(q, k, v, meta, scale):
+    """What flash's variable-length kernel computes from the metadata (the GPU path's inputs): keys
+    gathered by k_index, sequences cut by cu_q / cu_k, causal aligned at the end of the keys."""
+    k, v = k.index_select(0, meta.k_index), v.index_select(0, meta.k_index)
+    outs = []
+    for j in range(len(meta.cu_q_host) - 1):
+        a, b, c, d = meta.cu_q_host[j], meta.cu_q_host[j + 1], meta.cu_k_host[j], meta.cu_k_host[j + 1]
+        keep = torch.ones(b - a, d - c, dtype=torch.bool).tril(diagonal=(d - c) - (b - a))
+        outs.append(F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[c:d].transpose(0, 1), v[c:d].transpose(0, 1),
+                                                   attn_mask=keep, scale=scale, enable_gqa=True).transpose(0, 1))  # fmt: skip
+    assert max(b - a for a, b in zip(meta.cu_q_host, meta.cu_q_host[1:])) == meta.max_q
+    assert max(b - a for a, b in zip(meta.cu_k_host, meta.cu_k_host[1:])) == meta.max_k
+    return torch.cat(outs)
+
+
+def test_the_gpu_path_metadata_gives_the_same_attention():
+    f = feats(6, seed=11)
+    meta = collate(f, layout="prefix_packed", pad_token_id=0)["varlen"]
+    N = meta.cu_q_host[-1]
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(N, h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    torch.testing.assert_close(_flash_semantics(q, k, v, meta, 0.3), attention.per_sequence(q, k, v, meta, 0.3),
+                               rtol=1e-10, atol=1e-12)  # fmt: skip
+
+
 def test_model_logps_equal_prefix_and_leave_the_config_alone():
     model = tiny_model(vocab_size=60, seed=3)
     f = feats(6, seed=4)
@@ -138,8 +163,7 @@ def test_flash_kernel_equals_the_twin_in_bfloat16():
     k, v = (torch.randn(N, 2, 64, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True) for _ in "kv")
     assert attention.flash_usable(q)
     got = attention.varlen_prefix_attention(q, k, v, meta, 0.125)
-    want = attention.per_sequence(q.float(), k.float().index_select(0, meta.k_index),
-                                  v.float().index_select(0, meta.k_index), meta, 0.125)  # fmt: skip
+    want = attention.per_sequence(q.float(), k.float(), v.float(), meta, 0.125)
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
     w = torch.randn(got.shape, device="cuda", generator=g)
     ga = torch.autograd.grad((got.float() * w).sum(), (q, k, v))
