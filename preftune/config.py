@@ -115,7 +115,9 @@ class DPOConfig:
     demo_generation_prompts: int = _f(32, "With the demo data: held-out prompts generated from at the end of "
                                       "`preftune train` and scored by each task's verifier, before (reference) "
                                       "and after training (0 = skip).", group="data", extra=True)
-    dataset_num_proc: Optional[int] = _f(None, "Processes used to tokenize the data.", group="data")
+    dataset_num_proc: Optional[int] = _f(None, "Accepted for compatibility and ignored: the data is tokenized in "
+                                         "batched calls, which a fast tokenizer spreads over every core itself.",
+                                         group="data")
     max_length: Optional[int] = _f(1024, "Max tokens of prompt + completion; longer pairs are truncated.",
                                    group="data")
     max_prompt_length: Optional[int] = _f(512, "Max prompt tokens (truncated first, per truncation_mode).",
