@@ -50,15 +50,14 @@ def varlen_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
         return per_sequence(q, k, v, meta, scale)
     fn, params = _flash_varlen()
     k, v = k.index_select(0, meta.k_index), v.index_select(0, meta.k_index)
-    kw = {}
+    kw = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}  # (-1, 0): causal
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" in params:
             kw["enable_gqa"] = True
         else:  # torch 2.11's kernel takes no grouped K/V heads
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    return fn(q.contiguous(), k, v, meta.cu_q, meta.cu_k, meta.max_q, meta.max_k, scale=scale,
-              window_size=(-1, 0), **kw)  # fmt: skip
+    return fn(q.contiguous(), k, v, meta.cu_q, meta.cu_k, meta.max_q, meta.max_k, scale=scale, **kw)
 
 
 def per_sequence(q, k, v, meta, scale: float | None = None) -> torch.Tensor:

@@ -81,29 +81,38 @@ def test_per_sequence_equals_the_masked_prefix_rows(hq, hkv):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def _flash_semantics(q, k, v, meta, scale):
-    """What flash's variable-length kernel computes from the metadata (the GPU path's inputs): keys
-    gathered by k_index, sequences cut by cu_q / cu_k, causal aligned at the end of the keys."""
-    k, v = k.index_select(0, meta.k_index), v.index_select(0, meta.k_index)
-    outs = []
-    for j in range(len(meta.cu_q_host) - 1):
-        a, b, c, d = meta.cu_q_host[j], meta.cu_q_host[j + 1], meta.cu_k_host[j], meta.cu_k_host[j + 1]
-        keep = torch.ones(b - a, d - c, dtype=torch.bool).tril(diagonal=(d - c) - (b - a))
-        outs.append(F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[c:d].transpose(0, 1), v[c:d].transpose(0, 1),
-                                                   attn_mask=keep, scale=scale, enable_gqa=True).transpose(0, 1))  # fmt: skip
-    assert max(b - a for a, b in zip(meta.cu_q_host, meta.cu_q_host[1:])) == meta.max_q
-    assert max(b - a for a, b in zip(meta.cu_k_host, meta.cu_k_host[1:])) == meta.max_k
-    return torch.cat(outs)
+@pytest.mark.parametrize("signature", ["window_size", "window_size+enable_gqa", "is_causal"])
+def test_the_flash_branch_passes_what_the_kernel_needs(monkeypatch, signature):
+    """The GPU branch on CPU with a stand-in kernel of flash's semantics: gathered keys, cu/max
+    arguments, causality in either spelling, grouped heads passed as they are or repeated."""
+    seen = {}
 
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=None, is_causal=None, enable_gqa=False):
+        seen.update(window_size=window_size, is_causal=is_causal, heads=k.shape[1])
+        assert (window_size == (-1, 0)) != bool(is_causal)
+        assert (max_q, max_k) == (max((cu_q[1:] - cu_q[:-1]).tolist()), max((cu_k[1:] - cu_k[:-1]).tolist()))
+        assert enable_gqa or q.shape[1] == k.shape[1]
+        assert cu_q is meta.cu_q and cu_k is meta.cu_k
+        outs = []
+        for j in range(len(cu_q) - 1):
+            a, b, c, d = cu_q[j], cu_q[j + 1], cu_k[j], cu_k[j + 1]
+            keep = torch.ones(b - a, d - c, dtype=torch.bool).tril(diagonal=int((d - c) - (b - a)))
+            outs.append(F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[c:d].transpose(0, 1),
+                                                       v[c:d].transpose(0, 1), attn_mask=keep, scale=scale,
+                                                       enable_gqa=enable_gqa).transpose(0, 1))  # fmt: skip
+        return torch.cat(outs)
 
-def test_the_gpu_path_metadata_gives_the_same_attention():
-    f = feats(6, seed=11)
+    params = {"window_size+enable_gqa": {"window_size", "enable_gqa"}}.get(signature, {signature})
+    monkeypatch.setattr(attention, "_flash_varlen", lambda: (kernel, frozenset(params)))
+    monkeypatch.setattr(attention, "flash_usable", lambda q: True)
+    f = feats(5, seed=13)
     meta = collate(f, layout="prefix_packed", pad_token_id=0)["varlen"]
     N = meta.cu_q_host[-1]
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(N, h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
-    torch.testing.assert_close(_flash_semantics(q, k, v, meta, 0.3), attention.per_sequence(q, k, v, meta, 0.3),
-                               rtol=1e-10, atol=1e-12)  # fmt: skip
+    got = attention.varlen_prefix_attention(q, k, v, meta, 0.3)
+    torch.testing.assert_close(got, attention.per_sequence(q, k, v, meta, 0.3), rtol=1e-10, atol=1e-12)
+    assert seen["heads"] == (2 if "enable_gqa" in params else 4)
 
 
 def test_model_logps_equal_prefix_and_leave_the_config_alone():
