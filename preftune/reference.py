@@ -41,16 +41,58 @@ CACHE_FORMAT = "1"
 # --------------------------------------------------------------------------------------------
 
 
+# Bumped by torch whenever any module anywhere registers a submodule (``Module.__setattr__``,
+# ``add_module``): a module list cached for a model is current while the count has not moved.
+_structure_version = [0]
+
+
+def _structure_changed(*_args) -> None:
+    _structure_version[0] += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_structure_changed)
+
+
+def _module_list(model: nn.Module) -> list[nn.Module]:
+    """Every module of ``model``, listed once per structure version and kept in the model's
+    ``__dict__`` (not a submodule, so no registration)."""
+    cached = model.__dict__.get("_preftune_modules")
+    if cached is None or cached[0] != _structure_version[0]:
+        cached = (_structure_version[0], list(model.modules()))
+        model.__dict__["_preftune_modules"] = cached
+    return cached[1]
+
+
+def _plain_train(module: nn.Module) -> bool:
+    """Whether ``module.train(False)`` only sets the flags: transformers' override also re-applies hub
+    kernels when ``use_kernels`` is set."""
+    from transformers import PreTrainedModel
+
+    return type(module).train is PreTrainedModel.train and not getattr(module, "use_kernels", False)
+
+
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode (dropout off) and restore each one's own flag after."""
-    states = [(m, m.training) for m in model.modules()]
-    model.eval()
+    """Put every submodule in eval mode (dropout off) and restore each one's own flag after.
+
+    The flags are plain attributes, set directly on a module list made once per model structure:
+    8.2 ms -> 0.8 ms per call on the 2-core CPU for a 24-layer model with LoRA on 7 projections (2001
+    modules; ``model.eval()`` recurses through ``Module.__setattr__``), which the live LoRA reference
+    and every reference batch call. A module with its own ``train`` (other than transformers' without
+    hub kernels) gets ``model.eval()`` as before.
+    """
+    modules = _module_list(model)
+    states = [m.training for m in modules]
+    if all(type(m).train is nn.Module.train or _plain_train(m) for m in modules):
+        for m in modules:
+            vars(m)["training"] = False
+    else:
+        model.eval()
     try:
         yield
     finally:
-        for module, training in states:  # the flag is a plain attribute: skip Module.__setattr__'s
-            vars(module)["training"] = training  # lookups (4.4 -> 1.5 ms for 2000 modules on the CPU)
+        for module, training in zip(modules, states):  # skip Module.__setattr__'s lookups
+            vars(module)["training"] = training
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

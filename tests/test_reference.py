@@ -423,3 +423,27 @@ def test_unfrozen_source_and_key_parts(tmp_path, caplog):
         again = cached_precompute(src, feats, cache_dir=tmp_path / "rc", key_parts=parts, batch_size=3,
                                   pad_token_id=0, progress=False)  # fmt: skip
     assert torch.equal(again, table) and f"reusing reference log-probs from {path}" in caplog.text
+
+
+def test_eval_mode_follows_the_model_structure_and_respects_train_overrides():
+    model = tiny_model(vocab_size=40)
+    model.train()
+    model.model.layers[1].mlp.eval()  # a module's own flag is put back as it was
+    with refmod.eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert not model.model.layers[1].mlp.training and model.model.layers[0].mlp.training
+    model.model.extra = torch.nn.Dropout(0.5)  # a new submodule after the list was made
+    with refmod.eval_mode(model):
+        assert not model.model.extra.training
+    assert model.model.extra.training
+    calls = []
+
+    class Custom(torch.nn.Linear):
+        def train(self, mode=True):
+            calls.append(mode)
+            return super().train(mode)
+
+    model.model.custom = Custom(2, 2)
+    with refmod.eval_mode(model):  # a train() of its own: model.eval() runs it
+        assert not model.model.custom.training
+    assert calls == [False] and model.model.custom.training
