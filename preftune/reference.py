@@ -22,6 +22,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -677,6 +678,44 @@ def reference_cache_key(*, model_id: str, model_fingerprint: str, tokenizer_fing
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _resolved(parts: dict) -> dict:
+    return {k: v.result() if isinstance(v, Future) else v for k, v in parts.items()}
+
+
+def _holds_tables(folder: Path) -> bool:
+    """Whether ``folder`` holds any cached table (a ``.safetensors`` file)."""
+    try:
+        return any(name.endswith(".safetensors") for name in os.listdir(folder))
+    except OSError:  # missing (nothing cached yet) or unreadable (then no reuse either)
+        return False
+
+
+def fingerprint_beside(model: nn.Module) -> Future:
+    """``model_fingerprint(model)`` in a background thread, its device copies on a stream of their own
+    (so they overlap the reference pass's kernels instead of queueing behind them). The weights must
+    not change until the result is taken; ``cached_precompute`` takes it before it returns."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    p = next(model.parameters(), None)
+    stream = None
+    if p is not None and p.device.type == "cuda":
+        stream = torch.cuda.Stream(p.device)
+        stream.wait_stream(torch.cuda.current_stream(p.device))  # weights written by work queued so far
+
+    def run() -> str:
+        if stream is None:
+            return model_fingerprint(model)
+        torch.cuda.set_device(p.device)
+        with torch.cuda.stream(stream):
+            return model_fingerprint(model)
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="preftune-fingerprint")
+    try:
+        return pool.submit(run)
+    finally:
+        pool.shutdown(wait=False)
+
+
 def default_reference_cache_path(key: str) -> Path:
     """``<cache_root()>/reference/<key[:32]>.safetensors``."""
     return cache_root() / "reference" / f"{key[:32]}.safetensors"
@@ -752,17 +791,23 @@ def cached_precompute(ref_model_or_reference: nn.Module | Reference, features: S
     ``<cache_dir>/<key[:32]>.safetensors`` (default :func:`default_reference_cache_path`). With an
     accelerate ``accelerator`` over several processes, every rank decides together (a cache any rank
     cannot read is recomputed by all), each rank computes its share of the batches, one collective
-    merges the shares, and the main process alone writes the one file.
+    merges the shares, and the main process alone writes the one file. A key part may be a
+    ``Future`` (``fingerprint_beside``): where the folder holds no table at all, it is waited for only
+    after the pass, to name the file.
     """
     if key is None:
         if key_parts is None:
             raise ValueError("cached_precompute needs key or key_parts")
-        key = reference_cache_key(**key_parts)
-    if path is None:
+        folder = Path(cache_dir) if cache_dir else cache_root() / "reference"
+        if path is not None or not any(isinstance(v, Future) for v in key_parts.values()) or _holds_tables(folder):
+            key = reference_cache_key(**_resolved(key_parts))
+        # else: no file there can match any key, so a part still being computed (the weights' hash,
+        # beside this pass) is waited for only to name the file written at the end
+    if path is None and key is not None:
         path = Path(cache_dir) / f"{key[:32]}.safetensors" if cache_dir else default_reference_cache_path(key)
     needed = max((int(f["index"]) for f in features), default=-1) + 1
     world = accelerator.num_processes if accelerator is not None else 1
-    table = load_reference_cache(path, key)
+    table = load_reference_cache(path, key) if key is not None else None
     valid = table is not None and table.shape[0] >= needed
     if world > 1:  # all ranks or none reuse the file (another node may not see it)
         flag = torch.tensor([float(valid)], device=accelerator.device)
@@ -779,6 +824,9 @@ def cached_precompute(ref_model_or_reference: nn.Module | Reference, features: S
                                        **{k: v for k, v in logps_kwargs.items() if v is not None})  # fmt: skip
     if world > 1:
         table = merge_shard_tables(table.to(accelerator.device), lambda t: accelerator.reduce(t, reduction="sum"))
+    if key is None:
+        key = reference_cache_key(**_resolved(key_parts))
+        path = Path(cache_dir) / f"{key[:32]}.safetensors" if cache_dir else default_reference_cache_path(key)
     if accelerator is None or accelerator.is_main_process:
         save_reference_cache(path, table, key)
         logger.info("saved reference log-probs to %s", path)

@@ -319,13 +319,17 @@ class DPOTrainer:
 
     def _cache_key_parts(self, ref_model) -> dict:
         """The reference cache key's parts that do not depend on the split (all but data_fingerprint)."""
-        from preftune.reference import model_fingerprint, tokenizer_fingerprint
+        from preftune.reference import fingerprint_beside, model_fingerprint, tokenizer_fingerprint
 
         args = self.args
         model_for_key = ref_model if ref_model is not None else self.accelerator.unwrap_model(self.model)
+        # one process, plain tensors: the weights are hashed beside the reference pass (cached_precompute
+        # waits for it first only where a cached table could match); sharded weights hash in step
+        plain = self.accelerator.num_processes == 1 and all(
+            type(p) in (torch.Tensor, torch.nn.Parameter) for p in model_for_key.parameters())
         return dict(
             model_id=str(self.model_id),
-            model_fingerprint=model_fingerprint(model_for_key),
+            model_fingerprint=(fingerprint_beside if plain else model_fingerprint)(model_for_key),
             tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
             max_length=args.max_length,
             max_prompt_length=args.max_prompt_length,

@@ -316,6 +316,10 @@ def test_weights_fingerprint_on_gpu_equals_cpu():
     model = tiny_model(tie_word_embeddings=True)
     on_cpu = weights_fingerprint(model)
     assert weights_fingerprint(model.cuda(), chunk_bytes=4096) == weights_fingerprint(model) == on_cpu
+    with torch.no_grad():  # queued on the main stream just before: the side stream must see it
+        model.lm_head.weight.add_(1.0)
+    moved = refmod.fingerprint_beside(model).result(timeout=60)
+    assert moved != on_cpu and moved == "weights:" + weights_fingerprint(model.cpu())
 
 
 def test_cache_roundtrip_reuse_and_key_change(tmp_path, caplog, monkeypatch):
@@ -447,3 +451,42 @@ def test_eval_mode_follows_the_model_structure_and_respects_train_overrides():
     with refmod.eval_mode(model):  # a train() of its own: model.eval() runs it
         assert not model.model.custom.training
     assert calls == [False] and model.model.custom.training
+
+
+def test_weights_hashed_beside_the_pass_where_no_table_could_match(tmp_path):
+    """A Future key part (fingerprint_beside) is waited for after the pass when the folder holds no
+    table, before it when one could match; the file and the reuse are those of the plain key."""
+    from concurrent.futures import Future
+
+    policy = tiny_model()
+    feats = make_features(4)
+    forwards = []
+    policy.register_forward_hook(lambda *a: forwards.append(1))
+
+    class Watched(Future):
+        asked_after = None
+
+        def result(self, timeout=None):
+            if self.asked_after is None:
+                self.asked_after = len(forwards)
+            return super().result(timeout)
+
+    def parts():
+        fut = Watched()
+        fut.set_result(model_fingerprint(policy))
+        return fut, dict(KEY_ARGS, model_fingerprint=fut)
+
+    kw = dict(cache_dir=tmp_path / "rc", batch_size=2, pad_token_id=0, progress=False)
+    fut, deferred = parts()
+    table = cached_precompute(policy, feats, key_parts=deferred, **kw)
+    assert fut.asked_after == len(forwards) == 2  # after both batches
+    plain = dict(KEY_ARGS, model_fingerprint=model_fingerprint(policy))
+    assert (tmp_path / "rc" / f"{reference_cache_key(**plain)[:32]}.safetensors").exists()
+    fut, deferred = parts()
+    again = cached_precompute(policy, feats, key_parts=deferred, **kw)  # a table is there: key first, reused
+    assert fut.asked_after == 2 and len(forwards) == 2 and torch.equal(again, table)
+
+
+def test_fingerprint_beside_equals_the_plain_hash():
+    model = tiny_model()
+    assert refmod.fingerprint_beside(model).result(timeout=60) == model_fingerprint(model)
