@@ -192,6 +192,8 @@ def _lora_linear_forward(self, x, *args, **kwargs):
     x itself (kept once however many adapted layers read it). Anything else (adapters
     disabled or merged, several active adapters, DoRA and other variants, a bias on B, extra
     arguments) runs peft's forward."""
+    if self._disable_adapters and not self.merged and not args and not kwargs:
+        return self.base_layer(x)  # what peft's forward does then, without its argument checks
     names = self.active_adapters
     name = names[0] if len(names) == 1 else None
     if (args or kwargs or self.disable_adapters or self.merged or name not in self.lora_A

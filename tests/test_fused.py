@@ -206,6 +206,24 @@ def test_lean_lora_linear_falls_back_to_peft(case):
                               rtol=1e-5, atol=1e-6)
 
 
+def test_lean_lora_linear_with_adapters_off_is_the_base_layer(monkeypatch):
+    from peft.tuners.lora.layer import Linear
+
+    torch.manual_seed(6)
+    eager, lean = _lora_pair()
+    fuse_layers(lean, ("lora",))
+    ids = torch.randint(0, 300, (2, 9))
+    peft_calls = []
+    real = Linear.forward
+    monkeypatch.setattr(Linear, "forward", lambda self, *a, **k: peft_calls.append(1) or real(self, *a, **k))
+    with torch.no_grad(), eager.disable_adapter(), lean.disable_adapter():
+        want, got = eager(input_ids=ids).logits, lean(input_ids=ids).logits
+        assert len(peft_calls) == 10  # eager's ten adapted layers; the lean ones call the base layer
+    assert torch.equal(got, want)
+    with torch.no_grad():
+        assert not torch.allclose(lean(input_ids=ids).logits, want)  # the adapters are not zero
+
+
 def test_trainer_lora_run_is_the_same_with_lean_layers(tmp_path):
     from _train_worker import tiny_trainer
 
