@@ -31,6 +31,7 @@ forward (with or without autograd) and one each in backward, in place of 2-10 ea
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
 
@@ -182,6 +183,9 @@ def _swiglu_forward(self, x):
     return down(_SiluMul.apply(gate, up, triton))
 
 
+_NO_CONTEXT = contextlib.nullcontext()
+
+
 def _lora_linear_forward(self, x, *args, **kwargs):
     """peft ``lora.Linear``: ``base(x) + scaling * B(A(dropout(x)))`` as ``addmm(base(x), A(x), B^T,
     alpha=scaling)``: the adapter's product, scaling and sum in one matmul, in the dtype the base
@@ -203,8 +207,11 @@ def _lora_linear_forward(self, x, *args, **kwargs):
     result = self.base_layer(x)
     a, b = self.lora_A[name].weight, self.lora_B[name].weight
     dt = _matmul_dtype(result, a)
-    with torch.autocast(x.device.type, enabled=False):
-        xa = F.linear(self.lora_dropout[name](x).to(dt), a.to(dt))
+    drop = self.lora_dropout[name]
+    # the autocast switch and an identity dropout's module call only where they do something (host
+    # time: 168 adapted layers run this twice a step)
+    with torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else _NO_CONTEXT:
+        xa = F.linear((x if type(drop) is nn.Identity else drop(x)).to(dt), a.to(dt))
         out = torch.addmm(result.reshape(-1, result.shape[-1]).to(dt), xa.reshape(-1, xa.shape[-1]), b.to(dt).t(),
                           alpha=self.scaling[name])
     return out.view(result.shape).to(result.dtype)
