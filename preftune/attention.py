@@ -92,6 +92,7 @@ def _transformers_attention(module, query, key, value, attention_mask, scaling=N
     """transformers' attention-function signature: query (1, Hq, N, D), key/value (1, Hkv, N, D) after
     the rotary embedding; returns ((1, N, Hq, D), None)."""
     meta = kwargs.get(KWARG)
+    _calls[0] += meta is not None
     if meta is None:  # a forward without a prefix_packed batch under the switch: plain SDPA
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -109,6 +110,9 @@ def _transformers_attention(module, query, key, value, attention_mask, scaling=N
         raise ValueError(f"a prefix_packed batch is one row, got {query.shape[0]}")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     return varlen_prefix_attention(q, k, v, meta, scaling)[None], None
+
+
+_calls = [0]  # attention calls that took a VarlenPrefix: prefix_packed_forward checks every layer made one
 
 
 @functools.cache
@@ -136,7 +140,15 @@ def prefix_packed_forward(model):
     config = model.config
     before = config._attn_implementation
     config._attn_implementation = NAME
+    calls = _calls[0]
     try:
         yield
     finally:
         config._attn_implementation = before
+    layers = getattr(config, "num_hidden_layers", None)
+    made = _calls[0] - calls
+    if made == 0 or (layers is not None and made != layers):
+        raise NotImplementedError(
+            f"batch_layout='prefix_packed': {made} of this model's {layers if layers is not None else '?'} layers ran "
+            "their attention through transformers' attention interface, which the variable-length attention "
+            "needs (the others would attend across pairs); use batch_layout='prefix'")

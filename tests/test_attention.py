@@ -153,13 +153,29 @@ def test_refusals_name_the_fix():
                                           sliding_window=2, **{attention.KWARG: batch["varlen"]})  # fmt: skip
 
 
-def test_forwards_without_the_batch_keep_plain_sdpa_under_the_switch():
+def test_a_model_whose_attention_bypasses_the_interface_is_refused(monkeypatch):
+    """Attention code that ignores config._attn_implementation would attend across the packed pairs:
+    refused, not silently wrong."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     model = tiny_model(vocab_size=60)
-    ids = torch.tensor([[5, 6, 7, 8]])
-    want = model(input_ids=ids).logits
-    with attention.prefix_packed_forward(model):
-        got = model(input_ids=ids).logits
-    torch.testing.assert_close(got, want)
+    batch = collate(feats(2), layout="prefix_packed", pad_token_id=0)
+    monkeypatch.setattr(type(ALL_ATTENTION_FUNCTIONS), "get_interface", lambda self, name, default: sdpa_attention_forward)
+    with pytest.raises(NotImplementedError, match="0 of this model's 2 layers.*batch_layout='prefix'"):
+        model_logps(model, batch)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_attention_calls_without_the_batch_are_plain_sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    attn = tiny_model(vocab_size=60).model.layers[0].self_attn
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(2, 4, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g)
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    got = attention._transformers_attention(attn, q, k, v, mask, scaling=0.3)[0]
+    torch.testing.assert_close(got, sdpa_attention_forward(attn, q, k, v, mask, scaling=0.3)[0])
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
