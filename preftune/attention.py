@@ -66,18 +66,29 @@ def per_sequence(q, k, v, meta, scale: float | None = None) -> torch.Tensor:
     ``rejected`` over the pair's whole span, its chosen keys masked out, its prompt keys visible and its
     own causal."""
     outs = []
-    cu_q, cu_k = meta.cu_q_host, meta.cu_k_host
-    for i in range(0, len(cu_q) - 1, 2):
+    cu_q = meta.cu_q_host
+    for i, (keep_own, keep_rejected) in zip(range(0, len(cu_q) - 1, 2), _masks(meta, q.device)):
         a0, a1, end = cu_q[i], cu_q[i + 1], cu_q[i + 2]  # prompt+chosen = [a0, a1), rejected = [a1, end)
-        r = end - a1
-        p = cu_k[i + 2] - cu_k[i + 1] - r
-        keep = torch.ones(a1 - a0, a1 - a0, dtype=torch.bool, device=q.device).tril()
-        outs.append(_sdpa(q[a0:a1], k[a0:a1], v[a0:a1], keep, scale))
-        keep = torch.zeros(r, end - a0, dtype=torch.bool, device=q.device)
-        keep[:, :p] = True
-        keep[:, a1 - a0 :] = torch.ones(r, r, dtype=torch.bool, device=q.device).tril()
-        outs.append(_sdpa(q[a1:end], k[a0:end], v[a0:end], keep, scale))
+        outs.append(_sdpa(q[a0:a1], k[a0:a1], v[a0:a1], keep_own, scale))
+        outs.append(_sdpa(q[a1:end], k[a0:end], v[a0:end], keep_rejected, scale))
     return torch.cat(outs)
+
+
+def _masks(meta, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per pair, ``per_sequence``'s two masks, made once per batch (every layer uses the same)."""
+    key = ("per_sequence_masks", str(device))
+    if key not in meta.scratch:
+        masks, cu_q, cu_k = [], meta.cu_q_host, meta.cu_k_host
+        for i in range(0, len(cu_q) - 1, 2):
+            a0, a1, end = cu_q[i], cu_q[i + 1], cu_q[i + 2]
+            r = end - a1
+            p = cu_k[i + 2] - cu_k[i + 1] - r
+            keep_rejected = torch.zeros(r, end - a0, dtype=torch.bool, device=device)
+            keep_rejected[:, :p] = True
+            keep_rejected[:, a1 - a0 :] = torch.ones(r, r, dtype=torch.bool, device=device).tril()
+            masks.append((torch.ones(a1 - a0, a1 - a0, dtype=torch.bool, device=device).tril(), keep_rejected))
+        meta.scratch[key] = masks
+    return meta.scratch[key]
 
 
 def _sdpa(q, k, v, keep, scale):
@@ -123,9 +134,9 @@ def _register() -> None:
 
 
 def _checkpointing(model) -> bool:
-    flag = getattr(type(model), "is_activation_checkpointing", None)
-    return bool(model.is_activation_checkpointing if flag is not None else getattr(model, "is_gradient_checkpointing",
-                                                                                    False))  # fmt: skip
+    if hasattr(type(model), "is_activation_checkpointing"):  # transformers >= 5.2 (the old name warns)
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
 @contextlib.contextmanager

@@ -795,16 +795,19 @@ def cached_precompute(ref_model_or_reference: nn.Module | Reference, features: S
     ``Future`` (``fingerprint_beside``): where the folder holds no table at all, it is waited for only
     after the pass, to name the file.
     """
+    def file_for(k: str) -> Path:
+        return Path(cache_dir) / f"{k[:32]}.safetensors" if cache_dir else default_reference_cache_path(k)
+
     if key is None:
         if key_parts is None:
             raise ValueError("cached_precompute needs key or key_parts")
-        folder = Path(cache_dir) if cache_dir else cache_root() / "reference"
-        if path is not None or not any(isinstance(v, Future) for v in key_parts.values()) or _holds_tables(folder):
+        if path is not None or not any(isinstance(v, Future) for v in key_parts.values()) \
+                or _holds_tables(file_for("").parent):
             key = reference_cache_key(**_resolved(key_parts))
         # else: no file there can match any key, so a part still being computed (the weights' hash,
         # beside this pass) is waited for only to name the file written at the end
     if path is None and key is not None:
-        path = Path(cache_dir) / f"{key[:32]}.safetensors" if cache_dir else default_reference_cache_path(key)
+        path = file_for(key)
     needed = max((int(f["index"]) for f in features), default=-1) + 1
     world = accelerator.num_processes if accelerator is not None else 1
     table = load_reference_cache(path, key) if key is not None else None
@@ -826,7 +829,7 @@ def cached_precompute(ref_model_or_reference: nn.Module | Reference, features: S
         table = merge_shard_tables(table.to(accelerator.device), lambda t: accelerator.reduce(t, reduction="sum"))
     if key is None:
         key = reference_cache_key(**_resolved(key_parts))
-        path = Path(cache_dir) / f"{key[:32]}.safetensors" if cache_dir else default_reference_cache_path(key)
+        path = file_for(key)
     if accelerator is None or accelerator.is_main_process:
         save_reference_cache(path, table, key)
         logger.info("saved reference log-probs to %s", path)

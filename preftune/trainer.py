@@ -26,9 +26,9 @@ import torch
 from preftune import checkpoint as ckpt
 from preftune import kernels
 from preftune.config import DPOConfig
-from preftune.data.batching import VarlenPrefix, collate
+from preftune.data.batching import collate
 from preftune.data.pipeline import StepPlan, prepare_one, prepare_splits, report_skips
-from preftune.logps import TRITON_HEAD, attention_kernels, model_logps, use_triton_head
+from preftune.logps import _unwrap, attention_kernels, model_logps, use_triton_head
 from preftune.losses import LOSSES, loss_params, preference_loss, resolve_loss_names
 from preftune.memory import init_adamw_state, tune_malloc
 from preftune.metrics import MetricAccumulator, preference_metrics
@@ -177,18 +177,17 @@ class DPOTrainer:
     def _warm_up_kernels(self, model) -> None:
         """Compile (or load from Triton's cache) the kernel variants this model's widths run, in the
         background while the data is tokenized (``kernels.warm_up_async``)."""
-        base = self.accelerator.unwrap_model(model)
-        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        base = _unwrap(model)
         config = getattr(base, "config", None)
         get_head = getattr(base, "get_output_embeddings", None)
-        head = get_head() if get_head is not None else None
+        head = get_head() if get_head is not None else None  # marked by use_triton_head just before
         param = next(base.parameters(), None)
         kernels.warm_up_async(
             self.accelerator.device,
             param.dtype if param is not None else torch.bfloat16,
             norm_width=getattr(config, "hidden_size", None),
             mlp_width=getattr(config, "intermediate_size", None),
-            vocab=head.weight.shape[0] if getattr(head, TRITON_HEAD, False) and hasattr(head, "weight") else None,
+            vocab=head.weight.shape[0] if hasattr(head, "weight") else None,
         )
 
     # ------------------------------------------------------------------------------------------
@@ -345,8 +344,7 @@ class DPOTrainer:
 
     def _to_device(self, batch: dict) -> dict:
         dev = self.accelerator.device
-        return {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v.to(dev) if isinstance(v, VarlenPrefix)
-                    else v) for k, v in batch.items()}  # fmt: skip
+        return {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
     def _pair_losses(self, batch: dict, reference, model=None):
         """Per-pair losses (B,) and metric tensors for one micro-batch."""

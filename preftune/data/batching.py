@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -49,7 +49,8 @@ class VarlenPrefix:
     rejected span, gathered from the row by ``k_index``. Every sequence is causal with the queries
     aligned to the END of its keys (rejected token j sees the whole prompt and rejected 0..j).
     ``cu_q``/``cu_k`` (int32, 2B+1) are the cumulative lengths, ``max_q``/``max_k`` the longest, the
-    ``*_host`` lists the same on the host.
+    ``*_host`` lists the same on the host. ``scratch`` holds what the attention derives from them once
+    per batch instead of once per layer (``preftune.attention.per_sequence``'s masks).
     """
 
     cu_q: torch.Tensor
@@ -59,6 +60,7 @@ class VarlenPrefix:
     max_k: int
     cu_q_host: list[int]
     cu_k_host: list[int]
+    scratch: dict = field(default_factory=dict, repr=False, compare=False)
 
     def to(self, device) -> VarlenPrefix:
         return VarlenPrefix(self.cu_q.to(device), self.cu_k.to(device), self.k_index.to(device), self.max_q,
