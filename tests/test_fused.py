@@ -242,3 +242,86 @@ def test_fusing_a_model_without_lora_does_not_import_peft():
     code = ("import sys; from preftune.fused import fuse_layers; from preftune.testing import tiny_model; "
             "fuse_layers(tiny_model()); assert 'peft' not in sys.modules, 'peft imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _saved_product_storages(model, ids, width: int) -> int:
+    """How many distinct storages of (tokens, width) values autograd keeps for backward: with width the
+    MLP's intermediate size, the MLP's activations (gate, up, silu(gate), the product, copies)."""
+    storages = {}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if t.dim() and t.shape[-1] == width and t.numel() >= ids.numel() * width and s.data_ptr() not in params:
+            storages[s.data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, use_cache=False).logits.sum()
+    return len(storages)
+
+
+@pytest.mark.parametrize("kinds", [("mlp",), ("mlp", "lora")])
+def test_fused_mlp_with_a_lora_down_proj_keeps_only_gate_and_up(kinds):
+    """A LoRA down_proj reads the product with its A too: the fused MLP computes base + scaling * B(A(prod))
+    in one autograd node and rebuilds the product in backward for A's gradient, as for the base weight's."""
+    torch.manual_seed(7)
+    eager, fused = _lora_pair(target_modules=["gate_proj", "up_proj", "down_proj"])
+    assert fuse_layers(fused, kinds)["mlp"] == 2
+    ids = torch.randint(0, 300, (2, 9))
+    out_e, grads_e = _loss_and_grads(eager, ids)
+    out_f, grads_f = _loss_and_grads(fused, ids)
+    assert torch.allclose(out_e, out_f, rtol=1e-5, atol=1e-6)
+    assert grads_e.keys() == grads_f.keys() and any("down_proj.lora_A" in n for n in grads_e)
+    for name in grads_e:
+        assert torch.allclose(grads_e[name], grads_f[name], rtol=1e-4, atol=1e-6), name
+    layers = eager.config.num_hidden_layers
+    assert _saved_product_storages(fused, ids, 48) == 2 * layers  # gate and up
+    assert _saved_product_storages(eager, ids, 48) >= 4 * layers  # + silu(gate), the product (+ peft's copies)
+
+
+def test_fused_mlp_with_a_lora_down_proj_under_bfloat16_autocast():
+    """bfloat16 base, float32 adapters, autocast (a GPU job's set-up): as close to the float32 model
+    as peft's own forward is, with the same one-matmul adapter as the lean LoRA linear."""
+    torch.manual_seed(8)
+    eager, fused = _lora_pair(torch.bfloat16, target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"])
+    truth = copy.deepcopy(eager).float()
+    fuse_layers(fused)
+    ids = torch.randint(0, 300, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grads_e, grads_f = _loss_and_grads(eager, ids)[1], _loss_and_grads(fused, ids)[1]
+        assert _saved_product_storages(fused, ids, 48) == 2 * eager.config.num_hidden_layers
+    grads_t = _loss_and_grads(truth, ids)[1]
+    assert grads_e.keys() == grads_f.keys() == grads_t.keys() and grads_e
+    assert {grads_f[n].dtype for n in grads_f} == {torch.float32}  # the adapters' own dtype
+
+    def rel_errors(grads):
+        return torch.stack([(grads[n].float() - grads_t[n]).norm() / grads_t[n].norm() for n in grads_t])
+
+    err_f, err_e = rel_errors(grads_f), rel_errors(grads_e)
+    assert err_f.mean() <= 1.25 * err_e.mean() + 1e-3 and err_f.max() <= 1.25 * err_e.max() + 1e-3
+
+
+def test_fused_mlp_with_lora_dropout_or_adapters_off_takes_the_module_path():
+    """With dropout on in training, A reads a dropped copy (kept by autograd): the down_proj module runs
+    (same random draws as eager). With the adapters off the down_proj is its base layer."""
+    torch.manual_seed(9)
+    eager, fused = _lora_pair(target_modules=["down_proj"], lora_dropout=0.5)
+    fuse_layers(fused)
+    ids = torch.randint(0, 300, (2, 9))
+    torch.manual_seed(10)
+    out_e, grads_e = _loss_and_grads(eager, ids)
+    torch.manual_seed(10)
+    out_f, grads_f = _loss_and_grads(fused, ids)
+    assert torch.allclose(out_e, out_f, rtol=1e-5, atol=1e-6) and grads_e.keys() == grads_f.keys()
+    for name in grads_e:
+        assert torch.allclose(grads_e[name], grads_f[name], rtol=1e-4, atol=1e-6), name
+    assert _saved_product_storages(fused, ids, 48) > 2 * eager.config.num_hidden_layers
+    eager.eval(), fused.eval()  # dropout off: the fused path again, equal to eager
+    out_e, grads_e = _loss_and_grads(eager, ids)
+    out_f, grads_f = _loss_and_grads(fused, ids)
+    assert torch.allclose(out_e, out_f, rtol=1e-5, atol=1e-6)
+    assert _saved_product_storages(fused, ids, 48) == 2 * eager.config.num_hidden_layers
+    with eager.disable_adapter(), fused.disable_adapter():  # grad on, nothing trainable in the layers
+        out_e, out_f = eager(input_ids=ids).logits, fused(input_ids=ids).logits
+    assert torch.equal(out_e, out_f) and not torch.allclose(out_e, eager(input_ids=ids).logits)

@@ -124,7 +124,7 @@ def _loss_and_grads(model, ids):
 @pytest.mark.parametrize("lora", [False, True])
 def test_fused_layers_with_kernels_match_eager(kern, dtype, lora, monkeypatch):
     """A whole model: fused layers on Triton kernels vs the eager model, values and every gradient,
-    with grad and without (the reference pass); with LoRA the MLP takes the silu-mul-only path."""
+    with grad and without (the reference pass); with LoRA on down_proj its adapter is in the fused MLP's node."""
     kernels, device = kern
     eager = tiny_model(intermediate_size=48).to(device=device, dtype=dtype)
     if lora:
