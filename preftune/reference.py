@@ -42,13 +42,19 @@ CACHE_FORMAT = "1"
 # --------------------------------------------------------------------------------------------
 
 
-# Bumped by torch whenever any module anywhere registers a submodule (``Module.__setattr__``,
-# ``add_module``): a module list cached for a model is current while the count has not moved.
+# Bumped by torch's global hook when a module in a listed model registers a submodule
+# (``Module.__setattr__``, ``add_module``): a module list cached for a model is current while the count
+# has not moved. Registrations into other modules do not count: transformers' decoders slice
+# ``self.layers[:n]`` in every forward, a new ModuleList that registers every layer again, which
+# counted would rebuild the list on every call. ``_listed`` holds the ids of every module of a listed
+# model (an id reused by a later object costs a needless rebuild at worst).
 _structure_version = [0]
+_listed: set[int] = set()
 
 
-def _structure_changed(*_args) -> None:
-    _structure_version[0] += 1
+def _structure_changed(module: nn.Module, _name, _sub) -> None:
+    if id(module) in _listed:
+        _structure_version[0] += 1
 
 
 torch.nn.modules.module.register_module_module_registration_hook(_structure_changed)
@@ -60,6 +66,7 @@ def _module_list(model: nn.Module) -> list[nn.Module]:
     cached = model.__dict__.get("_preftune_modules")
     if cached is None or cached[0] != _structure_version[0]:
         cached = (_structure_version[0], list(model.modules()))
+        _listed.update(map(id, cached[1]))
         model.__dict__["_preftune_modules"] = cached
     return cached[1]
 

@@ -436,7 +436,12 @@ def test_eval_mode_follows_the_model_structure_and_respects_train_overrides():
     with refmod.eval_mode(model):
         assert not any(m.training for m in model.modules())
     assert not model.model.layers[1].mlp.training and model.model.layers[0].mlp.training
+    listed = refmod._module_list(model)
+    with torch.no_grad():  # the decoder's forward slices its layers into a new ModuleList: not a change
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert refmod._module_list(model) is listed
     model.model.extra = torch.nn.Dropout(0.5)  # a new submodule after the list was made
+    assert refmod._module_list(model) is not listed
     with refmod.eval_mode(model):
         assert not model.model.extra.training
     assert model.model.extra.training
