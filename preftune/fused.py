@@ -246,10 +246,47 @@ def _lora_linear_forward(self, x, *args, **kwargs):
     # the autocast switch and an identity dropout's module call only where they do something (host
     # time: 168 adapted layers run this twice a step)
     with torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else _NO_CONTEXT:
-        xa = F.linear((x if type(drop) is nn.Identity else drop(x)).to(dt), a.to(dt))
+        xin = x if type(drop) is nn.Identity else drop(x)
+        if xin.dtype != dt and torch.is_grad_enabled():
+            return _CastAdapter.apply(result, xin, a, b, self.scaling[name], dt)
+        xa = F.linear(xin.to(dt), a.to(dt))
         out = torch.addmm(result.reshape(-1, result.shape[-1]).to(dt), xa.reshape(-1, xa.shape[-1]), b.to(dt).t(),
                           alpha=self.scaling[name])
     return out.view(result.shape).to(result.dtype)
+
+
+class _CastAdapter(torch.autograd.Function):
+    """``addmm(result.to(dt), x.to(dt) @ a^T, b^T, alpha=scaling).to(result.dtype)`` keeping x in its own
+    dtype and casting it again in backward: where the adapter's dtype differs from the input's (a
+    bfloat16 model with peft's float32 adapters and no autocast, or float32 inputs under autocast),
+    eager autograd keeps a cast copy of x for every adapted layer, three for q, k and v's one input."""
+
+    @staticmethod
+    def forward(ctx, result, x, a, b, scaling, dt):
+        xa = F.linear(x.to(dt), a.to(dt))
+        out = torch.addmm(result.reshape(-1, result.shape[-1]).to(dt), xa.reshape(-1, xa.shape[-1]), b.to(dt).t(),
+                          alpha=scaling)
+        ctx.save_for_backward(x, a, b, xa)
+        ctx.scaling, ctx.dt, ctx.result_dtype = scaling, dt, result.dtype
+        return out.view(result.shape).to(result.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, a, b, xa = ctx.saved_tensors
+        dt, s = ctx.dt, ctx.scaling
+        need_result, need_x, need_a, need_b, _, _ = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1]).to(dt)
+        grad_result = g.view(grad.shape).to(ctx.result_dtype) if need_result else None
+        grad_x = grad_a = grad_b = None
+        if need_b:
+            grad_b = (s * (g.t() @ xa.reshape(-1, xa.shape[-1]))).to(b.dtype)
+        if need_x or need_a:
+            grad_xa = s * (g @ b.to(dt))
+            if need_x:
+                grad_x = (grad_xa @ a.to(dt)).view(x.shape).to(x.dtype)
+            if need_a:
+                grad_a = (grad_xa.t() @ x.reshape(-1, x.shape[-1]).to(dt)).to(a.dtype)
+        return grad_result, grad_x, grad_a, grad_b, None, None
 
 
 def _lean_adapter(layer: nn.Module) -> str | None:

@@ -325,3 +325,35 @@ def test_fused_mlp_with_lora_dropout_or_adapters_off_takes_the_module_path():
     with eager.disable_adapter(), fused.disable_adapter():  # grad on, nothing trainable in the layers
         out_e, out_f = eager(input_ids=ids).logits, fused(input_ids=ids).logits
     assert torch.equal(out_e, out_f) and not torch.allclose(out_e, eager(input_ids=ids).logits)
+
+
+def test_lean_lora_linear_in_bfloat16_without_autocast_keeps_no_float32_copies():
+    """A bfloat16 model with peft's float32 adapters and no autocast: the adapter's math runs in
+    float32 (as peft's does), but x is kept in bfloat16 and cast again in backward, where peft (and
+    eager autograd) keep a float32 copy of x per adapted layer."""
+    torch.manual_seed(11)
+    eager, lean = _lora_pair(torch.bfloat16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    fuse_layers(lean, ("lora",))
+    ids = torch.randint(0, 300, (2, 9))
+    out_e, grads_e = _loss_and_grads(eager, ids)
+    out_l, grads_l = _loss_and_grads(lean, ids)
+    assert torch.allclose(out_e.float(), out_l.float(), rtol=1e-2, atol=1e-2)
+    assert grads_e.keys() == grads_l.keys() and grads_e
+    for name in grads_e:
+        assert grads_l[name].dtype == grads_e[name].dtype == torch.float32
+        assert torch.allclose(grads_e[name], grads_l[name], rtol=2e-2, atol=1e-3), name
+
+    def float32_activations(model):
+        kept = set()
+
+        def pack(t):
+            if t.dtype == torch.float32 and t.dim() and t.shape[-1] == 32 and t.numel() >= ids.numel() * 32:
+                kept.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, use_cache=False)
+        return len(kept)
+
+    # eager keeps one float32 copy of x per adapted layer (2 layers x 4) besides the norms' float32 work
+    assert float32_activations(eager) - float32_activations(lean) == 2 * 4
