@@ -64,6 +64,21 @@ def _silu_mul_backward(grad, gate, up, act, need_gate: bool, need_up: bool):
     return grad_gate, grad_up
 
 
+def _add_adapter(result: torch.Tensor, x: torch.Tensor, a, b, scaling: float, dt: torch.dtype):
+    """(``addmm(result, x @ a^T, b^T, alpha=scaling)`` in dt, back in result's dtype; ``x @ a^T``), x in dt:
+    a LoRA adapter's product, scaling and sum in one matmul."""
+    xa = F.linear(x, a.to(dt))
+    out = torch.addmm(result.reshape(-1, result.shape[-1]).to(dt), xa.reshape(-1, xa.shape[-1]), b.to(dt).t(),
+                      alpha=scaling)
+    return out.view(result.shape).to(result.dtype), xa
+
+
+def _adapter_grads(g: torch.Tensor, xa: torch.Tensor, b, scaling: float, need_b: bool):
+    """(d loss / d xa, d loss / d b) of ``_add_adapter`` given the (rows, out) output gradient in xa's dtype."""
+    grad_b = (scaling * (g.t() @ xa.reshape(-1, xa.shape[-1]))).to(b.dtype) if need_b else None
+    return scaling * (g @ b.to(g.dtype)), grad_b
+
+
 class _SiluMul(torch.autograd.Function):
     """silu(gate) * up, saving only gate and up (one Triton kernel each way when ``triton``)."""
 
@@ -103,9 +118,7 @@ class _SwiGLUDown(torch.autograd.Function):
             out = F.linear(prod.to(dt), weight.to(dt))
             xa = None
             if a is not None:
-                xa = F.linear(prod.to(dta), a.to(dta))
-                out = torch.addmm(out.reshape(-1, out.shape[-1]).to(dta), xa.reshape(-1, xa.shape[-1]),
-                                  b.to(dta).t(), alpha=scaling).view(out.shape).to(out.dtype)
+                out, xa = _add_adapter(out, prod.to(dta), a, b, scaling, dta)
         ctx.save_for_backward(gate, up, weight, a, b, xa)
         ctx.dt, ctx.triton, ctx.scaling = dt, triton, scaling
         return out
@@ -121,13 +134,8 @@ class _SwiGLUDown(torch.autograd.Function):
         with torch.autocast(gate.device.type, enabled=False):
             g = grad_out.to(dt).reshape(-1, grad_out.shape[-1])
             if a is not None:  # the adapter: d xa and d b from the output gradient alone
-                dta = xa.dtype
-                ga = grad_out.to(dta).reshape(-1, grad_out.shape[-1])
-                xa2 = xa.reshape(-1, xa.shape[-1])
-                if need_b:
-                    grad_b = (ctx.scaling * (ga.t() @ xa2)).to(b.dtype)
-                if need_a or need_gate or need_up:
-                    grad_xa = ctx.scaling * (ga @ b.to(dta))
+                ga = grad_out.to(xa.dtype).reshape(-1, grad_out.shape[-1])
+                grad_xa, grad_b = _adapter_grads(ga, xa, b, ctx.scaling, need_b)
 
             def d_prod():  # d loss / d prod: the base weight's share plus the adapter's
                 gp = (g @ weight.to(dt)).to(pdt)
@@ -249,10 +257,7 @@ def _lora_linear_forward(self, x, *args, **kwargs):
         xin = x if type(drop) is nn.Identity else drop(x)
         if xin.dtype != dt and torch.is_grad_enabled():
             return _CastAdapter.apply(result, xin, a, b, self.scaling[name], dt)
-        xa = F.linear(xin.to(dt), a.to(dt))
-        out = torch.addmm(result.reshape(-1, result.shape[-1]).to(dt), xa.reshape(-1, xa.shape[-1]), b.to(dt).t(),
-                          alpha=self.scaling[name])
-    return out.view(result.shape).to(result.dtype)
+        return _add_adapter(result, xin.to(dt), a, b, self.scaling[name], dt)[0]
 
 
 class _CastAdapter(torch.autograd.Function):
@@ -263,29 +268,21 @@ class _CastAdapter(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, result, x, a, b, scaling, dt):
-        xa = F.linear(x.to(dt), a.to(dt))
-        out = torch.addmm(result.reshape(-1, result.shape[-1]).to(dt), xa.reshape(-1, xa.shape[-1]), b.to(dt).t(),
-                          alpha=scaling)
+        out, xa = _add_adapter(result, x.to(dt), a, b, scaling, dt)
         ctx.save_for_backward(x, a, b, xa)
         ctx.scaling, ctx.dt, ctx.result_dtype = scaling, dt, result.dtype
-        return out.view(result.shape).to(result.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         x, a, b, xa = ctx.saved_tensors
-        dt, s = ctx.dt, ctx.scaling
+        dt = ctx.dt
         need_result, need_x, need_a, need_b, _, _ = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1]).to(dt)
         grad_result = g.view(grad.shape).to(ctx.result_dtype) if need_result else None
-        grad_x = grad_a = grad_b = None
-        if need_b:
-            grad_b = (s * (g.t() @ xa.reshape(-1, xa.shape[-1]))).to(b.dtype)
-        if need_x or need_a:
-            grad_xa = s * (g @ b.to(dt))
-            if need_x:
-                grad_x = (grad_xa @ a.to(dt)).view(x.shape).to(x.dtype)
-            if need_a:
-                grad_a = (grad_xa.t() @ x.reshape(-1, x.shape[-1]).to(dt)).to(a.dtype)
+        grad_xa, grad_b = _adapter_grads(g, xa, b, ctx.scaling, need_b)
+        grad_x = (grad_xa @ a.to(dt)).view(x.shape).to(x.dtype) if need_x else None
+        grad_a = (grad_xa.t() @ x.reshape(-1, x.shape[-1]).to(dt)).to(a.dtype) if need_a else None
         return grad_result, grad_x, grad_a, grad_b, None, None
 
 
