@@ -293,12 +293,23 @@ def _logit_transform(config) -> tuple[float | None, float | None]:
     return scale, getattr(config, "final_logit_softcapping", None)
 
 
+def _compute_dtype(model, device: torch.device) -> torch.dtype:
+    """The dtype the attention's query has: autocast's where it is on, else the parameters'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(model.parameters()).dtype
+
+
 def _attention_mask_for(mask, attn_impl: str, dtype: torch.dtype):
     """The prefix layout's (R, 1, T, T) bool mask in the form the attention kernel takes."""
     if mask is None or mask.dim() != 4:
         return mask
     if attn_impl == "sdpa":
-        return mask  # bool: True = attend, used as is by scaled_dot_product_attention
+        if mask.device.type != "cpu":
+            return mask  # bool: True = attend, used as is by scaled_dot_product_attention
+        # CPU: SDPA turns a bool mask into this additive one in every layer and keeps each copy for
+        # backward (30 (R, 1, T, T) float tensors for SmolLM2); made here once, every layer reads it
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
     if attn_impl == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     raise ValueError(
@@ -406,7 +417,7 @@ def model_logps(model, batch: dict, *, chunk_size: int | None = None, average: b
     scale, softcap = _logit_transform(base.config)
     mask = batch["attention_mask"]
     if mask is not None:
-        mask = _attention_mask_for(mask.to(device), base.config._attn_implementation, next(base.parameters()).dtype)
+        mask = _attention_mask_for(mask.to(device), base.config._attn_implementation, _compute_dtype(base, device))
     inputs = {
         "input_ids": batch["input_ids"].to(device),
         "attention_mask": mask,

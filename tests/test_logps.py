@@ -336,6 +336,40 @@ def test_cpu_attention_runs_on_grouped_kv_heads_with_the_same_values(model):
         torch.testing.assert_close(grouped[1][name], g, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_cpu_prefix_mask_is_made_once_as_the_additive_mask_sdpa_would_make(model):
+    """On CPU the prefix layout's bool mask becomes one additive float mask per forward, read by every
+    layer (SDPA made and kept one per layer from the bool one): the same values and gradients."""
+    import preftune.logps as L
+
+    batch = collate(FEATS, layout="prefix", pad_token_id=0)
+    masks = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        masks.append(attn_mask)
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        masks.clear()
+        with mock.patch.object(F, "scaled_dot_product_attention", spy):
+            out = model_logps(model, batch)
+        (out.chosen_logps.sum() - 2 * out.rejected_logps.sum()).backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    made = run()
+    assert len(masks) == model.config.num_hidden_layers
+    assert {m.dtype for m in masks} == {torch.float32}
+    assert len({m.untyped_storage().data_ptr() for m in masks}) == 1
+    with mock.patch.object(L, "_attention_mask_for", lambda mask, impl, dtype: mask):  # the bool mask as it is
+        bool_mask = run()
+    assert {m.dtype for m in masks} == {torch.bool}
+    assert torch.equal(made[0].chosen_logps, bool_mask[0].chosen_logps)
+    assert torch.equal(made[0].rejected_logps, bool_mask[0].rejected_logps)
+    for name, g in bool_mask[1].items():
+        assert torch.equal(made[1][name], g), name
+
+
 def test_in_place_logsumexp_equals_torch():
     from preftune.logps import _logsumexp_
 
