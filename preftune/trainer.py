@@ -349,11 +349,11 @@ class DPOTrainer:
     def _pair_losses(self, batch: dict, reference, model=None):
         """Per-pair losses (B,) and metric tensors for one micro-batch."""
         model = model if model is not None else self.model
-        pol = model_logps(model, batch, chunk_size=self.args.logps_chunk_size)
         ref_c = ref_r = None
-        if reference is not None:
+        if reference is not None:  # first: a live reference's forward then runs beside no policy activations
             ref = reference.logps(batch)
             ref_c, ref_r = ref.chosen_logps, ref.rejected_logps
+        pol = model_logps(model, batch, chunk_size=self.args.logps_chunk_size)
         out = preference_loss(
             self.loss_names if len(self.loss_names) > 1 else self.loss_names[0],
             policy_chosen_logps=pol.chosen_logps,
