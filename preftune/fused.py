@@ -24,6 +24,10 @@ down_projs (dropout on in training, DoRA, a bias, ...) keep their own module; on
 is fused then (``_SiluMul``).
 Without autograd (inference, the reference pass) the class forwards run.
 
+``recompute_norm_outputs()`` (on in ``model_logps``'s forwards with autograd): the norm's output,
+which the next projections keep for their backward (q/k/v, gate/up, LoRA's A), is made again in
+backward from the norm's input instead: two (tokens, hidden) tensors less per decoder layer.
+
 peft LoRA ``Linear`` (kind "lora"): ``addmm(base(x), A(x), B^T, alpha=scaling)``, see
 ``_lora_linear_forward``: no scaled or summed copies, and the input is read as it is instead of
 through a float32 copy and back (which peft keeps, in bfloat16, per adapted layer under autocast).
@@ -38,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -165,18 +170,91 @@ class _SwiGLUDown(torch.autograd.Function):
         return grad_gate, grad_up, grad_w, grad_a, grad_b, None, None
 
 
+def _rmsnorm_value(x, weight, eps: float, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * (x * rstd).to(x.dtype), rstd): ``_RMSNorm``'s forward, also its recompute."""
+    if triton:
+        return kernels.rmsnorm_forward(x, weight, eps)
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (xf * rstd).to(x.dtype), rstd
+
+
+class _NormOutput:
+    """One RMSNorm output under ``recompute_norm_outputs``: weak references to it and to the tensor its
+    storage came with (an id is theirs while they live), what makes it again, and the value made
+    again in backward."""
+
+    __slots__ = ("ref", "owner", "dtype", "x", "x_version", "weight", "eps", "triton", "value", "__weakref__")
+
+    def __init__(self, y, x, weight, eps, triton):
+        # owner: the tensor y's storage came with (y, or what y is a view of: the kernel's 2-D output)
+        self.ref, self.owner = weakref.ref(y), weakref.ref(y if y._base is None else y._base)
+        self.dtype = y.dtype
+        self.x, self.x_version, self.weight, self.eps, self.triton = x, x._version, weight, eps, triton
+        self.value = None
+
+    def recomputed(self) -> torch.Tensor:
+        if self.value is None:
+            if self.x._version != self.x_version:
+                raise RuntimeError("recompute_norm_outputs: an RMSNorm's input was modified in place after the "
+                                   "forward; its output cannot be made again for backward")
+            with torch.no_grad():
+                self.value = _rmsnorm_value(self.x, self.weight, self.eps, self.triton)[0]
+        return self.value
+
+
+_norm_outputs: dict[int, _NormOutput] | None = None  # by id of the output, while recompute_norm_outputs is on
+
+
+@contextlib.contextmanager
+def recompute_norm_outputs():
+    """While on, a fused RMSNorm's output that a later op keeps for backward (the q/k/v or gate/up
+    projections' input, the LoRA adapters' A) is not kept: backward makes it again from the norm's
+    input, which the norm keeps anyway, with the same kernel (bit for bit the same values), once for
+    all the ops that read it. Two (tokens, hidden) tensors less per decoder layer. Other saved tensors
+    are kept as they are; under gradient checkpointing the checkpoint's own hooks take precedence."""
+    global _norm_outputs
+    if _norm_outputs is not None:  # already on (an outer forward)
+        yield
+        return
+    outputs: dict[int, _NormOutput] = {}
+
+    def pack(t):
+        # the output itself, or a view of it (a linear's 2-D view of its 3-D input), whose _base is the
+        # tensor the output's storage came with (the output, or the one it is a view of)
+        entry = outputs.get(id(t))
+        if entry is None or entry.ref() is not t:  # (an id of a freed tensor, reused)
+            base = t._base
+            if base is None or (entry := outputs.get(id(base))) is None or entry.owner() is not base:
+                return t
+        if t.dtype != entry.dtype:  # a view as another dtype
+            return t
+        return entry, t.size(), t.stride(), t.storage_offset()
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        entry, size, stride, offset = packed
+        return entry.recomputed().as_strided(size, stride, offset)
+
+    _norm_outputs = outputs
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        _norm_outputs = None
+        # autograd keeps the hooks with what they packed: emptied, so an output made again in backward
+        # lives only until the last op that read it has run its backward
+        outputs.clear()
+
+
 class _RMSNorm(torch.autograd.Function):
     """weight * (x * rstd).to(x.dtype), rstd = rsqrt(mean(x^2) + eps) in float32; saves x, weight, rstd.
     With ``triton`` forward and backward are one Triton kernel each."""
 
     @staticmethod
     def forward(ctx, x, weight, eps, triton):
-        if triton:
-            y, rstd = kernels.rmsnorm_forward(x, weight, eps)
-        else:
-            xf = x.float()
-            rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-            y = weight * (xf * rstd).to(x.dtype)
+        y, rstd = _rmsnorm_value(x, weight, eps, triton)
         ctx.save_for_backward(x, weight, rstd)
         ctx.triton = triton
         return y
@@ -207,7 +285,11 @@ def _rmsnorm_forward(self, x):
     triton = x.shape[-1] <= kernels.MAX_NORM_WIDTH and _use_triton(self, x, self.weight)
     if not torch.is_grad_enabled():
         return kernels.rmsnorm_forward(x, self.weight, self.variance_epsilon)[0] if triton else type(self).forward(self, x)
-    return _RMSNorm.apply(x, self.weight, self.variance_epsilon, triton)
+    y = _RMSNorm.apply(x, self.weight, self.variance_epsilon, triton)
+    if _norm_outputs is not None and y.is_contiguous() and y.storage_offset() == 0:
+        entry = _NormOutput(y, x, self.weight, self.variance_epsilon, triton)
+        _norm_outputs[id(y)] = _norm_outputs[id(entry.owner())] = entry
+    return y
 
 
 def _swiglu_forward(self, x):

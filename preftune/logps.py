@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from preftune import attention, kernels
+from preftune import attention, fused, kernels
 from preftune.data.batching import IGNORE_INDEX
 
 
@@ -428,7 +428,9 @@ def model_logps(model, batch: dict, *, chunk_size: int | None = None, average: b
     if batch.get("varlen") is not None:  # prefix_packed: variable-length attention, no mask
         inputs[attention.KWARG] = batch["varlen"].to(device)
         forward = attention.prefix_packed_forward(base)
-    with forward:
+    # with autograd: the fused norms' outputs are made again in backward instead of kept
+    recompute = fused.recompute_norm_outputs() if torch.is_grad_enabled() else contextlib.nullcontext()
+    with forward, recompute:
         hidden = _final_hidden(model, base, inputs)  # (R, T, H)
     # a plain Linear head, also when FSDP2 has swapped its class (FSDPLinear keeps Linear.forward);
     # calling a sharded head module chunk by chunk would free the final norm's gathered weight

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -357,3 +359,80 @@ def test_lean_lora_linear_in_bfloat16_without_autocast_keeps_no_float32_copies()
 
     # eager keeps one float32 copy of x per adapted layer (2 layers x 4) besides the norms' float32 work
     assert float32_activations(eager) - float32_activations(lean) == 2 * 4
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_norm_outputs_are_made_again_in_backward_not_kept(lora, monkeypatch):
+    """Through model_logps (autograd on), a fused RMSNorm's output read by the projections is not kept
+    for backward: every one is freed when the forward returns, each is made again once in backward
+    (shared by q, k and v, or gate and up), and the gradients are bit for bit those of keeping them."""
+    import gc
+
+    from preftune import fused
+    from preftune.data.batching import collate
+    from preftune.logps import model_logps
+
+    torch.manual_seed(12)
+    model = _lora_pair(target_modules=["q_proj", "v_proj", "down_proj"])[0] if lora else tiny_model(intermediate_size=48)
+    fuse_layers(model)
+    feats = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9, 40], "rejected_ids": [10, 11], "index": 0},
+             {"prompt_ids": [20, 21], "chosen_ids": [30], "rejected_ids": [31, 32, 33], "index": 1}]
+    batch = collate(feats, layout="prefix", pad_token_id=0)
+    entries, made = [], []
+    real_init, real_recomputed = fused._NormOutput.__init__, fused._NormOutput.recomputed
+
+    def init(self, *a):
+        real_init(self, *a)
+        entries.append(weakref.ref(self))
+
+    def recomputed(self):
+        if self.value is None:
+            made.append(id(self))
+        return real_recomputed(self)
+
+    monkeypatch.setattr(fused._NormOutput, "__init__", init)
+    monkeypatch.setattr(fused._NormOutput, "recomputed", recomputed)
+    held = []  # per norm backward: how many outputs made again are still held
+    real_backward = fused._RMSNorm.backward
+
+    def backward(ctx, grad):
+        gc.collect()
+        held.append(sum(1 for e in entries if e() is not None and e().value is not None))
+        return real_backward(ctx, grad)
+
+    monkeypatch.setattr(fused._RMSNorm, "backward", staticmethod(backward))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model_logps(model, batch)
+        gc.collect()
+        alive = [e for e in entries if e() is not None and e().ref() is not None]
+        (out.chosen_logps.sum() - 2 * out.rejected_logps.sum()).backward()
+        return alive, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    alive, grads = run()
+    layers = model.config.num_hidden_layers
+    assert len(entries) == 2 * layers + 1 and not alive  # + the final norm, whose output nothing keeps
+    # with LoRA on q, v and down_proj only, the frozen gate/up read the second norm's output without keeping it
+    kept_outputs = layers if lora else 2 * layers
+    assert len(made) == kept_outputs and len(set(made)) == kept_outputs
+    made.clear()
+    # each lives only until the ops that read it have run their backward (by its norm's backward at the latest)
+    assert len(held) >= 2 * layers - 1 and max(held) == 0  # (with LoRA the first norm needs no backward)
+    entries.clear()
+    monkeypatch.setattr(fused, "recompute_norm_outputs", contextlib.nullcontext)
+    kept_alive, kept = run()
+    assert not entries and grads.keys() == kept.keys() and grads
+    for name in grads:
+        assert torch.equal(grads[name], kept[name]), name
+
+
+def test_a_norm_input_changed_in_place_is_refused_at_recompute():
+    from preftune.fused import _NormOutput
+
+    x, w = torch.randn(3, 8), torch.ones(8)
+    y = x * 1.0
+    entry = _NormOutput(y, x, w, 1e-6, False)
+    x.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        entry.recomputed()

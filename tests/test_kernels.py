@@ -368,3 +368,39 @@ def test_warm_up_is_a_no_op_where_the_kernels_do_not_run(monkeypatch):
     if not ON_GPU:
         assert not kernels.warm_up_async("cpu") and kernels._warming is None
     assert not kernels.warm_up_async("meta")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_outputs_made_again_by_the_kernel_equal_the_kept_ones(kern, dtype, monkeypatch):
+    """With the Triton norm, the outputs made again in backward (fused.recompute_norm_outputs, on in
+    model_logps) come from the same kernel: the gradients equal those of keeping the outputs, bit for bit."""
+    import contextlib
+
+    from preftune.data.batching import collate
+    from preftune.logps import model_logps
+
+    kernels, device = kern
+    torch.manual_seed(13)
+    model = tiny_model(intermediate_size=48).to(device=device, dtype=dtype)
+    fuse_layers(model, triton=True)
+    feats = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9, 40], "rejected_ids": [10, 11], "index": 0},
+             {"prompt_ids": [20, 21], "chosen_ids": [30], "rejected_ids": [31, 32, 33], "index": 1}]
+    batch = collate(feats, layout="prefix", pad_token_id=0, device=device)
+    calls = []
+    real = kernels.rmsnorm_forward
+    monkeypatch.setattr(kernels, "rmsnorm_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        out = model_logps(model, batch)
+        (out.chosen_logps.sum() - 2 * out.rejected_logps.sum()).backward()
+        return len(calls), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    n_recompute, made = grads()
+    monkeypatch.setattr(fused, "recompute_norm_outputs", contextlib.nullcontext)
+    n_kept, kept = grads()
+    layers = model.config.num_hidden_layers
+    assert n_kept == 2 * layers + 1 and n_recompute == n_kept + 2 * layers  # each kept output made once more
+    for name in kept:
+        assert torch.equal(made[name], kept[name]), name
