@@ -16,11 +16,13 @@ is needed only by losses that use it; :func:`make_reference` returns None for th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import tempfile
+import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -46,15 +48,21 @@ CACHE_FORMAT = "1"
 # (``Module.__setattr__``, ``add_module``): a module list cached for a model is current while the count
 # has not moved. Registrations into other modules do not count: transformers' decoders slice
 # ``self.layers[:n]`` in every forward, a new ModuleList that registers every layer again, which
-# counted would rebuild the list on every call. ``_listed`` holds the ids of every module of a listed
-# model (an id reused by a later object costs a needless rebuild at worst).
+# counted would rebuild the list on every call. ``_listed``: id -> weak reference of every module of a
+# listed model (a freed module's entry leaves with it, so a new module at its address does not count).
 _structure_version = [0]
-_listed: set[int] = set()
+_listed: dict[int, weakref.ref] = {}
 
 
 def _structure_changed(module: nn.Module, _name, _sub) -> None:
-    if id(module) in _listed:
+    ref = _listed.get(id(module))
+    if ref is not None and ref() is module:
         _structure_version[0] += 1
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    if _listed.get(key) is ref:
+        del _listed[key]
 
 
 torch.nn.modules.module.register_module_module_registration_hook(_structure_changed)
@@ -66,7 +74,10 @@ def _module_list(model: nn.Module) -> list[nn.Module]:
     cached = model.__dict__.get("_preftune_modules")
     if cached is None or cached[0] != _structure_version[0]:
         cached = (_structure_version[0], list(model.modules()))
-        _listed.update(map(id, cached[1]))
+        for m in cached[1]:
+            key = id(m)
+            if key not in _listed or _listed[key]() is not m:
+                _listed[key] = weakref.ref(m, functools.partial(_forget, key))
         model.__dict__["_preftune_modules"] = cached
     return cached[1]
 

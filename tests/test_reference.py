@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import random
 import types
@@ -442,6 +443,13 @@ def test_eval_mode_follows_the_model_structure_and_respects_train_overrides():
     assert refmod._module_list(model) is listed
     model.model.extra = torch.nn.Dropout(0.5)  # a new submodule after the list was made
     assert refmod._module_list(model) is not listed
+    other = tiny_model(vocab_size=40)  # a freed model's modules leave the registry (their addresses get reused)
+    refmod._module_list(other)
+    ids = {id(m) for m in other.modules()}
+    assert ids <= refmod._listed.keys()
+    del other
+    gc.collect()
+    assert not ids & refmod._listed.keys()
     with refmod.eval_mode(model):
         assert not model.model.extra.training
     assert model.model.extra.training
