@@ -40,6 +40,7 @@ forward (with or without autograd) and one each in backward, in place of 2-10 ea
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import types
 import weakref
@@ -387,12 +388,16 @@ def _no_dropout(drop: nn.Module) -> bool:
 
 def _is_lora_linear(module: nn.Module) -> bool:
     # a LoRA layer exists only once peft is imported: no import here for models without one
-    # (importing peft took 0.3 s of a trainer's construction on a 2-core CPU)
-    if "peft" not in sys.modules:
-        return False
+    # (importing peft took 0.3 s of a trainer's construction on a 2-core CPU); the class is looked up
+    # once, as the fused MLP asks this of its down_proj in every forward
+    return "peft" in sys.modules and type(module) is _lora_linear_class()
+
+
+@functools.cache
+def _lora_linear_class() -> type:
     from peft.tuners.lora.layer import Linear
 
-    return type(module) is Linear
+    return Linear
 
 
 def _is_swiglu_mlp(module: nn.Module) -> bool:
