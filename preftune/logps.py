@@ -305,11 +305,13 @@ def _attention_mask_for(mask, attn_impl: str, dtype: torch.dtype):
     if mask is None or mask.dim() != 4:
         return mask
     if attn_impl == "sdpa":
-        if mask.device.type != "cpu":
-            return mask  # bool: True = attend, used as is by scaled_dot_product_attention
-        # CPU: SDPA turns a bool mask into this additive one in every layer and keeps each copy for
-        # backward (30 (R, 1, T, T) float tensors for SmolLM2); made here once, every layer reads it
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        # SDPA turns a bool mask into an additive one in every layer (two kernels) and the attention's
+        # backward keeps each copy: 24 (8, 1, 1408, 1408) bfloat16 tensors, ~0.7 GB, for a Qwen2-0.5B
+        # batch of 8. Made here once per forward, every layer reads the same one. The fill is SDPA's
+        # own: -inf on CPU; on a GPU the finite -65504 it gives cuDNN (which mishandles -inf; exp of
+        # it is 0 as well, since every row attends at least to itself).
+        fill = float("-inf") if mask.device.type == "cpu" else -65504.0
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, fill)
     if attn_impl == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     raise ValueError(
