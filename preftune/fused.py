@@ -53,6 +53,8 @@ from preftune import kernels
 
 SWIGLU_MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
 RMSNORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+# their modeling modules' apply_rotary_pos_emb is the rotate-half form that kernels.rope computes
+ATTENTION_CLASSES = frozenset({"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention"})
 
 
 def _matmul_dtype(t: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -278,6 +280,72 @@ class _RMSNorm(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
+class _Rope(torch.autograd.Function):
+    """transformers' ``apply_rotary_pos_emb`` for q and k as two kernels each way (eager: ~14 forward
+    and ~16 backward per layer); cos and sin are the model's, shared by every layer, kept by reference."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        ctx.dtypes = q.dtype, k.dtype
+        return kernels.rope(q, cos, sin), kernels.rope(k, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        grads = [None if g is None or not need else kernels.rope(g, cos, sin, backward=True, dtype=dt)
+                 for g, need, dt in zip((dq, dk), ctx.needs_input_grad, ctx.dtypes)]
+        return grads[0], grads[1], None, None
+
+
+_rope_on = 0  # > 0 inside fast_rope(): the patched apply_rotary_pos_emb may take the kernels
+
+
+@contextlib.contextmanager
+def fast_rope():
+    """Within: the ``apply_rotary_pos_emb`` of the modeling modules ``fuse_layers(triton=True)`` patched
+    runs as ``preftune.kernels.rope`` where the tensors allow (``model_logps`` turns it on for the
+    forwards of a model marked for the Triton kernels, ``logps.use_triton_head``). Outside, and for
+    any other caller, those functions are transformers' own."""
+    global _rope_on
+    _rope_on += 1
+    try:
+        yield
+    finally:
+        _rope_on -= 1
+
+
+def _rope_entry(original):
+    """The modeling module's ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)``, with the kernels
+    inside ``fast_rope()``; every other call (other arguments, CPU tensors, a cos that needs a gradient)
+    goes to ``original``."""
+
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if (_rope_on and not args and kwargs.get("unsqueeze_dim", 1) == 1 and len(kwargs) <= 1
+                and not (cos.requires_grad or sin.requires_grad) and kernels.usable(q, k, cos, sin)
+                and kernels.rope_usable(q, cos) and kernels.rope_usable(k, cos) and sin.shape == cos.shape):
+            return _Rope.apply(q, k, cos, sin)
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb._preftune_original = original
+    return apply_rotary_pos_emb
+
+
+def _patch_rope(module: nn.Module) -> bool:
+    """Patch the ``apply_rotary_pos_emb`` that a Llama-family attention module's own modeling module
+    calls (once per modeling module); True if it is patched now."""
+    if type(module).__name__ not in ATTENTION_CLASSES:
+        return False
+    namespace = sys.modules.get(type(module).__module__)
+    fn = getattr(namespace, "apply_rotary_pos_emb", None)
+    if fn is None or not callable(fn):
+        return False
+    if not hasattr(fn, "_preftune_original"):
+        namespace.apply_rotary_pos_emb = _rope_entry(fn)
+    return True
+
+
 def _use_triton(module: nn.Module, *tensors: torch.Tensor) -> bool:
     return getattr(module, "_preftune_triton", False) and kernels.usable(*tensors)
 
@@ -416,20 +484,23 @@ def _is_rmsnorm(module: nn.Module) -> bool:
 _FORWARDS = ((_is_swiglu_mlp, _swiglu_forward), (_is_rmsnorm, _rmsnorm_forward), (_is_lora_linear, _lora_linear_forward))
 
 
-def fuse_layers(model: nn.Module, kinds: tuple[str, ...] = ("mlp", "rmsnorm", "lora"), *,
+def fuse_layers(model: nn.Module, kinds: tuple[str, ...] = ("mlp", "rmsnorm", "lora", "rope"), *,
                 triton: bool = True) -> dict[str, int]:  # fmt: skip
     """Give every Llama-family SwiGLU MLP and RMSNorm in ``model`` (of ``kinds``) the lean
     backward, and every peft LoRA ``Linear`` the one-matmul adapter; returns how many of each
-    ({"mlp": n, "rmsnorm": m, "lora": k}). triton=True: the MLPs' and norms' elementwise work runs
-    as ``preftune.kernels`` Triton kernels wherever those apply (CUDA tensors, Triton installed),
-    forward (also without autograd) and backward."""
-    counts = {"mlp": 0, "rmsnorm": 0, "lora": 0}
+    ({"mlp": n, "rmsnorm": m, "lora": k, "rope": a}). triton=True: the MLPs' and norms' elementwise
+    work runs as ``preftune.kernels`` Triton kernels wherever those apply (CUDA tensors, Triton
+    installed), forward (also without autograd) and backward; and the rotary embedding of the a
+    attention modules, inside ``fast_rope()`` (its modeling module's function is patched, see there)."""
+    counts = {"mlp": 0, "rmsnorm": 0, "lora": 0, "rope": 0}
     for module in model.modules():
         for (test, forward), kind in zip(_FORWARDS, counts):
             if kind in kinds and test(module):
                 module.forward = types.MethodType(forward, module)
                 module._preftune_triton = bool(triton)
                 counts[kind] += 1
+        if triton and "rope" in kinds and _patch_rope(module):
+            counts["rope"] += 1
     return counts
 
 

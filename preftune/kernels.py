@@ -71,7 +71,8 @@ _warming: threading.Thread | None = None  # the latest warm_up_async thread (it 
 
 
 def warm_up_async(device: torch.device | str, dtype: torch.dtype = torch.bfloat16, *, norm_width: int | None = None,
-                  mlp_width: int | None = None, vocab: int | None = None) -> bool:
+                  mlp_width: int | None = None, vocab: int | None = None,
+                  heads: tuple[int, int, int] | None = None) -> bool:
     """Start Triton's one-time set-up and the kernels' compiles in a background thread, so that they
     overlap the caller's work (model loading, tokenizing) instead of stalling the first forward.
 
@@ -79,7 +80,8 @@ def warm_up_async(device: torch.device | str, dtype: torch.dtype = torch.bfloat1
     Triton's disk cache, 0.66 s for the first kernel and ~4 ms for each one after it (much of it
     hashing Triton's own 400 MB library for cache keys, which releases the GIL); with an empty cache,
     0.1-1.1 s more per kernel to compile. The widths given compile the variants a model of those
-    widths runs (SwiGLU's and the head's forward and backward, the norm's forward); without them only
+    widths runs (SwiGLU's and the head's forward and backward, the norm's forward, the rotary embedding
+    both ways for ``heads`` = (query heads, key/value heads, head dim)); without them only
     the set-up runs. Returns whether a thread started (tensors on ``device`` can take the kernels). A
     second call queues behind the first. ``usable``, which every caller asks before running a kernel,
     waits for the thread first (``wait_warm_up``), so no kernel of the caller's runs beside it; a
@@ -93,7 +95,7 @@ def warm_up_async(device: torch.device | str, dtype: torch.dtype = torch.bfloat1
     if device.type not in ("cuda", "cpu") or not _usable_now(torch.empty(0, device=device)):
         return False
     before = _warming
-    _warming = threading.Thread(target=_warm_up, args=(before, device, dtype, norm_width, mlp_width, vocab),
+    _warming = threading.Thread(target=_warm_up, args=(before, device, dtype, norm_width, mlp_width, vocab, heads),
                                 name="preftune-triton-warm-up", daemon=True)
     _warming.start()
     return True
@@ -109,7 +111,7 @@ def wait_warm_up() -> None:
             _warming = None
 
 
-def _warm_up(before, device, dtype, norm_width, mlp_width, vocab) -> None:
+def _warm_up(before, device, dtype, norm_width, mlp_width, vocab, heads) -> None:
     if before is not None:
         before.join()
     try:
@@ -122,6 +124,11 @@ def _warm_up(before, device, dtype, norm_width, mlp_width, vocab) -> None:
             silu_mul_backward(prod, gate, gate, want_prod=True, prod_dtype=dtype, inplace=True)
         if norm_width and norm_width <= MAX_NORM_WIDTH:  # the backward's row split follows the batch: not warmed
             rmsnorm_forward(new(16, norm_width), new(norm_width), 1e-6)
+        if heads and heads[2] % 2 == 0:  # rows padded to a multiple of 64 on a GPU: T = 16 specializes alike
+            cos = new(2, 16, heads[2])
+            for h in heads[:2]:
+                x = new(2, 16, h, heads[2]).transpose(1, 2)
+                rope(rope(x, cos, cos), cos, cos, backward=True, dtype=dtype)
         if vocab:
             z, targets = new(2, vocab), torch.zeros(2, dtype=torch.long, device=device)
             _, lse = head_logps_forward(z, targets)
@@ -170,6 +177,33 @@ if triton is not None:
                 tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=in_row)
         if NEED_DW:
             tl.store(DW + pid.to(tl.int64) * N + cols, dw, mask=mask)
+
+    @triton.jit
+    def _rope(X, C, S, Y, T, H, sxb, sxh, sxt, syb, syh, syt, scb, sct, ssb, sst, HALF: tl.constexpr,
+              BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)  # one (batch row, position): every head of it
+        b, t = row // T, row % T
+        d = tl.arange(0, BLOCK_D)
+        h = tl.arange(0, BLOCK_H)
+        in_d = d < HALF
+        mask = (h[:, None] < H) & in_d[None, :]
+        c1 = tl.load(C + b * scb + t * sct + d, mask=in_d, other=0.0).to(tl.float32)[None, :]
+        c2 = tl.load(C + b * scb + t * sct + HALF + d, mask=in_d, other=0.0).to(tl.float32)[None, :]
+        s1 = tl.load(S + b * ssb + t * sst + d, mask=in_d, other=0.0).to(tl.float32)[None, :]
+        s2 = tl.load(S + b * ssb + t * sst + HALF + d, mask=in_d, other=0.0).to(tl.float32)[None, :]
+        x = X + b * sxb + t * sxt + h[:, None] * sxh + d[None, :]
+        x1 = tl.load(x, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x + HALF, mask=mask, other=0.0).to(tl.float32)
+        R = Y.dtype.element_ty  # eager rounds each product, then their sum, to the result's dtype
+        if BACKWARD:  # the transpose: dx1 = dy1 c1 + dy2 s2, dx2 = dy2 c2 - dy1 s1
+            y1 = (x1 * c1).to(R).to(tl.float32) + (x2 * s2).to(R).to(tl.float32)
+            y2 = (x2 * c2).to(R).to(tl.float32) - (x1 * s1).to(R).to(tl.float32)
+        else:  # q * cos + cat(-q2, q1) * sin
+            y1 = (x1 * c1).to(R).to(tl.float32) - (x2 * s1).to(R).to(tl.float32)
+            y2 = (x2 * c2).to(R).to(tl.float32) + (x1 * s2).to(R).to(tl.float32)
+        y = Y + b * syb + t * syt + h[:, None] * syh + d[None, :]
+        tl.store(y, y1.to(R), mask=mask)
+        tl.store(y + HALF, y2.to(R), mask=mask)
 
     @triton.jit
     def _silu(g):
@@ -341,6 +375,33 @@ def silu_mul_backward(dprod: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                                                  BLOCK=_BLOCK, STORE_P=want_prod, NEED_DG=need_gate,
                                                  NEED_DU=need_up)
     return prod, dgate, dup
+
+
+def rope_usable(x: torch.Tensor, cos: torch.Tensor) -> bool:
+    """Whether ``rope`` takes these shapes: x (B, H, T, D), cos and sin (B or 1, T, D), D even."""
+    return (x.dim() == 4 and cos.dim() == 3 and x.shape[-1] % 2 == 0 and cos.shape[-1] == x.shape[-1]
+            and cos.shape[1] == x.shape[2] and cos.shape[0] in (1, x.shape[0]) and x.shape[1] <= 1024)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backward: bool = False,
+         dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rotary embedding of x (B, H, T, D) with cos, sin (B or 1, T, D), as transformers' Llama does it:
+    ``x * cos + cat(-x2, x1) * sin`` (x1, x2 the halves of D), each product and the sum rounded to
+    the result's dtype (``dtype``, default the promoted one) as the eager ops round. backward=True:
+    the gradient of that map at d y = x, ``d y * cos + cat(d y2, -d y1) * sin`` term by term. The
+    result has x's strides (the transposed projection layout stays as it is)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cos, sin = (c if c.stride(-1) == 1 else c.contiguous() for c in (cos, sin))
+    out = torch.empty_like(x, dtype=dtype or torch.promote_types(x.dtype, cos.dtype))
+    B, H, T, D = x.shape
+    if x.numel():
+        cb = cos.stride(0) if cos.shape[0] > 1 else 0
+        sb = sin.stride(0) if sin.shape[0] > 1 else 0
+        _rope[(B * T,)](x, cos, sin, out, T, H, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),
+                        out.stride(2), cb, cos.stride(1), sb, sin.stride(1), HALF=D // 2,
+                        BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(D // 2), BACKWARD=backward)
+    return out
 
 
 _HEAD_BLOCK = 4096

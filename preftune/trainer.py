@@ -55,6 +55,16 @@ def resolve_shapes(args, device: torch.device) -> tuple[int | None, bool]:
     return multiple, bool(cudnn)
 
 
+def _attention_heads(config) -> tuple[int, int, int] | None:
+    """(query heads, key/value heads, head dim) of a decoder config, or None where it does not say."""
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not heads or not hidden:
+        return None
+    dim = getattr(config, "head_dim", None) or hidden // heads
+    return heads, getattr(config, "num_key_value_heads", None) or heads, dim
+
+
 class NonFiniteError(RuntimeError):
     """Too many consecutive optimizer steps with a non-finite loss or gradient."""
 
@@ -188,6 +198,7 @@ class DPOTrainer:
             norm_width=getattr(config, "hidden_size", None),
             mlp_width=getattr(config, "intermediate_size", None),
             vocab=head.weight.shape[0] if hasattr(head, "weight") else None,
+            heads=_attention_heads(config),
         )
 
     # ------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def test_fused_layers_match_eager_values_and_gradients(kinds):
     layers = eager.config.num_hidden_layers
     counts = fuse_layers(fused, kinds)
     assert counts == {"mlp": layers if "mlp" in kinds else 0, "rmsnorm": 2 * layers + 1 if "rmsnorm" in kinds else 0,
-                      "lora": 0}
+                      "lora": 0, "rope": 0}
     ids = torch.randint(0, 300, (3, 17))
     out_e, grads_e = _loss_and_grads(eager, ids)
     out_f, grads_f = _loss_and_grads(fused, ids)
@@ -101,7 +101,7 @@ def test_fused_mlp_in_bfloat16_and_without_grad():
 
 def test_other_mlps_are_left_alone():
     model = tiny_model(hidden_act="gelu")
-    assert fuse_layers(model, ("mlp",)) == {"mlp": 0, "rmsnorm": 0, "lora": 0}
+    assert fuse_layers(model, ("mlp",)) == {"mlp": 0, "rmsnorm": 0, "lora": 0, "rope": 0}
 
 
 def test_trainer_fuses_by_default_and_trains_the_same(tmp_path):
@@ -147,7 +147,7 @@ def _lora_pair(dtype=torch.float32, **cfg_kw):
 def test_lean_lora_linear_matches_peft_in_float32():
     torch.manual_seed(3)
     eager, lean = _lora_pair()
-    assert fuse_layers(lean, ("lora",)) == {"mlp": 0, "rmsnorm": 0, "lora": 10}
+    assert fuse_layers(lean, ("lora",)) == {"mlp": 0, "rmsnorm": 0, "lora": 10, "rope": 0}
     ids = torch.randint(0, 300, (2, 9))
     out_e, grads_e = _loss_and_grads(eager, ids)
     out_l, grads_l = _loss_and_grads(lean, ids)

@@ -327,7 +327,8 @@ def test_model_logps_uses_the_head_kernels_when_marked(kern, monkeypatch):
 def test_warm_up_runs_every_kernel_in_the_background_and_usable_waits(kern, monkeypatch):
     kernels, device = kern
     ran, gate = [], __import__("threading").Event()
-    for name in ("silu_mul", "silu_mul_backward", "rmsnorm_forward", "head_logps_forward", "head_logps_backward_"):
+    for name in ("silu_mul", "silu_mul_backward", "rmsnorm_forward", "rope", "head_logps_forward",
+                 "head_logps_backward_"):
         real = getattr(kernels, name)
 
         def spy(*a, _real=real, _name=name, **k):
@@ -336,12 +337,13 @@ def test_warm_up_runs_every_kernel_in_the_background_and_usable_waits(kern, monk
             return _real(*a, **k)
 
         monkeypatch.setattr(kernels, name, spy)
-    assert kernels.warm_up_async(device, torch.float32, norm_width=24, mlp_width=40, vocab=50)
+    assert kernels.warm_up_async(device, torch.float32, norm_width=24, mlp_width=40, vocab=50, heads=(3, 1, 8))
     assert kernels._warming is not None and kernels._warming.is_alive() and not ran
     gate.set()
     assert kernels.usable(torch.ones(1, device=device))  # waits for the thread
     assert kernels._warming is None
-    assert ran == ["silu_mul", "silu_mul_backward", "rmsnorm_forward", "head_logps_forward", "head_logps_backward_"]
+    assert ran == ["silu_mul", "silu_mul_backward", "rmsnorm_forward"] + ["rope"] * 4 + ["head_logps_forward",
+                                                                                     "head_logps_backward_"]
 
 
 def test_warm_up_calls_queue_and_a_failure_stays_in_the_thread(kern, monkeypatch, caplog):
@@ -404,3 +406,104 @@ def test_norm_outputs_made_again_by_the_kernel_equal_the_kept_ones(kern, dtype, 
     assert n_kept == 2 * layers + 1 and n_recompute == n_kept + 2 * layers  # each kept output made once more
     for name in kept:
         assert torch.equal(made[name], kept[name]), name
+
+
+def _eager_rope():
+    """transformers' Llama apply_rotary_pos_emb as written there (fuse_layers may have wrapped it)."""
+    from transformers.models.llama import modeling_llama
+
+    fn = modeling_llama.apply_rotary_pos_emb
+    return getattr(fn, "_preftune_original", fn)
+
+
+@pytest.mark.parametrize("x_dtype,c_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("heads,dim,cos_rows", [(3, 16, 2), (5, 12, 1)])
+def test_rope_kernel_matches_eager(kern, x_dtype, c_dtype, heads, dim, cos_rows):
+    """kernels.rope through fused._Rope vs the eager formula: values, strides and the gradients of q
+    and k. q and k as the projections give them: (B, T, H, D) transposed to (B, H, T, D); K/V heads fewer."""
+    kernels, device = kern
+    g = torch.Generator(device=device).manual_seed(heads * dim)
+    B, T = 2, 7
+
+    def heads_view(h):
+        return (torch.randn(B, T, h, dim, device=device, generator=g) * 2).to(x_dtype).transpose(1, 2)
+
+    q, k = heads_view(heads), heads_view(1)
+    angle = torch.randn(cos_rows, T, dim // 2, device=device, generator=g) * 3
+    angle = torch.cat([angle, angle], -1)  # the halves repeat, as rotary embeddings build them
+    cos, sin = angle.cos().to(c_dtype), angle.sin().to(c_dtype)
+    dq_out, dk_out = heads_view(heads).float(), heads_view(1).float()
+
+    def run(fn):
+        qi, ki = q.detach().requires_grad_(), k.detach().requires_grad_()
+        qo, ko = fn(qi, ki, cos, sin)
+        ((qo.float() * dq_out).sum() + (ko.float() * dk_out).sum()).backward()
+        return qo.detach(), ko.detach(), qi.grad, ki.grad
+
+    want = run(_eager_rope())
+    got = run(fused._Rope.apply)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        if x_dtype == torch.float32 or not kernels.INTERPRETED:
+            # each product and the sum rounded where eager rounds: equal (float32: up to the order of a sum)
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        else:  # the interpreter rounds float32 -> bfloat16 by truncation: within a step of the products
+            torch.testing.assert_close(a.float(), b.float(), rtol=1.6e-2, atol=2e-2 * float(b.abs().max()))
+    assert got[0].stride() == q.stride() and got[1].stride() == k.stride()  # the projection's layout kept
+
+
+def test_rope_kernels_run_inside_model_logps_only(kern, monkeypatch):
+    """fuse_layers(triton=True) patches the modeling module's apply_rotary_pos_emb: inside model_logps
+    of a model marked for the kernels (fast_rope) they compute it, values and gradients as eager's;
+    for an unmarked model, elsewhere, or with arguments the kernel does not take, transformers'
+    function runs."""
+    from transformers.models.llama import modeling_llama
+
+    from preftune.data.batching import collate
+    from preftune.logps import model_logps, use_triton_head
+
+    kernels, device = kern
+    torch.manual_seed(5)
+    eager = tiny_model(intermediate_size=48).to(device)
+    model = copy.deepcopy(eager)
+    assert fuse_layers(model, triton=True)["rope"] == model.config.num_hidden_layers
+    use_triton_head(model)
+    assert fuse_layers(copy.deepcopy(eager), triton=False)["rope"] == 0
+    calls = []
+    real = kernels.rope
+    monkeypatch.setattr(kernels, "rope", lambda *a, **k: calls.append(k.get("backward", False)) or real(*a, **k))
+    feats = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9, 40], "rejected_ids": [10, 11], "index": 0},
+             {"prompt_ids": [20, 21], "chosen_ids": [30], "rejected_ids": [31, 32, 33], "index": 1}]
+    batch = collate(feats, layout="prefix", pad_token_id=0, device=device)
+
+    def grads(net):
+        net.zero_grad(set_to_none=True)
+        out = model_logps(net, batch)
+        (out.chosen_logps.sum() - 2 * out.rejected_logps.sum()).backward()
+        return out, {n: p.grad.clone() for n, p in net.named_parameters()}
+
+    out_k, grads_k = grads(model)
+    layers = model.config.num_hidden_layers
+    assert calls.count(False) == 2 * layers and calls.count(True) == 2 * layers  # q and k, each way
+    out_e, grads_e = grads(eager)  # the twin: not marked for the kernels, transformers' rotary ops
+    assert len(calls) == 4 * layers
+    calls.clear()
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 300, (2, 5), device=device))  # outside model_logps
+        q = torch.randn(1, 2, 3, 8, device=device)
+        cos = torch.ones(1, 3, 8, device=device)
+        modeling_llama.apply_rotary_pos_emb(q, q, cos, cos, unsqueeze_dim=1)
+    assert calls == []
+    from preftune.fused import fast_rope
+
+    with fast_rope(), torch.no_grad():
+        modeling_llama.apply_rotary_pos_emb(q, q, cos, cos)
+        assert len(calls) == 2
+        modeling_llama.apply_rotary_pos_emb(q.transpose(1, 2), q.transpose(1, 2), cos.unsqueeze(2), cos.unsqueeze(2),
+                                            unsqueeze_dim=2)  # another layout: transformers' own
+        assert len(calls) == 2
+    torch.testing.assert_close(out_k.chosen_logps, out_e.chosen_logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_k.rejected_logps, out_e.rejected_logps, rtol=1e-5, atol=1e-5)
+    for name in grads_e:
+        torch.testing.assert_close(grads_k[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
