@@ -392,7 +392,7 @@ class DPOTrainer:
         """Run the training loop; returns the last logged train metrics."""
         # the progress bar and trackers are closed however the run ends (a NonFiniteError too), so a
         # failed run flushes its trackers and leaves no bar to be printed at interpreter exit
-        with attention_kernels(self.accelerator.device, self.cudnn_attention), contextlib.ExitStack() as self._closing:
+        with self._attention_kernels(), contextlib.ExitStack() as self._closing:
             return self._train(resume_from_checkpoint)
 
     def _train(self, resume_from_checkpoint):
@@ -691,8 +691,18 @@ class DPOTrainer:
     @torch.no_grad()
     def evaluate(self, eval_dataset=None) -> dict:
         """Implicit-reward metrics on the eval pairs, prefixed `eval_`."""
-        with attention_kernels(self.accelerator.device, self.cudnn_attention):
+        with self._attention_kernels():
             return self._evaluate(eval_dataset)
+
+    def _attention_kernels(self):
+        """``logps.attention_kernels`` for this run: its device, cuDNN choice, the model's heads and the
+        dtype attention computes in."""
+        base = _unwrap(self.model)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
+        if dtype is None:
+            dtype = next(base.parameters()).dtype
+        return attention_kernels(self.accelerator.device, self.cudnn_attention,
+                                 _attention_heads(getattr(base, "config", None)), dtype)
 
     def _evaluate(self, eval_dataset) -> dict:
         args, acc = self.args, self.accelerator

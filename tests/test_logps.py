@@ -302,6 +302,68 @@ def test_attention_kernels_keep_cudnn_off_on_a_gpu_only_when_asked():
             torch.backends.cuda.mem_efficient_sdp_enabled()) == before
 
 
+def test_gpu_grouped_kv_only_where_cudnn_takes_them(monkeypatch):
+    """On a GPU with cuDNN, K/V heads go to SDPA grouped only when torch says cuDNN takes them with a
+    mask for the model's heads (else SDPA would fall to the math kernel); never without cuDNN."""
+    import preftune.logps as L
+
+    answers = []
+    monkeypatch.setattr(L, "_cudnn_takes_grouped_kv", lambda index, heads, dtype: answers.append(heads) or ok)
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: True)
+    monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA", raising=False)
+    cuda = torch.device("cuda", 0)
+    for ok, heads, cudnn, want in ((True, (14, 2, 64), True, "1"), (False, (14, 2, 64), True, None),
+                                   (True, (8, 8, 64), True, None), (True, None, True, None)):
+        with L.attention_kernels(cuda, cudnn, heads):
+            assert os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA") == want, (ok, heads)
+        assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
+    assert answers == [(14, 2, 64), (14, 2, 64)]  # asked only for grouped heads
+    monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "0")  # the user's choice stands
+    ok = True
+    with L.attention_kernels(cuda, True, (14, 2, 64)):
+        assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "0"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_cudnn_grouped_kv_heads_give_the_repeated_heads_values():
+    """Where cuDNN takes grouped K/V heads with the prefix mask: the same log-probs and gradients as the
+    repeated heads, in bfloat16."""
+    import preftune.logps as L
+
+    model = tiny_model(seed=4).cuda().to(torch.bfloat16)
+    cfg = model.config
+    heads = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads)
+    index = torch.cuda.current_device()
+    if not L._cudnn_takes_grouped_kv(index, heads, torch.bfloat16):
+        pytest.skip("this torch/cuDNN does not take grouped K/V heads with a mask")
+    batch = collate(FEATS, layout="prefix", pad_token_id=0, pad_to_multiple_of=64, device="cuda")
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):
+        seen.append((k.shape[1], kw.get("enable_gqa", False)))
+        return real(q, k, v, *a, **kw)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model_logps(model, batch)
+        (out.chosen_logps.sum() - out.rejected_logps.sum()).backward()
+        return out, {n: p.grad.float().clone() for n, p in model.named_parameters()}
+
+    with mock.patch.object(F, "scaled_dot_product_attention", spy):
+        with L.attention_kernels(torch.device("cuda"), True):
+            plain = run()
+        assert set(seen) == {(heads[0], False)}
+        seen.clear()
+        with L.attention_kernels(torch.device("cuda"), True, heads, torch.bfloat16):
+            grouped = run()
+        assert set(seen) == {(heads[1], True)}
+    for a, b in ((grouped[0].chosen_logps, plain[0].chosen_logps), (grouped[0].rejected_logps, plain[0].rejected_logps)):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    for name, g in plain[1].items():
+        torch.testing.assert_close(grouped[1][name], g, rtol=5e-2, atol=5e-2 * float(g.abs().max()), msg=name)
+
+
 def test_cpu_attention_runs_on_grouped_kv_heads_with_the_same_values(model):
     """Inside attention_kernels on CPU, SDPA gets the K/V heads unrepeated (enable_gqa) and gives
     the same log-probs and gradients as the repeated heads outside it."""
