@@ -179,8 +179,22 @@ if triton is not None:
             tl.store(DW + pid.to(tl.int64) * N + cols, dw, mask=mask)
 
     @triton.jit
+    def _round(x, MODE: tl.constexpr):
+        """x (float32) rounded to the result dtype's precision, kept in float32. MODE 1, bfloat16:
+        round-to-nearest-even done on the bits (a GPU compile may drop a float32 -> bfloat16 -> float32
+        round trip, and the interpreter truncates); 2: float16 (a cast there and back); 0: float32."""
+        if MODE == 1:
+            bits = x.to(tl.uint32, bitcast=True)
+            r = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            return tl.where(x != x, x, r.to(tl.float32, bitcast=True))
+        elif MODE == 2:
+            return x.to(tl.float16).to(tl.float32)
+        else:
+            return x
+
+    @triton.jit
     def _rope(X, C, S, Y, T, H, sxb, sxh, sxt, syb, syh, syt, scb, sct, ssb, sst, HALF: tl.constexpr,
-              BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
+              BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr, MODE: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)  # one (batch row, position): every head of it
         b, t = row // T, row % T
         d = tl.arange(0, BLOCK_D)
@@ -194,16 +208,16 @@ if triton is not None:
         x = X + b * sxb + t * sxt + h[:, None] * sxh + d[None, :]
         x1 = tl.load(x, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(x + HALF, mask=mask, other=0.0).to(tl.float32)
-        R = Y.dtype.element_ty  # eager rounds each product, then their sum, to the result's dtype
+        # eager rounds each product, then their sum, to the result's dtype
         if BACKWARD:  # the transpose: dx1 = dy1 c1 + dy2 s2, dx2 = dy2 c2 - dy1 s1
-            y1 = (x1 * c1).to(R).to(tl.float32) + (x2 * s2).to(R).to(tl.float32)
-            y2 = (x2 * c2).to(R).to(tl.float32) - (x1 * s1).to(R).to(tl.float32)
+            y1 = _round(_round(x1 * c1, MODE) + _round(x2 * s2, MODE), MODE)
+            y2 = _round(_round(x2 * c2, MODE) - _round(x1 * s1, MODE), MODE)
         else:  # q * cos + cat(-q2, q1) * sin
-            y1 = (x1 * c1).to(R).to(tl.float32) - (x2 * s1).to(R).to(tl.float32)
-            y2 = (x2 * c2).to(R).to(tl.float32) + (x1 * s2).to(R).to(tl.float32)
+            y1 = _round(_round(x1 * c1, MODE) - _round(x2 * s1, MODE), MODE)
+            y2 = _round(_round(x2 * c2, MODE) + _round(x1 * s2, MODE), MODE)
         y = Y + b * syb + t * syt + h[:, None] * syh + d[None, :]
-        tl.store(y, y1.to(R), mask=mask)
-        tl.store(y + HALF, y2.to(R), mask=mask)
+        tl.store(y, y1.to(Y.dtype.element_ty), mask=mask)
+        tl.store(y + HALF, y2.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _silu(g):
@@ -400,7 +414,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backward: boo
         sb = sin.stride(0) if sin.shape[0] > 1 else 0
         _rope[(B * T,)](x, cos, sin, out, T, H, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),
                         out.stride(2), cb, cos.stride(1), sb, sin.stride(1), HALF=D // 2,
-                        BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(D // 2), BACKWARD=backward)
+                        BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(D // 2), BACKWARD=backward,
+                        MODE={torch.bfloat16: 1, torch.float16: 2}.get(out.dtype, 0))
     return out
 
 
