@@ -457,8 +457,11 @@ def model_logps(model, batch: dict, *, chunk_size: int | None = None, average: b
         forward = attention.prefix_packed_forward(base)
     # with autograd: the fused norms' outputs are made again in backward instead of kept
     recompute = fused.recompute_norm_outputs() if torch.is_grad_enabled() else contextlib.nullcontext()
-    # a model marked for the Triton kernels (use_triton_head) takes the rotary one where fuse_layers patched it
-    rope = fused.fast_rope() if getattr(head, TRITON_HEAD, False) else contextlib.nullcontext()
+    # a model marked for the Triton kernels (use_triton_head) takes the rotary one where fuse_layers patched it;
+    # not under gradient checkpointing, whose recompute in backward runs outside this context and must
+    # save the same tensors as the forward did
+    fast = getattr(head, TRITON_HEAD, False) and not attention._checkpointing(base)
+    rope = fused.fast_rope() if fast else contextlib.nullcontext()
     with forward, recompute, rope:
         hidden = _final_hidden(model, base, inputs)  # (R, T, H)
     # a plain Linear head, also when FSDP2 has swapped its class (FSDPLinear keeps Linear.forward);

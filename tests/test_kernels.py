@@ -506,3 +506,36 @@ def test_rope_kernels_run_inside_model_logps_only(kern, monkeypatch):
     torch.testing.assert_close(out_k.rejected_logps, out_e.rejected_logps, rtol=1e-5, atol=1e-5)
     for name in grads_e:
         torch.testing.assert_close(grads_k[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_rope_kernels_stay_off_under_gradient_checkpointing(kern, monkeypatch):
+    """Checkpointing recomputes a layer in backward, outside model_logps' fast_rope: the forward must
+    save what that recompute saves, so the kernels stay off; the gradients equal the unchecked ones."""
+    from preftune.data.batching import collate
+    from preftune.logps import model_logps, use_triton_head
+
+    kernels, device = kern
+    torch.manual_seed(6)
+    plain = tiny_model(intermediate_size=48).to(device)
+    fuse_layers(plain, triton=True)
+    use_triton_head(plain)
+    checked = copy.deepcopy(plain)
+    checked.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls = []
+    real = kernels.rope
+    monkeypatch.setattr(kernels, "rope", lambda *a, **k: calls.append(1) or real(*a, **k))
+    feats = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9, 40], "rejected_ids": [10, 11], "index": 0}]
+    batch = collate(feats, layout="prefix", pad_token_id=0, device=device)
+
+    def grads(net):
+        out = model_logps(net, batch)
+        (out.chosen_logps.sum() - out.rejected_logps.sum()).backward()
+        return {n: p.grad.clone() for n, p in net.named_parameters()}
+
+    want = grads(plain)
+    assert calls
+    calls.clear()
+    got = grads(checked)
+    assert calls == []
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
