@@ -87,6 +87,25 @@ def _adapter_grads(g: torch.Tensor, xa: torch.Tensor, b, scaling: float, need_b:
     return scaling * (g @ b.to(g.dtype)), grad_b
 
 
+def _drop(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``nn.Dropout(p)`` in training drawn as torch draws it, and its keep-mask (bool, one byte an
+    element) to make it again: the fused kernel on a GPU (``native_dropout``), a Bernoulli noise tensor
+    on CPU (``at::dropout``'s own choice), so the random stream and the values are eager's."""
+    if x.is_cuda or x.device.type == "xpu":
+        return torch.ops.aten.native_dropout(x, p, True)
+    noise = torch.empty_like(x).bernoulli_(1 - p)
+    keep = noise.bool()
+    return x * noise.div_(1 - p), keep
+
+
+def _drop_again(t: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """``t * keep / (1 - p)`` as the dropout computes it: its forward's output for t = x, and its
+    backward for t = the output's gradient (the same kernel on a GPU, the same noise on CPU)."""
+    if t.is_cuda or t.device.type == "xpu":
+        return torch.ops.aten.native_dropout_backward(t, keep, 1.0 / (1.0 - p))
+    return t * keep.to(t.dtype).div_(1 - p)
+
+
 class _SiluMul(torch.autograd.Function):
     """silu(gate) * up, saving only gate and up (one Triton kernel each way when ``triton``)."""
 
@@ -117,25 +136,30 @@ class _SwiGLUDown(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, gate, up, weight, a, b, scaling, triton):
+    def forward(ctx, gate, up, weight, a, b, scaling, triton, p=0.0):
         dt = _matmul_dtype(gate, weight)
         # the adapter in the lean LoRA linear's dtype: autocast's, else the base output's promoted with a's
         dta = dt if a is None or torch.is_autocast_enabled(gate.device.type) else torch.promote_types(dt, a.dtype)
+        keep = None
         with torch.autocast(gate.device.type, enabled=False):
             prod = kernels.silu_mul(gate, up) if triton else F.silu(gate) * up
             out = F.linear(prod.to(dt), weight.to(dt))
             xa = None
             if a is not None:
-                out, xa = _add_adapter(out, prod.to(dta), a, b, scaling, dta)
-        ctx.save_for_backward(gate, up, weight, a, b, xa)
-        ctx.dt, ctx.triton, ctx.scaling = dt, triton, scaling
+                if p:  # the adapter's dropout: only its keep-mask is kept, the dropped product is made again
+                    dropped, keep = _drop(prod, p)
+                else:
+                    dropped = prod
+                out, xa = _add_adapter(out, dropped.to(dta), a, b, scaling, dta)
+        ctx.save_for_backward(gate, up, weight, a, b, xa, keep)
+        ctx.dt, ctx.triton, ctx.scaling, ctx.p = dt, triton, scaling, p
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        gate, up, weight, a, b, xa = ctx.saved_tensors
+        gate, up, weight, a, b, xa, keep = ctx.saved_tensors
         dt = ctx.dt
-        need_gate, need_up, need_w, need_a, need_b, _, _ = ctx.needs_input_grad
+        need_gate, need_up, need_w, need_a, need_b = ctx.needs_input_grad[:5]
         grad_gate = grad_up = grad_w = grad_a = grad_b = grad_xa = None
         pdt = torch.promote_types(gate.dtype, up.dtype)
         want_prod = need_w or need_a
@@ -147,7 +171,10 @@ class _SwiGLUDown(torch.autograd.Function):
 
             def d_prod():  # d loss / d prod: the base weight's share plus the adapter's
                 gp = (g @ weight.to(dt)).to(pdt)
-                return gp if grad_xa is None else gp + (grad_xa @ a.to(grad_xa.dtype)).to(pdt)
+                if grad_xa is None:
+                    return gp
+                ga_prod = (grad_xa @ a.to(grad_xa.dtype)).to(pdt)
+                return gp + (ga_prod if keep is None else _drop_again(ga_prod, keep.view(ga_prod.shape), ctx.p))
 
             prod = None
             if ctx.triton:  # one pass: the product for the weight gradients, d gate (into d prod's memory), d up
@@ -169,8 +196,9 @@ class _SwiGLUDown(torch.autograd.Function):
             if need_w:
                 grad_w = (g.t() @ prod).to(weight.dtype)
             if need_a:
-                grad_a = (grad_xa.t() @ prod.to(grad_xa.dtype)).to(a.dtype)
-        return grad_gate, grad_up, grad_w, grad_a, grad_b, None, None
+                read = prod if keep is None else _drop_again(prod.to(pdt), keep.view(prod.shape), ctx.p)
+                grad_a = (grad_xa.t() @ read.to(grad_xa.dtype)).to(a.dtype)
+        return grad_gate, grad_up, grad_w, grad_a, grad_b, None, None, None
 
 
 def _rmsnorm_value(x, weight, eps: float, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,11 +400,12 @@ def _swiglu_forward(self, x):
     if type(down) is nn.Linear and down.bias is None:
         return _SwiGLUDown.apply(gate, up, down.weight, None, None, 1.0, triton)
     name = _lean_adapter(down) if _is_lora_linear(down) and down.base_layer.bias is None else None
-    if name is not None and _no_dropout(down.lora_dropout[name]):
-        # a LoRA down_proj: its A reads the product, which is rebuilt in backward, not kept (with dropout
-        # on, A reads a dropped copy that autograd keeps: that case takes the module's forward)
+    p = _dropout_p(down.lora_dropout[name]) if name is not None else None
+    if p is not None:
+        # a LoRA down_proj: its A reads the product (dropped, with its dropout on), which is rebuilt in
+        # backward from gate, up (and the dropout's keep-mask), not kept
         return _SwiGLUDown.apply(gate, up, down.base_layer.weight, down.lora_A[name].weight,
-                                 down.lora_B[name].weight, down.scaling[name], triton)
+                                 down.lora_B[name].weight, down.scaling[name], triton, p)
     return down(_SiluMul.apply(gate, up, triton))
 
 
@@ -405,6 +434,10 @@ def _lora_linear_forward(self, x, *args, **kwargs):
     # the autocast switch and an identity dropout's module call only where they do something (host
     # time: 168 adapted layers run this twice a step)
     with torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else _NO_CONTEXT:
+        if type(drop) is not nn.Identity and torch.is_grad_enabled():
+            p = _dropout_p(drop)
+            if p:  # keeps x (shared with the base layer) and a one-byte mask, not a dropped copy and its noise
+                return _DropAdapter.apply(result, x, a, b, self.scaling[name], p, dt)
         xin = x if type(drop) is nn.Identity else drop(x)
         if xin.dtype != dt and torch.is_grad_enabled():
             return _CastAdapter.apply(result, xin, a, b, self.scaling[name], dt)
@@ -437,6 +470,38 @@ class _CastAdapter(torch.autograd.Function):
         return grad_result, grad_x, grad_a, grad_b, None, None
 
 
+class _DropAdapter(torch.autograd.Function):
+    """``addmm(result.to(dt), drop(x).to(dt) @ a^T, b^T, alpha=scaling).to(result.dtype)`` with ``drop`` a
+    LoRA dropout in training (p in (0, 1)), keeping x and the dropout's bool keep-mask: eager autograd
+    keeps the dropped copy for A's gradient and the dropout's noise (CPU, x's dtype) or mask for its
+    own backward, per adapted layer (three for q, k and v's one input). The dropped x is made again
+    in backward with the same kernel (bit for bit, ``_drop_again``)."""
+
+    @staticmethod
+    def forward(ctx, result, x, a, b, scaling, p, dt):
+        dropped, keep = _drop(x, p)
+        out, xa = _add_adapter(result, dropped.to(dt), a, b, scaling, dt)
+        ctx.save_for_backward(x, keep, a, b, xa)
+        ctx.scaling, ctx.p, ctx.dt, ctx.result_dtype = scaling, p, dt, result.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, keep, a, b, xa = ctx.saved_tensors
+        dt = ctx.dt
+        need_result, need_x, need_a, need_b = ctx.needs_input_grad[:4]
+        g = grad.reshape(-1, grad.shape[-1]).to(dt)
+        grad_result = g.view(grad.shape).to(ctx.result_dtype) if need_result else None
+        grad_xa, grad_b = _adapter_grads(g, xa, b, ctx.scaling, need_b)
+        grad_x = grad_a = None
+        if need_x:
+            grad_x = _drop_again((grad_xa @ a.to(dt)).view(x.shape).to(x.dtype), keep, ctx.p)
+        if need_a:
+            dropped = _drop_again(x, keep, ctx.p).reshape(-1, x.shape[-1]).to(dt)
+            grad_a = (grad_xa.t() @ dropped).to(a.dtype)
+        return grad_result, grad_x, grad_a, grad_b, None, None, None
+
+
 def _lean_adapter(layer: nn.Module) -> str | None:
     """The name of a peft LoRA ``Linear``'s adapter when the layer computes ``base(x) + scaling * B(A(x))``
     and nothing else: adapters on and not merged, one active adapter, plain LoRA (no DoRA or other
@@ -450,8 +515,14 @@ def _lean_adapter(layer: nn.Module) -> str | None:
     return name
 
 
-def _no_dropout(drop: nn.Module) -> bool:
-    return type(drop) is nn.Identity or (isinstance(drop, nn.Dropout) and (drop.p == 0 or not drop.training))
+def _dropout_p(drop: nn.Module) -> float | None:
+    """The probability a LoRA dropout module drops with now: 0.0 when it is off (identity, p = 0 or
+    eval mode), None when it is not one the fused paths take (another module, p = 1)."""
+    if type(drop) is nn.Identity:
+        return 0.0
+    if type(drop) is nn.Dropout and not drop.inplace:
+        return 0.0 if not drop.training or drop.p == 0 else (drop.p if drop.p < 1 else None)
+    return None
 
 
 def _is_lora_linear(module: nn.Module) -> bool:

@@ -246,6 +246,22 @@ def test_fusing_a_model_without_lora_does_not_import_peft():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def _saved_product_tensors(model, ids, width: int) -> list:
+    """The distinct (tokens, width) tensors autograd keeps for backward (see _saved_product_storages)."""
+    storages = {}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if t.dim() and t.shape[-1] == width and t.numel() >= ids.numel() * width and s.data_ptr() not in params:
+            storages[s.data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, use_cache=False).logits.sum()
+    return list(storages.values())
+
+
 def _saved_product_storages(model, ids, width: int) -> int:
     """How many distinct storages of (tokens, width) values autograd keeps for backward: with width the
     MLP's intermediate size, the MLP's activations (gate, up, silu(gate), the product, copies)."""
@@ -304,13 +320,16 @@ def test_fused_mlp_with_a_lora_down_proj_under_bfloat16_autocast():
     assert err_f.mean() <= 1.25 * err_e.mean() + 1e-3 and err_f.max() <= 1.25 * err_e.max() + 1e-3
 
 
-def test_fused_mlp_with_lora_dropout_or_adapters_off_takes_the_module_path():
-    """With dropout on in training, A reads a dropped copy (kept by autograd): the down_proj module runs
-    (same random draws as eager). With the adapters off the down_proj is its base layer."""
+def test_fused_mlp_with_lora_dropout_keeps_a_mask_not_a_dropped_copy():
+    """With the down_proj's LoRA dropout on in training, A reads the dropped product: the fused MLP draws
+    it as the eager module does (same seed, same values and gradients) and keeps gate, up and the
+    dropout's one-byte mask, not the dropped copy and its noise. With the adapters off the down_proj
+    is its base layer."""
     torch.manual_seed(9)
     eager, fused = _lora_pair(target_modules=["down_proj"], lora_dropout=0.5)
     fuse_layers(fused)
     ids = torch.randint(0, 300, (2, 9))
+    layers = eager.config.num_hidden_layers
     torch.manual_seed(10)
     out_e, grads_e = _loss_and_grads(eager, ids)
     torch.manual_seed(10)
@@ -318,15 +337,42 @@ def test_fused_mlp_with_lora_dropout_or_adapters_off_takes_the_module_path():
     assert torch.allclose(out_e, out_f, rtol=1e-5, atol=1e-6) and grads_e.keys() == grads_f.keys()
     for name in grads_e:
         assert torch.allclose(grads_e[name], grads_f[name], rtol=1e-4, atol=1e-6), name
-    assert _saved_product_storages(fused, ids, 48) > 2 * eager.config.num_hidden_layers
-    eager.eval(), fused.eval()  # dropout off: the fused path again, equal to eager
+    torch.manual_seed(11)
+    kept = {t.dtype for t in _saved_product_tensors(fused, ids, 48)}
+    assert _saved_product_storages(fused, ids, 48) == 3 * layers and kept == {torch.float32, torch.bool}
+    eager.eval(), fused.eval()  # dropout off: gate and up only, equal to eager
     out_e, grads_e = _loss_and_grads(eager, ids)
     out_f, grads_f = _loss_and_grads(fused, ids)
     assert torch.allclose(out_e, out_f, rtol=1e-5, atol=1e-6)
-    assert _saved_product_storages(fused, ids, 48) == 2 * eager.config.num_hidden_layers
+    assert _saved_product_storages(fused, ids, 48) == 2 * layers
     with eager.disable_adapter(), fused.disable_adapter():  # grad on, nothing trainable in the layers
         out_e, out_f = eager(input_ids=ids).logits, fused(input_ids=ids).logits
     assert torch.equal(out_e, out_f) and not torch.allclose(out_e, eager(input_ids=ids).logits)
+
+
+def test_lean_lora_linear_with_dropout_matches_peft_and_keeps_a_mask():
+    """LoRA dropout on in training (q, v, gate, up, down): the same random draws and values as peft's
+    forward, every gradient equal, and per adapted layer a one-byte mask kept instead of peft's dropped
+    copy and the dropout's float noise."""
+    torch.manual_seed(12)
+    eager, lean = _lora_pair(lora_dropout=0.3)
+    fuse_layers(lean)
+    ids = torch.randint(0, 300, (2, 9))
+    torch.manual_seed(13)
+    out_e, grads_e = _loss_and_grads(eager, ids)
+    torch.manual_seed(13)
+    out_l, grads_l = _loss_and_grads(lean, ids)
+    assert torch.allclose(out_e, out_l, rtol=1e-5, atol=1e-6) and grads_e.keys() == grads_l.keys() and grads_e
+    for name in grads_e:
+        assert torch.allclose(grads_e[name], grads_l[name], rtol=1e-4, atol=1e-6), name
+    torch.manual_seed(14)
+    saved_e = _saved_storage_bytes(eager, ids)
+    torch.manual_seed(14)
+    saved_l = _saved_storage_bytes(lean, ids)
+    # per layer peft keeps, for each of q, v, gate, up (input width 32) and down (48), at least the
+    # float32 dropped copy that A reads (4 bytes an element); lean keeps a 1-byte mask in its place
+    tokens, layers = ids.numel(), eager.config.num_hidden_layers
+    assert saved_e - saved_l >= layers * tokens * (4 * 32 + 48) * (4 - 1)
 
 
 def test_lean_lora_linear_in_bfloat16_without_autocast_keeps_no_float32_copies():
