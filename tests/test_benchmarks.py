@@ -24,3 +24,30 @@ def test_host_overhead_runs_each_mode(mode):
     bench = _load("host_overhead")
     assert bench.run(mode, steps=4, layers=2) > 0
     assert torch.get_num_threads() == threads  # the process's thread count is put back
+
+
+def test_saved_activations_counts_what_backward_keeps():
+    """saved_bytes: the LoRA dropout's share (the fused path keeps a one-byte mask where peft's keeps a
+    dropped copy and noise), and the norms' recompute put back after the count."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from preftune import fused
+    from preftune.data.batching import collate
+    from preftune.testing import tiny_model
+
+    bench = _load("saved_activations")
+    feats = [{"prompt_ids": [5, 6, 7, 8], "chosen_ids": [9, 10, 11], "rejected_ids": [12, 13], "index": i} for i in range(2)]
+    batch = collate(feats, layout="prefix", pad_token_id=0)
+    real = fused.recompute_norm_outputs
+    counts = {}
+    for p in (0.0, 0.3):
+        torch.manual_seed(0)
+        eager = get_peft_model(tiny_model(), LoraConfig(r=4, lora_alpha=8, lora_dropout=p, target_modules=["q_proj", "down_proj"]))
+        lean = copy.deepcopy(eager)
+        fused.fuse_layers(lean, triton=False)
+        counts[p] = bench.saved_bytes(eager, batch), bench.saved_bytes(lean, batch)
+    assert fused.recompute_norm_outputs is real
+    assert counts[0.3][1] - counts[0.0][1] < counts[0.3][0] - counts[0.0][0]
