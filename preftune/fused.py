@@ -436,7 +436,7 @@ def _lora_linear_forward(self, x, *args, **kwargs):
     with torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else _NO_CONTEXT:
         if type(drop) is not nn.Identity and torch.is_grad_enabled():
             p = _dropout_p(drop)
-            if p:  # keeps x (shared with the base layer) and a one-byte mask, not a dropped copy and its noise
+            if p:  # keeps x (one tensor for every adapter that reads it) and a one-byte mask, not a dropped copy
                 return _DropAdapter.apply(result, x, a, b, self.scaling[name], p, dt)
         xin = x if type(drop) is nn.Identity else drop(x)
         if xin.dtype != dt and torch.is_grad_enabled():
