@@ -247,7 +247,7 @@ def test_fusing_a_model_without_lora_does_not_import_peft():
 
 
 def _saved_product_tensors(model, ids, width: int) -> list:
-    """The distinct (tokens, width) tensors autograd keeps for backward (see _saved_product_storages)."""
+    """The tensors of distinct storages with (tokens, width) values that autograd keeps for backward."""
     storages = {}
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
@@ -265,18 +265,7 @@ def _saved_product_tensors(model, ids, width: int) -> list:
 def _saved_product_storages(model, ids, width: int) -> int:
     """How many distinct storages of (tokens, width) values autograd keeps for backward: with width the
     MLP's intermediate size, the MLP's activations (gate, up, silu(gate), the product, copies)."""
-    storages = {}
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if t.dim() and t.shape[-1] == width and t.numel() >= ids.numel() * width and s.data_ptr() not in params:
-            storages[s.data_ptr()] = t
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, use_cache=False).logits.sum()
-    return len(storages)
+    return len(_saved_product_tensors(model, ids, width))
 
 
 @pytest.mark.parametrize("kinds", [("mlp",), ("mlp", "lora")])
