@@ -51,3 +51,19 @@ def test_saved_activations_counts_what_backward_keeps():
         counts[p] = bench.saved_bytes(eager, batch), bench.saved_bytes(lean, batch)
     assert fused.recompute_norm_outputs is real
     assert counts[0.3][1] - counts[0.0][1] < counts[0.3][0] - counts[0.0][0]
+
+
+def test_gpu_path_host_runs_in_its_own_process():
+    """It stubs preftune's kernel launches for the whole process: run as a script, as documented."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_path_host.py"
+    proc = subprocess.run([sys.executable, str(script), "--layers", "2", "--rounds", "1", "--reps", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stdout.splitlines() if "top-level aten calls" in ln]
+    assert len(lines) == 2
+    kernel, eager = (int(ln.rsplit(" ", 1)[1]) for ln in lines)
+    assert kernel < eager  # the rotary kernel is fewer calls than transformers' ops
