@@ -216,3 +216,20 @@ def test_through_peft_with_adapters_on_and_off():
         want, got = (run(collate(f, layout=lay, pad_token_id=0)) for lay in ("prefix", "prefix_packed"))
         torch.testing.assert_close(got.rejected_logps, want.rejected_logps, rtol=0, atol=1e-5)
         torch.testing.assert_close(got.chosen_logps, want.chosen_logps, rtol=0, atol=1e-5)
+
+
+def test_checkpointing_is_read_from_the_layers_as_transformers_says_it(monkeypatch):
+    """attention._checkpointing (asked on every model_logps forward) agrees with transformers' property
+    on and off, without walking every module as that property does."""
+    from preftune.attention import _checkpointing
+
+    model = tiny_model()
+    for enable in (True, False):
+        if enable:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_disable()
+        want = bool(model.is_activation_checkpointing)
+        with monkeypatch.context() as m:
+            m.setattr(torch.nn.Module, "modules", lambda self: pytest.fail("walked every module"))
+            assert _checkpointing(model) is want is enable
