@@ -99,8 +99,10 @@ def _drop(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _drop_again(t: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
-    """``t * keep / (1 - p)`` as the dropout computes it: its forward's output for t = x, and its
-    backward for t = the output's gradient (the same kernel on a GPU, the same noise on CPU)."""
+    """``t * keep / (1 - p)`` as the dropout computes it: its backward for t = the output's gradient, and
+    its forward's output again for t = x. On CPU the same noise tensor, bit for bit (tested). On a GPU
+    the dropout's own backward kernel, whose arithmetic (one float32 product, one rounding) is its
+    forward's as torch writes them; not yet run there."""
     if t.is_cuda or t.device.type == "xpu":
         return torch.ops.aten.native_dropout_backward(t, keep, 1.0 / (1.0 - p))
     return t * keep.to(t.dtype).div_(1 - p)
@@ -475,7 +477,7 @@ class _DropAdapter(torch.autograd.Function):
     LoRA dropout in training (p in (0, 1)), keeping x and the dropout's bool keep-mask: eager autograd
     keeps the dropped copy for A's gradient and the dropout's noise (CPU, x's dtype) or mask for its
     own backward, per adapted layer (three for q, k and v's one input). The dropped x is made again
-    in backward with the same kernel (bit for bit, ``_drop_again``)."""
+    in backward (``_drop_again``)."""
 
     @staticmethod
     def forward(ctx, result, x, a, b, scaling, p, dt):
