@@ -17,11 +17,11 @@ normalized x in backward (the gradient formula is written out, so it equals auto
 ``fuse_layers(model)`` swaps the ``forward`` of each such module instance (the classes in
 ``SWIGLU_MLP_CLASSES`` with ``hidden_act`` silu, and ``RMSNORM_CLASSES``); nothing else in the
 model changes, and ``unfuse_layers`` puts the class forwards back. A peft LoRA ``down_proj`` joins
-the fusion too (``base(prod) + scaling * B(A(prod))`` in the same node, which keeps the (tokens, r)
-``A(prod)`` and rebuilds the product for A's gradient): otherwise its A would keep the (tokens,
-intermediate) product, 2.6 GB of a 0.5B model's batch of 8 x 1408 tokens in bfloat16. Other
-down_projs (dropout on in training, DoRA, a bias, ...) keep their own module; only silu(gate) * up
-is fused then (``_SiluMul``).
+the fusion too (``base(prod) + scaling * B(A(drop(prod)))`` in the same node, which keeps the (tokens,
+r) ``A(prod)`` and, with the dropout on, its one-byte keep-mask, and rebuilds the product for A's
+gradient): otherwise its A would keep the (tokens, intermediate) product, 2.6 GB of a 0.5B model's
+batch of 8 x 1408 tokens in bfloat16. Other down_projs (DoRA, a bias, ...) keep their own module;
+only silu(gate) * up is fused then (``_SiluMul``).
 Without autograd (inference, the reference pass) the class forwards run.
 
 ``recompute_norm_outputs()`` (on in ``model_logps``'s forwards with autograd): the norm's output,
@@ -87,11 +87,16 @@ def _adapter_grads(g: torch.Tensor, xa: torch.Tensor, b, scaling: float, need_b:
     return scaling * (g @ b.to(g.dtype)), grad_b
 
 
+def _fused_dropout(t: torch.Tensor) -> bool:
+    """Whether torch's dropout takes its fused kernel for t (``native_dropout``) rather than a noise tensor."""
+    return t.is_cuda or t.device.type == "xpu"
+
+
 def _drop(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``nn.Dropout(p)`` in training drawn as torch draws it, and its keep-mask (bool, one byte an
     element) to make it again: the fused kernel on a GPU (``native_dropout``), a Bernoulli noise tensor
     on CPU (``at::dropout``'s own choice), so the random stream and the values are eager's."""
-    if x.is_cuda or x.device.type == "xpu":
+    if _fused_dropout(x):
         return torch.ops.aten.native_dropout(x, p, True)
     noise = torch.empty_like(x).bernoulli_(1 - p)
     keep = noise.bool()
@@ -103,7 +108,7 @@ def _drop_again(t: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
     its forward's output again for t = x. On CPU the same noise tensor, bit for bit (tested). On a GPU
     the dropout's own backward kernel, whose arithmetic (one float32 product, one rounding) is its
     forward's as torch writes them; not yet run there."""
-    if t.is_cuda or t.device.type == "xpu":
+    if _fused_dropout(t):
         return torch.ops.aten.native_dropout_backward(t, keep, 1.0 / (1.0 - p))
     return t * keep.to(t.dtype).div_(1 - p)
 
@@ -439,49 +444,25 @@ def _lora_linear_forward(self, x, *args, **kwargs):
         if type(drop) is not nn.Identity and torch.is_grad_enabled():
             p = _dropout_p(drop)
             if p:  # keeps x (one tensor for every adapter that reads it) and a one-byte mask, not a dropped copy
-                return _DropAdapter.apply(result, x, a, b, self.scaling[name], p, dt)
+                return _KeptInputAdapter.apply(result, x, a, b, self.scaling[name], dt, p)
         xin = x if type(drop) is nn.Identity else drop(x)
         if xin.dtype != dt and torch.is_grad_enabled():
-            return _CastAdapter.apply(result, xin, a, b, self.scaling[name], dt)
+            return _KeptInputAdapter.apply(result, xin, a, b, self.scaling[name], dt)
         return _add_adapter(result, xin.to(dt), a, b, self.scaling[name], dt)[0]
 
 
-class _CastAdapter(torch.autograd.Function):
-    """``addmm(result.to(dt), x.to(dt) @ a^T, b^T, alpha=scaling).to(result.dtype)`` keeping x in its own
-    dtype and casting it again in backward: where the adapter's dtype differs from the input's (a
-    bfloat16 model with peft's float32 adapters and no autocast, or float32 inputs under autocast),
-    eager autograd keeps a cast copy of x for every adapted layer, three for q, k and v's one input."""
-
-    @staticmethod
-    def forward(ctx, result, x, a, b, scaling, dt):
-        out, xa = _add_adapter(result, x.to(dt), a, b, scaling, dt)
-        ctx.save_for_backward(x, a, b, xa)
-        ctx.scaling, ctx.dt, ctx.result_dtype = scaling, dt, result.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, a, b, xa = ctx.saved_tensors
-        dt = ctx.dt
-        need_result, need_x, need_a, need_b, _, _ = ctx.needs_input_grad
-        g = grad.reshape(-1, grad.shape[-1]).to(dt)
-        grad_result = g.view(grad.shape).to(ctx.result_dtype) if need_result else None
-        grad_xa, grad_b = _adapter_grads(g, xa, b, ctx.scaling, need_b)
-        grad_x = (grad_xa @ a.to(dt)).view(x.shape).to(x.dtype) if need_x else None
-        grad_a = (grad_xa.t() @ x.reshape(-1, x.shape[-1]).to(dt)).to(a.dtype) if need_a else None
-        return grad_result, grad_x, grad_a, grad_b, None, None
-
-
-class _DropAdapter(torch.autograd.Function):
-    """``addmm(result.to(dt), drop(x).to(dt) @ a^T, b^T, alpha=scaling).to(result.dtype)`` with ``drop`` a
-    LoRA dropout in training (p in (0, 1)), keeping x and the dropout's bool keep-mask: eager autograd
-    keeps the dropped copy for A's gradient and the dropout's noise (CPU, x's dtype) or mask for its
-    own backward, per adapted layer (three for q, k and v's one input). The dropped x is made again
+class _KeptInputAdapter(torch.autograd.Function):
+    """``addmm(result.to(dt), drop(x).to(dt) @ a^T, b^T, alpha=scaling).to(result.dtype)`` keeping x as it
+    is, with ``drop`` a LoRA dropout in training (0 < p < 1) or none (p = 0). Eager autograd keeps, per
+    adapted layer (three for q, k and v's one input), the copy A's matmul reads: x cast to the adapter's
+    dtype where it differs from x's (a bfloat16 model with peft's float32 adapters and no autocast,
+    float32 inputs under autocast), the dropped x and the dropout's noise or mask with dropout on. Here
+    only x and, with dropout, its one-byte keep-mask are kept; the cast and the dropped x are made again
     in backward (``_drop_again``)."""
 
     @staticmethod
-    def forward(ctx, result, x, a, b, scaling, p, dt):
-        dropped, keep = _drop(x, p)
+    def forward(ctx, result, x, a, b, scaling, dt, p=0.0):
+        dropped, keep = _drop(x, p) if p else (x, None)
         out, xa = _add_adapter(result, dropped.to(dt), a, b, scaling, dt)
         ctx.save_for_backward(x, keep, a, b, xa)
         ctx.scaling, ctx.p, ctx.dt, ctx.result_dtype = scaling, p, dt, result.dtype
@@ -497,10 +478,12 @@ class _DropAdapter(torch.autograd.Function):
         grad_xa, grad_b = _adapter_grads(g, xa, b, ctx.scaling, need_b)
         grad_x = grad_a = None
         if need_x:
-            grad_x = _drop_again((grad_xa @ a.to(dt)).view(x.shape).to(x.dtype), keep, ctx.p)
+            grad_x = (grad_xa @ a.to(dt)).view(x.shape).to(x.dtype)
+            if keep is not None:
+                grad_x = _drop_again(grad_x, keep, ctx.p)
         if need_a:
-            dropped = _drop_again(x, keep, ctx.p).reshape(-1, x.shape[-1]).to(dt)
-            grad_a = (grad_xa.t() @ dropped).to(a.dtype)
+            read = x if keep is None else _drop_again(x, keep, ctx.p)
+            grad_a = (grad_xa.t() @ read.reshape(-1, x.shape[-1]).to(dt)).to(a.dtype)
         return grad_result, grad_x, grad_a, grad_b, None, None, None
 
 
