@@ -141,9 +141,8 @@ def _checkpointing(model) -> bool:
     layers = getattr(get_decoder(), "layers", None) if callable(get_decoder) else None
     if isinstance(layers, torch.nn.ModuleList) and len(layers) and hasattr(layers[0], "gradient_checkpointing"):
         return any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
-    if hasattr(type(model), "is_activation_checkpointing"):  # transformers >= 5.2 (the old name warns)
-        return bool(model.is_activation_checkpointing)
-    return bool(getattr(model, "is_gradient_checkpointing", False))
+    flag = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.2 (the old name warns)
+    return bool(flag if flag is not None else getattr(model, "is_gradient_checkpointing", False))
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -393,7 +394,9 @@ def apply_peft(model, peft_config, *, gradient_checkpointing: bool = False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.enable_input_require_grads()
-    return get_peft_model(model, peft_config)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated alias: not the user's to fix
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, peft_config)
 
 
 _DROPOUT_ATTRS = ("attention_dropout", "hidden_dropout", "attn_dropout", "resid_dropout", "dropout")
