@@ -198,7 +198,8 @@ def run_preftune(job: dict) -> dict:
         precompute_ref_log_probs={"auto": None, "live": False, "precompute": True}[job.get("ref", "auto")],
         dtype=job["dtype"], bf16=job["dtype"] == "bfloat16",
         batch_layout=job.get("layout", "auto"), logps_chunk_size=job.get("chunk"),
-        max_grad_norm=1.0, weight_decay=0.0, cache_dir=os.path.join(out, "cache"),
+        max_grad_norm=job.get("max_grad_norm", 1.0), weight_decay=0.0, cache_dir=os.path.join(out, "cache"),
+        optim_in_backward=job.get("optim_in_backward", False),
         cudnn_attention=job.get("cudnn_attention"), pad_to_multiple_of=job.get("pad_multiple"),
         precompute_ref_batch_size=job.get("ref_batch"), triton_kernels=job.get("triton_kernels", True),
     )
@@ -219,7 +220,8 @@ def run_preftune(job: dict) -> dict:
     return dict(side="preftune", wall_s=wall, init_s=init_s, losses=losses, needed_tokens=n_tok,
                 pairs=len(used), peak_mem=peak_memory_bytes(device), n_matmul=matmul_params(base), order=used,
                 layout=trainer.layout, chunk=args.logps_chunk_size, pad_to_multiple_of=trainer.pad_multiple,
-                cudnn_attention=trainer.cudnn_attention, triton_kernels=args.triton_kernels, step_s=step_s)
+                cudnn_attention=trainer.cudnn_attention, triton_kernels=args.triton_kernels, step_s=step_s,
+                optim_in_backward=args.optim_in_backward)
 
 
 def run_trl(job: dict) -> dict:
@@ -243,7 +245,8 @@ def run_trl(job: dict) -> dict:
         learning_rate=job["lr"], beta=0.1, max_length=job["max_length"], max_steps=job["steps"], logging_steps=1,
         save_strategy="no", eval_strategy="no", seed=job["seed"], report_to="none", warmup_steps=0,
         lr_scheduler_type="constant", gradient_checkpointing=False, bf16=job["dtype"] == "bfloat16",
-        precompute_ref_log_probs=job.get("precompute", False), max_grad_norm=1.0, weight_decay=0.0,
+        precompute_ref_log_probs=job.get("precompute", False), max_grad_norm=job.get("max_grad_norm", 1.0),
+        weight_decay=0.0,
         dataloader_drop_last=True, use_cpu=device == "cpu", disable_tqdm=True,
     )
     trainer, wall, init_s = _timed_job(device, lambda: SequentialDPOTrainer(
@@ -366,8 +369,14 @@ def main(argv=None) -> int:
     p.add_argument("--ref-batch", type=int, default=None, help="preftune precompute_ref_batch_size")
     p.add_argument("--trl-thp", action="store_true",
                    help="run the TRL sides with THP_MEM_ALLOC_ENABLE=1 too (preftune sets it when imported)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping of every side (0 = off)")
+    p.add_argument("--optim-in-backward", action="store_true",
+                   help="preftune updates each parameter inside backward and frees its gradient (needs "
+                        "--max-grad-norm 0: an update made during backward cannot be clipped by the global norm)")
     p.add_argument("--out", default="benchmarks/results.json")
     a = p.parse_args(argv)
+    if a.optim_in_backward and a.max_grad_norm:
+        p.error(f"--optim-in-backward needs --max-grad-norm 0 (got {a.max_grad_norm:g}); it applies to every side")
     if a.worker:
         job = json.loads(Path(a.worker).read_text())
         res = run_preftune(job) if job["side"] == "preftune" else run_trl(job)
@@ -399,7 +408,8 @@ def main(argv=None) -> int:
                             dtype=dtype, max_length=SHAPES[shape]["max_length"], num_pairs=a.steps * a.batch,
                             layout=a.layout, chunk=a.chunk, ref=a.ref, cudnn_attention=None if a.cudnn_attention is None else a.cudnn_attention == "on",
                             pad_multiple=a.pad_multiple, ref_batch=a.ref_batch,
-                            triton_kernels=a.triton_kernels == "on")
+                            triton_kernels=a.triton_kernels == "on", max_grad_norm=a.max_grad_norm,
+                            optim_in_backward=a.optim_in_backward)
                 runs: dict[str, list[dict]] = {s: [] for s in ["preftune", *sides]}
                 for _ in range(a.repeats):  # rounds of every side in turn: a slow spell of the machine hits all
                     ours = spawn(dict(base, side="preftune"))
@@ -418,7 +428,8 @@ def main(argv=None) -> int:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(dict(command=" ".join(["python benchmarks/vs_trl.py", *(argv or sys.argv[1:])]),
                                            versions=info, matmul_peak_flops=peak, dtype=dtype, steps=a.steps, repeats=a.repeats,
-                                           batch=a.batch, results=results), indent=1))
+                                           batch=a.batch, max_grad_norm=a.max_grad_norm,
+                                           optim_in_backward=a.optim_in_backward, results=results), indent=1))
     print(f"\nwritten {a.out}")
     return 0
 

@@ -227,6 +227,11 @@ class DPOConfig:
     max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0 = no clipping).", group="optim")
     optim: str = _f("adamw_torch_fused", "Optimizer: torch AdamW, fused kernel where the device has one.",
                     group="optim", choices=("adamw_torch", "adamw_torch_fused"))
+    optim_in_backward: bool = _f(
+        False, "Update each parameter inside backward as soon as its gradient is complete and free that gradient "
+        "(no second copy of the trainable weights at the step's peak). Same updates as a plain step; needs "
+        "max_grad_norm=0, gradient_accumulation_steps=1, adamw_torch_fused, no fp16 and one process.",
+        group="optim", extra=True)
     num_train_epochs: float = _f(3.0, "Passes over the training data (ignored when max_steps > 0).",
                                  group="optim")
     max_steps: int = _f(-1, "Total optimizer steps; -1 = from num_train_epochs.", group="optim")
@@ -768,6 +773,21 @@ def _check(c: DPOConfig) -> list[tuple[str, str]]:
     if c.gradient_checkpointing and c.batch_layout == "prefix_packed":
         errors.append(("batch_layout", "batch_layout='prefix_packed' with gradient_checkpointing=True: the recompute "
                        "in backward would not see the variable-length attention; use 'prefix'"))
+    if c.optim_in_backward:
+        why = "optim_in_backward=True updates each parameter during backward, "
+        if c.max_grad_norm:
+            errors.append(("max_grad_norm", f"max_grad_norm={c.max_grad_norm!r} with {why}before the global gradient "
+                           "norm exists to clip by; set max_grad_norm=0 or optim_in_backward=False"))
+        if c.gradient_accumulation_steps > 1:
+            errors.append(("gradient_accumulation_steps", f"gradient_accumulation_steps={c.gradient_accumulation_steps}"
+                           f" with {why}so gradients cannot accumulate over micro-batches; raise "
+                           "per_device_train_batch_size instead, or set optim_in_backward=False"))
+        if c.optim != "adamw_torch_fused":
+            errors.append(("optim", f"optim={c.optim!r} with optim_in_backward=True: the in-backward update needs "
+                           "'adamw_torch_fused' (it skips non-finite steps on the device)"))
+        if c.fp16:
+            errors.append(("fp16", f"fp16=True with {why}before the loss scaler has checked every gradient; "
+                           "use bf16 or float32"))
     if c.lr_scheduler_type in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):
         kw = c.lr_scheduler_kwargs or {}
         if "min_lr" not in kw and "min_lr_rate" not in kw:

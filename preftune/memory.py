@@ -86,3 +86,100 @@ def init_adamw_state(optimizer) -> int:
                 state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             n += 1
     return n
+
+
+class StepInBackward:
+    """The optimizer's update made inside backward, a few parameters at a time as soon as autograd has
+    finished their gradients, and those gradients freed right after (``optim_in_backward=True``).
+
+    A plain step holds every gradient until backward ends: a second copy of the trainable weights,
+    which sets the step's peak where the gradients outweigh the activations (large models, small
+    batches). Here at most one bucket of finished gradients (``BUCKET_BYTES``, plus the parameter that
+    crossed it) and those backward is still producing are alive. Each update is the one
+    ``optimizer.step()`` would make (the same torch AdamW, its state, groups and learning rate, on the
+    bucket's parameters), so the run equals a plain run without clipping, bit for bit.
+
+    What it cannot do, and the config refuses: clip by the global norm (an update made before the
+    last gradient exists cannot be scaled by it), accumulate over micro-batches, or scale fp16 loss.
+    Non-finite values: the loss and the running sum of squared gradients set ``found_inf``, which the
+    fused AdamW reads on the device (no host sync) and then leaves the parameters and their state
+    alone. A non-finite loss skips every update; a gradient that turns non-finite partway through
+    backward skips its bucket and those after it, and ``updated()`` counts the parameters already
+    stepped. Buckets, not single parameters: one ``step()`` per parameter cost 0.2-0.35 s a step for
+    SmolLM2-135M on the 2-core CPU (272 calls), against 0.07 s for the whole plain step.
+    """
+
+    BUCKET_BYTES = 64 * 2**20
+
+    def __init__(self, optimizer, params):
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+        self._group = {p: i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
+        missing = [p for p in params if p not in self._group]
+        if missing:
+            raise ValueError(f"{len(missing)} trainable parameters are not in the optimizer")
+        self.n_params = len(params)
+        self._handles = [p.register_post_accumulate_grad_hook(self._ready) for p in params]
+        self._bucket: list[torch.Tensor] = []
+        self._bytes = 0
+        self.sq = self.skipped = None
+
+    def begin(self, loss: torch.Tensor) -> None:
+        """Before ``loss.backward()``. The running sum of squares starts at ``0 * loss``: 0, or NaN for a
+        non-finite loss, which then skips every update of the step."""
+        self.sq = loss.detach().float() * 0
+        self.skipped = torch.zeros((), dtype=torch.int64, device=self.sq.device)
+
+    def finish(self) -> None:
+        """After ``loss.backward()``: the last bucket."""
+        self._flush()
+
+    def grad_norm(self) -> torch.Tensor:
+        """The step's global L2 gradient norm (what clipping would have measured; NaN after a bad loss)."""
+        return self.sq.sqrt()
+
+    def updated(self) -> torch.Tensor:
+        """How many parameters this step updated (a device tensor)."""
+        return self.n_params - self.skipped
+
+    def _ready(self, p: torch.Tensor) -> None:
+        if self.sq is None:
+            raise RuntimeError("StepInBackward.begin(loss) must run before backward")
+        self._bucket.append(p)
+        self._bytes += p.grad.numel() * p.grad.element_size()
+        if self._bytes >= self.BUCKET_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        bucket, self._bucket, self._bytes = self._bucket, [], 0
+        if not bucket:
+            return
+        opt = self.optimizer
+        grads = [p.grad for p in bucket]
+        with torch.autocast(self.sq.device.type, enabled=False):
+            self.sq += _total_norm(grads).square()
+            bad = ~torch.isfinite(self.sq)
+            opt.found_inf = bad.to(torch.float32)  # the fused AdamW leaves the bucket alone when it is 1
+            groups = opt.param_groups
+            opt.param_groups = [{**g, "params": [p for p in bucket if self._group[p] == i]} for i, g in enumerate(groups)]
+            try:
+                opt.step()
+            finally:
+                opt.param_groups = groups
+            self.skipped += bad * len(bucket)
+        for p in bucket:
+            p.grad = None
+
+    def remove(self) -> None:
+        """Take the hooks off the parameters; later backwards keep their gradients again."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        vars(self.optimizer).pop("found_inf", None)
+
+
+def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all ``tensors`` together, in float32 (what gradient clipping measures)."""
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+    if get_total_norm is not None:
+        return get_total_norm(tensors, foreach=True).float()
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]))

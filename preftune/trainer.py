@@ -30,7 +30,7 @@ from preftune.data.batching import collate
 from preftune.data.pipeline import StepPlan, prepare_one, prepare_splits, report_skips
 from preftune.logps import _unwrap, attention_kernels, model_logps, use_triton_head
 from preftune.losses import LOSSES, loss_params, preference_loss, resolve_loss_names
-from preftune.memory import init_adamw_state, tune_malloc
+from preftune.memory import StepInBackward, init_adamw_state, tune_malloc
 from preftune.metrics import MetricAccumulator, preference_metrics
 
 logger = logging.getLogger("preftune")
@@ -182,6 +182,7 @@ class DPOTrainer:
         # --- reference ----------------------------------------------------------------------
         self._ref_model_arg = ref_model
         self.reference = None
+        self._in_backward: StepInBackward | None = None  # optim_in_backward's hooks, during train()
         self._eval_reference_table = None
 
     def _warm_up_kernels(self, model) -> None:
@@ -440,6 +441,7 @@ class DPOTrainer:
             logger.info("resumed from %s at step %d", path, state.global_step)
         else:
             init_adamw_state(optimizer)
+        self._in_backward = self._step_in_backward(optimizer)
         metrics_path = out_dir / "metrics.jsonl"
         if acc.is_main_process:
             ckpt.truncate_metrics(metrics_path, state.global_step, lines=state.metrics_lines if resume else 0)
@@ -470,21 +472,26 @@ class DPOTrainer:
             perm = plan.permutation(epoch)
             micro = plan.micro_batches(perm, step_in_epoch, acc.process_index)
             step_loss, step_pairs, step_tokens, pair_losses = self._optimizer_step(micro, plan, window)
-            grad_norm = self._clip()
+            grad_norm = self._in_backward.grad_norm() if self._in_backward else self._clip()
             finite_t = torch.isfinite(torch.stack([step_loss.float(), grad_norm.float().to(step_loss.device)])).all()
+            stepped = self._in_backward is not None  # each parameter was updated inside backward
             if defer:  # the fused AdamW skips a non-finite step on the device; the host learns of it later
-                inner.found_inf = (~finite_t).to(torch.float32)
-                optimizer.step()
-                pending.append((state.global_step + 1, finite_t, step_loss, grad_norm, pair_losses))
+                if not stepped:
+                    inner.found_inf = (~finite_t).to(torch.float32)
+                    optimizer.step()
+                pending.append((state.global_step + 1, finite_t, step_loss, grad_norm, pair_losses,
+                                self._in_backward and self._in_backward.updated()))
             else:
                 finite = bool(finite_t)
-                if finite:
+                if finite and not stepped:
                     optimizer.step()
-                self._count_step(state, window, finite, state.global_step + 1, step_loss, grad_norm, pair_losses)
+                self._count_step(state, window, finite, state.global_step + 1, step_loss, grad_norm, pair_losses,
+                                 self._in_backward and self._in_backward.updated())
             with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
                 warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
                 scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            if self._in_backward is None:
+                optimizer.zero_grad(set_to_none=True)
             state.global_step += 1
             state.pairs_seen += plan.global_batch
             if not defer and finite and self.reference is not None:
@@ -500,8 +507,9 @@ class DPOTrainer:
             save_due = self._should_save(state, plan)
             if pending and (len(pending) >= settle_every or state.nonfinite_in_a_row or log_due or eval_due or save_due):
                 # one host sync for the steps since the last one, in their order
-                for (step, _, loss_t, norm_t, losses), ok in zip(pending, torch.stack([p[1] for p in pending]).tolist()):
-                    self._count_step(state, window, ok, step, loss_t, norm_t, losses)
+                for (step, _, loss_t, norm_t, losses, updated), ok in zip(
+                        pending, torch.stack([p[1] for p in pending]).tolist()):
+                    self._count_step(state, window, ok, step, loss_t, norm_t, losses, updated)
                 pending.clear()
             if state.nonfinite_in_a_row >= args.max_nonfinite_steps:
                 state.log_window = self._window_snapshot(window, pairs_window, tokens_window)
@@ -565,9 +573,10 @@ class DPOTrainer:
         )
 
     def _count_step(self, state, window: MetricAccumulator, finite: bool, step: int, step_loss, grad_norm,
-                    pair_losses) -> None:  # fmt: skip
+                    pair_losses, updated=None) -> None:  # fmt: skip
         """Book one optimizer step: its loss and grad norm into the window, or a skipped update counted
-        and logged with the pairs to blame."""
+        and logged with the pairs to blame. ``updated``: with optim_in_backward, how many parameters
+        backward had already stepped before a gradient turned non-finite (they keep their update)."""
         if finite:
             state.nonfinite_in_a_row = 0
             window.add({"loss": step_loss.detach(), "grad_norm": grad_norm.detach()}, 1)
@@ -577,8 +586,10 @@ class DPOTrainer:
         bad_pairs = [i for losses, index in pair_losses for i in index[~torch.isfinite(losses).cpu()].tolist()]
         if not bad_pairs:  # a finite loss with a non-finite gradient: every pair of the step is suspect
             bad_pairs = [i for _, index in pair_losses for i in index.tolist()]
-        logger.warning("non-finite %s at step %d: update skipped (pairs %s)",
-                       "gradient" if torch.isfinite(step_loss).item() else "loss", step, bad_pairs)
+        n = int(updated) if updated is not None else 0
+        partial = f"; {n} of {len(self._clip_params)} parameters were updated inside backward before it" if n else ""
+        logger.warning("non-finite %s at step %d: update skipped%s (pairs %s)",
+                       "gradient" if torch.isfinite(step_loss).item() else "loss", step, partial, bad_pairs)
 
     def _timed_eval(self) -> dict:
         """evaluate(), with its time left out of the training throughput."""
@@ -604,7 +615,11 @@ class DPOTrainer:
             with ctx, acc.autocast():
                 per_pair, metrics = self._pair_losses(batch, self.reference)
                 loss = per_pair.sum() * scale
+                if self._in_backward is not None:
+                    self._in_backward.begin(loss)
                 acc.backward(loss)
+                if self._in_backward is not None:
+                    self._in_backward.finish()
             pair_losses.append((per_pair.detach(), host["pair_index"]))  # ids still on the host
             total += loss.detach()
             b = len(indices)
@@ -613,6 +628,29 @@ class DPOTrainer:
             n_tokens += int(batch["num_tokens"])
         total = acc.reduce(total, reduction="sum") / acc.num_processes if acc.num_processes > 1 else total
         return total, n_pairs, n_tokens, pair_losses
+
+    def _step_in_backward(self, optimizer) -> StepInBackward | None:
+        """``optim_in_backward``: hooks that update each parameter as backward completes its gradient
+        (taken off when the run ends). The config has refused clipping, accumulation and fp16; what only
+        the run knows is checked here."""
+        if not self.args.optim_in_backward:
+            return None
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        if acc.num_processes > 1 or acc.distributed_type != DistributedType.NO:
+            raise ValueError(
+                f"optim_in_backward=True on {acc.num_processes} processes ({acc.distributed_type.value}): gradients "
+                "are reduced across processes after backward, so each process would update with its own gradients; "
+                "set optim_in_backward=False for distributed runs")
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if not all(g.get("fused") for g in inner.param_groups):
+            raise ValueError(
+                f"optim_in_backward=True on device {acc.device.type!r}: torch has no fused AdamW there, and the "
+                "in-backward update needs one; set optim_in_backward=False")
+        hooks = StepInBackward(optimizer, self._clip_params)
+        self._closing.callback(hooks.remove)
+        return hooks
 
     def _clip(self) -> torch.Tensor:
         params = self._clip_params  # listed once per run in _train
