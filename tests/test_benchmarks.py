@@ -67,3 +67,24 @@ def test_gpu_path_host_runs_in_its_own_process():
     assert len(lines) == 2
     kernel, eager = (int(ln.rsplit(" ", 1)[1]) for ln in lines)
     assert kernel < eager  # the rotary kernel is fewer calls than transformers' ops
+
+
+def test_memory_trace_accounts_rss_and_heap():
+    """One step of the benchmark's job: each step phase has a row, the maxima are consistent, and the
+    heap's bytes in use (glibc) fit inside the RSS."""
+    bench = _load("memory_trace")
+    if bench.heap_in_use() is None:
+        pytest.skip("needs glibc's mallinfo2")
+    from preftune.models import embedded_model_path
+
+    job = dict(model=str(embedded_model_path()), shape="short", mode="full", steps=1, batch=1, lr=5e-6, seed=0,
+               dtype="float32", max_length=256, num_pairs=1, layout="auto", chunk=None, ref="auto",
+               cudnn_attention=None, pad_multiple=None, ref_batch=None, triton_kernels=True, side="preftune")
+    out = bench.trace(job)
+    phases = [name for name, _, _ in out["rows"]]
+    assert {"forward 1", "backward 1"} <= set(phases)
+    for _, rss, use in out["rows"]:
+        assert 0 < use < rss
+    assert out["max_rss"][0] >= max(rss for _, rss, _ in out["rows"])
+    assert out["max_in_use"][0] >= max(use for _, _, use in out["rows"])
+    assert len(out["result"]["losses"]) == 1
