@@ -104,7 +104,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, h, weight, bias, targets, chunk_size, scale, softcap, keep=False, triton=False):
+    def forward(ctx, h, weight, bias, targets, chunk_size, scale, softcap, keep=False, triton=False, tied=None):
         n = h.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=h.device)
         lse = torch.empty(n, dtype=torch.float32, device=h.device)
@@ -123,7 +123,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 kept = (z.div_(total[:, None]),)  # the softmax
         ctx.save_for_backward(h, weight, bias, targets, lse, *kept)
         ctx.chunk_size, ctx.scale, ctx.softcap, ctx.kept_fresh = chunk_size, scale, softcap, bool(kept)
-        ctx.triton = triton
+        ctx.triton, ctx.tied = triton, tied
         return out
 
     @staticmethod
@@ -164,8 +164,84 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 grad_w = _add_weight_grad(grad_w, dz, hc)
         if need_w and grad_w is None:  # no completion token at all
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
-        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None)
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        if ctx.tied is not None:  # the input embedding's rows go into this buffer (_TiedEmbedding)
+            ctx.tied.grad = grad_w
+        return (grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None,
+                None)
+
+
+class _TiedSlot:
+    """The head's gradient of a weight the input embedding shares, handed from the head's backward to
+    the embedding's (which autograd runs later: the embedding's output feeds the head)."""
+
+    __slots__ = ("grad",)
+
+    def __init__(self):
+        self.grad = None
+
+
+class _TiedEmbedding(torch.autograd.Function):
+    """``F.embedding(ids, weight, padding_idx)`` for a weight the output head also uses.
+
+    Autograd would give the weight two (V, H) gradients, the head's and a zero-filled one of the
+    embedding's rows, and add them at the end of backward: a third (V, H) buffer alive with the
+    first, at the step's last moment (108 MiB for SmolLM2-135M in float32). Here the embedding's
+    backward adds its rows into the head's gradient (``slot.grad``) in place and returns none of its
+    own, so the weight's gradient reaches its AccumulateGrad (and DDP's or optim_in_backward's hooks
+    there) once, complete, before any hook sees it. Rows at ``padding_idx`` get nothing, as in
+    ``F.embedding``. Without the head's gradient (it did not ask for the weight's) the dense one is
+    returned as usual. The sum is the same, in another order: equal to float rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, ids, weight, padding_idx, slot):
+        ctx.save_for_backward(ids)
+        ctx.padding_idx, ctx.slot, ctx.shape = padding_idx, slot, weight.shape
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        idx, rows = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
+        if ctx.padding_idx is not None:
+            rows = rows.masked_fill((idx == ctx.padding_idx)[:, None], 0)
+        target, ctx.slot.grad = ctx.slot.grad, None
+        if target is None:
+            return None, torch.zeros(ctx.shape, dtype=grad.dtype, device=grad.device).index_put_(
+                (idx,), rows, accumulate=True), None, None
+        target.index_put_((idx,), rows.to(target.dtype), accumulate=True)  # deterministic on CUDA too
+        return None, None, None, None
+
+
+def _tied_embedding(base, head) -> torch.nn.Module | None:
+    """The input embedding module whose weight is ``head``'s, where ``_TiedEmbedding`` can stand in for
+    its forward: a plain ``nn.Embedding`` (no max_norm, frequency scaling or sparse gradient, no
+    forward patched by someone else, e.g. accelerate's offload hooks) of a plain tensor weight that
+    trains. None otherwise: untied, frozen, or sharded (FSDP's DTensor, DeepSpeed ZeRO-3), where the
+    gradient's path belongs to the sharding."""
+    get = getattr(base, "get_input_embeddings", None)
+    embed = get() if get is not None else None
+    if type(embed) is not torch.nn.Embedding or "forward" in vars(embed):
+        return None
+    w = embed.weight
+    if (w is not getattr(head, "weight", None) or not w.requires_grad or type(w.data) is not torch.Tensor
+            or hasattr(w, "ds_id") or embed.max_norm is not None or embed.scale_grad_by_freq or embed.sparse):
+        return None
+    return embed
+
+
+@contextlib.contextmanager
+def _tied_lookup(embed: torch.nn.Module | None, slot: _TiedSlot | None):
+    """Inside: ``embed``'s forward is the ``_TiedEmbedding`` one, sharing ``slot`` with the head."""
+    if embed is None or slot is None:
+        yield
+        return
+    embed.forward = lambda ids: _TiedEmbedding.apply(ids, embed.weight, embed.padding_idx, slot)
+    try:
+        yield
+    finally:
+        del embed.forward
 
 
 @functools.cache
@@ -233,6 +309,7 @@ def sequence_logps(
     logit_softcap: float | None = None,
     head_module: torch.nn.Module | None = None,
     triton: bool = False,
+    tied: _TiedSlot | None = None,
 ):
     """Completion-only summed log-probs per segment (eq 6.3), without (tokens, V) logits.
 
@@ -241,6 +318,7 @@ def sequence_logps(
     ``collate``. logits = (h W^T + b) * logit_scale, then logit_softcap * tanh(. / softcap),
     all float32. ``head_module`` instead of the weight calls that module (for wrapped heads).
     ``triton``: the log-softmax runs as ``preftune.kernels`` head kernels where they apply (CUDA).
+    ``tied``: the slot a ``_TiedEmbedding`` of the same weight reads the head's weight gradient from.
     Returns (logps (S,) float32, counts (S,) long) with S = num_segments.
     """
     if chunk_size < 1:
@@ -252,7 +330,7 @@ def sequence_logps(
         triton = triton and kernels.usable(h, lm_head_weight, *(() if lm_head_bias is None else (lm_head_bias,)))
         token = _ChunkedTokenLogps.apply(
             h, lm_head_weight, lm_head_bias, targets, chunk_size, logit_scale, logit_softcap, torch.is_grad_enabled(),
-            triton,
+            triton, tied,
         )  # (K,)
     logps = torch.zeros(num_segments, dtype=torch.float32, device=h.device).index_add(0, segments, token)
     counts = torch.bincount(segments, minlength=num_segments)
@@ -416,6 +494,8 @@ def auto_chunk_size(vocab_size: int) -> int:
     return chunk
 
 
+TIED_EMBEDDING_GRAD = True  # tests: False gives the embedding its own (V, H) gradient, as autograd does
+
 TRITON_HEAD = "_preftune_triton_head"  # attribute on the output head module: run it with the Triton kernels
 
 
@@ -462,11 +542,13 @@ def model_logps(model, batch: dict, *, chunk_size: int | None = None, average: b
     # save the same tensors as the forward did
     fast = getattr(head, TRITON_HEAD, False) and not attention._checkpointing(base)
     rope = fused.fast_rope() if fast else contextlib.nullcontext()
-    with forward, recompute, rope:
-        hidden = _final_hidden(model, base, inputs)  # (R, T, H)
     # a plain Linear head, also when FSDP2 has swapped its class (FSDPLinear keeps Linear.forward);
     # calling a sharded head module chunk by chunk would free the final norm's gathered weight
     plain = isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward
+    embed = _tied_embedding(base, head) if plain and TIED_EMBEDDING_GRAD and torch.is_grad_enabled() else None
+    tied = _TiedSlot() if embed is not None else None
+    with forward, recompute, rope, _tied_lookup(embed, tied):
+        hidden = _final_hidden(model, base, inputs)  # (R, T, H)
     B = batch["num_pairs"]
     triton = plain and getattr(head, TRITON_HEAD, False)  # sequence_logps checks the tensors (kernels.usable)
     if chunk_size is None:
@@ -484,6 +566,7 @@ def model_logps(model, batch: dict, *, chunk_size: int | None = None, average: b
         logit_softcap=softcap,
         head_module=None if plain else head,
         triton=triton,
+        tied=tied,
     )
     mean = logps / counts.clamp(min=1)
     out = mean if average else logps

@@ -503,3 +503,64 @@ def test_head_weight_gradient_accumulates_in_float32(device, dtype):
     assert grad_w.dtype == torch.float32 and grad_w.shape == (40, 8)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(grad_w.double(), want, rtol=tol, atol=tol)
+
+
+class _BigTensors(torch.utils._python_dispatch.TorchDispatchMode):
+    """Distinct storages of op outputs of one shape (ops run while the mode is on)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.ptrs = tuple(shape), set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and tuple(t.shape) == self.shape:
+                self.ptrs.add(t.untyped_storage().data_ptr())
+        return out
+
+
+@pytest.mark.parametrize("layout", ["padded", "prefix"])
+def test_tied_embedding_adds_its_rows_into_the_head_gradient(layout, monkeypatch):
+    """The input embedding of a tied weight puts its rows into the head's (V, H) gradient instead of a
+    (V, H) gradient of its own: same values, gradients equal to float rounding (the rows summed in
+    another order), pad rows (padding_idx) untouched as F.embedding's backward leaves them, and one
+    (V, H) buffer in backward instead of two or three."""
+    from preftune import logps as lp
+
+    tied = tiny_model(V, seed=5, tie_word_embeddings=True, pad_token_id=0)
+    embed = tied.get_input_embeddings()
+    assert embed.padding_idx == 0 and lp._tied_embedding(tied, tied.get_output_embeddings()) is embed
+    feats = [dict(f, prompt_ids=[0, *f["prompt_ids"]]) for f in FEATS]  # the pad id inside a prompt too
+    batch = collate(feats, layout=layout, pad_token_id=0, pad_to_multiple_of=8)
+    runs = {}
+    for on in (False, True):
+        monkeypatch.setattr(lp, "TIED_EMBEDDING_GRAD", on)
+        out = model_logps(tied, batch, chunk_size=4)
+        logps = torch.cat([out.chosen_logps, out.rejected_logps])
+        tied.zero_grad()
+        with _BigTensors(embed.weight.shape) as big:
+            (logps * torch.linspace(-1.0, 2.0, logps.numel())).sum().backward()
+        runs[on] = (logps.detach(), {n: p.grad.clone() for n, p in tied.named_parameters()}, len(big.ptrs))
+        assert "forward" not in vars(embed)  # the module's own forward is back
+    (ref, ref_grads, ref_big), (got, grads, got_big) = runs[False], runs[True]
+    assert torch.equal(got, ref)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-6, atol=1e-7, msg=name)
+    # the pad row holds the head's part only on both paths (the dense one zeroes padding_idx), bit for bit
+    assert torch.equal(grads["model.embed_tokens.weight"][0], ref_grads["model.embed_tokens.weight"][0])
+    assert got_big == 1 and ref_big >= 2
+
+
+def test_tied_embedding_path_is_left_where_it_does_not_apply():
+    from preftune import logps as lp
+
+    untied = tiny_model(V, seed=5)
+    assert lp._tied_embedding(untied, untied.get_output_embeddings()) is None
+    tied = tiny_model(V, seed=5, tie_word_embeddings=True)
+    head = tied.get_output_embeddings()
+    tied.get_input_embeddings().weight.requires_grad_(False)  # frozen: no gradient to route
+    assert lp._tied_embedding(tied, head) is None
+    tied.get_input_embeddings().weight.requires_grad_(True)
+    tied.get_input_embeddings().forward = lambda ids: None  # someone else's patched forward stays theirs
+    assert lp._tied_embedding(tied, head) is None

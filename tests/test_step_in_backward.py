@@ -15,6 +15,7 @@ from test_trainer import conversational_rows, make_trainer, train_rows, weights 
 
 from preftune import DPOConfig, memory  # noqa: E402
 from preftune import trainer as tr  # noqa: E402
+from preftune.testing import tiny_model  # noqa: E402
 
 
 def _lora():
@@ -23,23 +24,29 @@ def _lora():
     return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 
 
-@pytest.mark.parametrize("lora, bucket", [(False, None), (False, 0), (True, None)],
-                         ids=["full", "full-per-parameter", "lora"])
-def test_in_backward_equals_the_plain_step(tmp_path, monkeypatch, lora, bucket):
+@pytest.mark.parametrize("lora, bucket, tied", [(False, None, False), (False, 0, False), (True, None, False),
+                                                (False, 0, True)],
+                         ids=["full", "full-per-parameter", "lora", "tied-embeddings-per-parameter"])
+def test_in_backward_equals_the_plain_step(tmp_path, monkeypatch, lora, bucket, tied):
+    """Tied embeddings: the weight's update waits for the embedding's rows (they reach its gradient last)."""
     if bucket is not None:  # the default bucket holds all of a tiny model; 0 steps each parameter alone
         monkeypatch.setattr(memory.StepInBackward, "BUCKET_BYTES", bucket)
     rows = conversational_rows(8)
     kw = dict(max_steps=3, per_device_train_batch_size=2, max_grad_norm=0.0, weight_decay=0.1,
               peft_config=_lora() if lora else None)
-    plain = make_trainer(tmp_path, rows, name="plain", **kw)
-    fused = make_trainer(tmp_path, rows, name="inbw", optim_in_backward=True, **kw)
+
+    def model():  # a fresh one per trainer (None: make_trainer's untied tiny model)
+        return tiny_model(300, tie_word_embeddings=True) if tied else None
+
+    plain = make_trainer(tmp_path, rows, name="plain", model=model(), **kw)
+    fused = make_trainer(tmp_path, rows, name="inbw", optim_in_backward=True, model=model(), **kw)
     plain.train()
     fused.train()
     wa, wb = weights(plain), weights(fused)
     assert wa.keys() == wb.keys()
     for name in wa:  # the same fused AdamW arithmetic per element: bit for bit
         assert torch.equal(wa[name], wb[name]), name
-    first = weights(make_trainer(tmp_path, rows, name="init", **kw))
+    first = weights(make_trainer(tmp_path, rows, name="init", model=model(), **kw))
     moved = sum(not torch.equal(first[n], wa[n]) for n in wa)
     assert moved > 0  # the steps changed the weights
     for x, y in zip(train_rows(plain), train_rows(fused), strict=True):
