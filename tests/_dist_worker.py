@@ -3,7 +3,8 @@
     python tests/_dist_worker.py SPEC.json
 
 SPEC: {"model": dir, "fsdp_on_cpu": bool (optional), "jobs": [{"config": {DPOConfig fields},
-"resume": path or null, "out": json path, "expect_error": text or absent}]}.
+"resume": path or null, "out": json path, "expect_error": text or absent, "model": dir (optional, the
+spec's otherwise)}]}.
 Each job trains with the DPOTrainer API, saves the final model, and (main process) writes the process
 count, the engine and the evaluation results to "out". Launching this file under several processes
 is exactly what a user does; nothing here knows how many processes there are.
@@ -72,7 +73,7 @@ def main(spec_path: str) -> None:
     from preftune.trainer import DPOTrainer
 
     for job in spec["jobs"]:
-        trainer = DPOTrainer(model=spec["model"], args=DPOConfig(**job["config"]))
+        trainer = DPOTrainer(model=job.get("model", spec["model"]), args=DPOConfig(**job["config"]))
         if job.get("expect_error"):  # the job must fail with a ValueError naming this text
             try:
                 trainer.train()

@@ -116,6 +116,9 @@ def runs(tmp_path_factory):
     model_dir = tmp / "model"
     tiny_model(len(tok), seed=0).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
+    tied_dir = tmp / "tied_model"  # the input embedding adds its rows into the head's gradient (logps)
+    tiny_model(len(tok), seed=0, tie_word_embeddings=True).save_pretrained(tied_dir)
+    tok.save_pretrained(tied_dir)
     two, one, resumed = tmp / "two", tmp / "one", tmp / "resumed"
     two_lora, one_lora = tmp / "two_lora", tmp / "one_lora"
     _launch({"model": str(model_dir), "jobs": [
@@ -129,6 +132,8 @@ def runs(tmp_path_factory):
         {"config": _config(tmp / "two_drop_resumed", tmp / "cache2", per_device_train_batch_size=2,
                            gradient_accumulation_steps=1, **dict(LORA, lora_dropout=0.3)),
          "resume": str(tmp / "two_drop" / "checkpoint-2"), "out": str(tmp / "two_drop_resumed.json")},
+        {"config": _config(tmp / "two_tied", tmp / "cache2", per_device_train_batch_size=2,
+                           gradient_accumulation_steps=1), "model": str(tied_dir), "out": str(tmp / "two_tied.json")},
     ]}, tmp / "spec2.json", procs=2)
     _launch({"model": str(model_dir), "jobs": [
         {"config": _config(one, tmp / "cache1", per_device_train_batch_size=2, gradient_accumulation_steps=2),
@@ -137,11 +142,13 @@ def runs(tmp_path_factory):
          "resume": str(two / "checkpoint-2"), "out": str(tmp / "resumed.json")},
         {"config": _config(one_lora, tmp / "cache1", per_device_train_batch_size=2, gradient_accumulation_steps=2,
                            **LORA), "out": str(tmp / "one_lora.json")},
+        {"config": _config(tmp / "one_tied", tmp / "cache1", per_device_train_batch_size=2,
+                           gradient_accumulation_steps=2), "model": str(tied_dir), "out": str(tmp / "one_tied.json")},
     ]}, tmp / "spec1.json", procs=1)
     names = ("two", "one", "resumed", "two_lora", "one_lora")
     info = {name: json.loads((tmp / f"{name}.json").read_text()) for name in names}
     return dict(tmp=tmp, two=two, one=one, resumed=resumed, two_lora=two_lora, one_lora=one_lora, info=info,
-                model_dir=model_dir)
+                model_dir=model_dir, tied_dir=tied_dir)
 
 
 def test_two_processes_match_one_process_with_accumulation(runs):
@@ -155,6 +162,16 @@ def test_two_processes_match_one_process_with_accumulation(runs):
     rows2, rows1 = _rows(runs["two"]), _rows(runs["one"])
     assert [r["step"] for r in rows1 if "loss" in r] == [1, 2, 3]
     _assert_rows_close(rows2, rows1)
+
+
+def test_tied_embeddings_two_processes_match_one_process(runs):
+    """DDP reduces the tied weight's gradient once it is whole: the embedding's rows are added into the
+    head's gradient before the weight's AccumulateGrad (where DDP's hook sits) runs."""
+    tmp = runs["tmp"]
+    w2, w1, w0 = _weights(tmp / "two_tied"), _weights(tmp / "one_tied"), _weights(runs["tied_dir"])
+    assert "lm_head.weight" not in w0  # saved tied
+    _assert_weights_close(w2, w1, atol=1e-5, start=w0)
+    _assert_rows_close(_rows(tmp / "two_tied"), _rows(tmp / "one_tied"))
 
 
 def test_lora_two_processes_match_one_process_with_accumulation(runs):
