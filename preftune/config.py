@@ -228,8 +228,8 @@ class DPOConfig:
     optim: str = _f("adamw_torch_fused", "Optimizer: torch AdamW, fused kernel where the device has one.",
                     group="optim", choices=("adamw_torch", "adamw_torch_fused"))
     optim_in_backward: bool = _f(
-        False, "Update each parameter inside backward as soon as its gradient is complete and free that gradient "
-        "(no second copy of the trainable weights at the step's peak). Same updates as a plain step; needs "
+        False, "Make the AdamW update inside backward as gradients complete (64 MiB of them at a time) and free "
+        "them, so the whole gradient never exists at once. Same updates as a plain step; needs "
         "max_grad_norm=0, gradient_accumulation_steps=1, adamw_torch_fused, no fp16 and one process.",
         group="optim", extra=True)
     num_train_epochs: float = _f(3.0, "Passes over the training data (ignored when max_steps > 0).",

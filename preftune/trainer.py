@@ -649,7 +649,12 @@ class DPOTrainer:
                 f"optim_in_backward=True on device {acc.device.type!r}: torch has no fused AdamW there, and the "
                 "in-backward update needs one; set optim_in_backward=False")
         hooks = StepInBackward(optimizer, self._clip_params)
-        self._closing.callback(hooks.remove)
+
+        def remove():
+            hooks.remove()
+            self._in_backward = None
+
+        self._closing.callback(remove)
         return hooks
 
     def _clip(self) -> torch.Tensor:
