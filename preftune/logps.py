@@ -494,7 +494,9 @@ def auto_chunk_size(vocab_size: int) -> int:
     return chunk
 
 
-TIED_EMBEDDING_GRAD = True  # tests: False gives the embedding its own (V, H) gradient, as autograd does
+# False (PREFTUNE_TIED_EMBEDDING_GRAD=0): the input embedding of a tied weight gets its own (V, H)
+# gradient, as autograd does; for A/B runs and as a way out should a model's embedding misbehave
+TIED_EMBEDDING_GRAD = os.environ.get("PREFTUNE_TIED_EMBEDDING_GRAD", "1") != "0"
 
 TRITON_HEAD = "_preftune_triton_head"  # attribute on the output head module: run it with the Triton kernels
 

@@ -520,15 +520,16 @@ class _BigTensors(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 @pytest.mark.parametrize("layout", ["padded", "prefix"])
-def test_tied_embedding_adds_its_rows_into_the_head_gradient(layout, monkeypatch):
+def test_tied_embedding_adds_its_rows_into_the_head_gradient(layout, device, monkeypatch):
     """The input embedding of a tied weight puts its rows into the head's (V, H) gradient instead of a
     (V, H) gradient of its own: same values, gradients equal to float rounding (the rows summed in
     another order), pad rows (padding_idx) untouched as F.embedding's backward leaves them, and one
     (V, H) buffer in backward instead of two or three."""
     from preftune import logps as lp
 
-    tied = tiny_model(V, seed=5, tie_word_embeddings=True, pad_token_id=0)
+    tied = tiny_model(V, seed=5, tie_word_embeddings=True, pad_token_id=0).to(device)
     embed = tied.get_input_embeddings()
     assert embed.padding_idx == 0 and lp._tied_embedding(tied, tied.get_output_embeddings()) is embed
     feats = [dict(f, prompt_ids=[0, *f["prompt_ids"]]) for f in FEATS]  # the pad id inside a prompt too
@@ -540,7 +541,7 @@ def test_tied_embedding_adds_its_rows_into_the_head_gradient(layout, monkeypatch
         logps = torch.cat([out.chosen_logps, out.rejected_logps])
         tied.zero_grad()
         with _BigTensors(embed.weight.shape) as big:
-            (logps * torch.linspace(-1.0, 2.0, logps.numel())).sum().backward()
+            (logps * torch.linspace(-1.0, 2.0, logps.numel(), device=device)).sum().backward()
         runs[on] = (logps.detach(), {n: p.grad.clone() for n, p in tied.named_parameters()}, len(big.ptrs))
         assert "forward" not in vars(embed)  # the module's own forward is back
     (ref, ref_grads, ref_big), (got, grads, got_big) = runs[False], runs[True]
