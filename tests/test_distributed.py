@@ -132,7 +132,7 @@ def runs(tmp_path_factory):
         {"config": _config(tmp / "two_drop_resumed", tmp / "cache2", per_device_train_batch_size=2,
                            gradient_accumulation_steps=1, **dict(LORA, lora_dropout=0.3)),
          "resume": str(tmp / "two_drop" / "checkpoint-2"), "out": str(tmp / "two_drop_resumed.json")},
-        {"config": _config(tmp / "two_tied", tmp / "cache2", per_device_train_batch_size=2,
+        {"config": _config(tmp / "two_tied", tmp / "cache_tied2", per_device_train_batch_size=2,
                            gradient_accumulation_steps=1), "model": str(tied_dir), "out": str(tmp / "two_tied.json")},
     ]}, tmp / "spec2.json", procs=2)
     _launch({"model": str(model_dir), "jobs": [
@@ -142,7 +142,7 @@ def runs(tmp_path_factory):
          "resume": str(two / "checkpoint-2"), "out": str(tmp / "resumed.json")},
         {"config": _config(one_lora, tmp / "cache1", per_device_train_batch_size=2, gradient_accumulation_steps=2,
                            **LORA), "out": str(tmp / "one_lora.json")},
-        {"config": _config(tmp / "one_tied", tmp / "cache1", per_device_train_batch_size=2,
+        {"config": _config(tmp / "one_tied", tmp / "cache_tied1", per_device_train_batch_size=2,
                            gradient_accumulation_steps=2), "model": str(tied_dir), "out": str(tmp / "one_tied.json")},
     ]}, tmp / "spec1.json", procs=1)
     names = ("two", "one", "resumed", "two_lora", "one_lora")
