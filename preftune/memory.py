@@ -128,6 +128,7 @@ class StepInBackward:
         non-finite loss, which then skips every update of the step."""
         self.sq = loss.detach().float() * 0
         self.skipped = torch.zeros((), dtype=torch.int64, device=self.sq.device)
+        self._bucket, self._bytes = [], 0  # nothing left over from a backward that raised
 
     def finish(self) -> None:
         """After ``loss.backward()``: the last bucket."""
