@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--lora", action="store_true", help="LoRA r 16 on all linear projections")
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--no-fuse", action="store_true", help="the model's own layers (no fuse_layers)")
+    p.add_argument("--recompute-mlp", action="store_true", help="fuse_layers(recompute_mlp=True)")
     a = p.parse_args(argv)
 
     import torch
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
         model = models.apply_peft(model, models.lora_config_from_args(16, 32, a.lora_dropout, None))
     model.train()
     if not a.no_fuse:
-        fuse_layers(model, triton=False)
+        fuse_layers(model, triton=False, recompute_mlp=a.recompute_mlp)
     g = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().weight.shape[0]
     lp, lc, lr = (int(n) for n in a.lengths.split(","))
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     batch = collate(feats, layout="prefix", pad_token_id=0)
     n = saved_bytes(model, batch)
     print(f"saved for backward: {n / 2**20:.1f} MiB (lora={a.lora}, lora_dropout={a.lora_dropout if a.lora else '-'}, "
-          f"fused={not a.no_fuse}; the norms' recompute off)")
+          f"fused={not a.no_fuse}, recompute_mlp={a.recompute_mlp}; the norms' recompute off)")
     return 0
 
 

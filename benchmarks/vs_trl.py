@@ -199,7 +199,7 @@ def run_preftune(job: dict) -> dict:
         dtype=job["dtype"], bf16=job["dtype"] == "bfloat16",
         batch_layout=job.get("layout", "auto"), logps_chunk_size=job.get("chunk"),
         max_grad_norm=job.get("max_grad_norm", 1.0), weight_decay=0.0, cache_dir=os.path.join(out, "cache"),
-        optim_in_backward=job.get("optim_in_backward", False),
+        optim_in_backward=job.get("optim_in_backward", False), recompute_mlp=job.get("recompute_mlp", False),
         cudnn_attention=job.get("cudnn_attention"), pad_to_multiple_of=job.get("pad_multiple"),
         precompute_ref_batch_size=job.get("ref_batch"), triton_kernels=job.get("triton_kernels", True),
     )
@@ -221,7 +221,7 @@ def run_preftune(job: dict) -> dict:
                 pairs=len(used), peak_mem=peak_memory_bytes(device), n_matmul=matmul_params(base), order=used,
                 layout=trainer.layout, chunk=args.logps_chunk_size, pad_to_multiple_of=trainer.pad_multiple,
                 cudnn_attention=trainer.cudnn_attention, triton_kernels=args.triton_kernels, step_s=step_s,
-                optim_in_backward=args.optim_in_backward)
+                optim_in_backward=args.optim_in_backward, recompute_mlp=args.recompute_mlp)
 
 
 def run_trl(job: dict) -> dict:
@@ -373,6 +373,8 @@ def main(argv=None) -> int:
     p.add_argument("--optim-in-backward", action="store_true",
                    help="preftune updates each parameter inside backward and frees its gradient (needs "
                         "--max-grad-norm 0: an update made during backward cannot be clipped by the global norm)")
+    p.add_argument("--recompute-mlp", action="store_true", help="preftune's recompute_mlp (gate and up made again in "
+                   "backward)")
     p.add_argument("--out", default="benchmarks/results.json")
     a = p.parse_args(argv)
     if a.optim_in_backward and a.max_grad_norm:
@@ -409,7 +411,7 @@ def main(argv=None) -> int:
                             layout=a.layout, chunk=a.chunk, ref=a.ref, cudnn_attention=None if a.cudnn_attention is None else a.cudnn_attention == "on",
                             pad_multiple=a.pad_multiple, ref_batch=a.ref_batch,
                             triton_kernels=a.triton_kernels == "on", max_grad_norm=a.max_grad_norm,
-                            optim_in_backward=a.optim_in_backward)
+                            optim_in_backward=a.optim_in_backward, recompute_mlp=a.recompute_mlp)
                 runs: dict[str, list[dict]] = {s: [] for s in ["preftune", *sides]}
                 for _ in range(a.repeats):  # rounds of every side in turn: a slow spell of the machine hits all
                     ours = spawn(dict(base, side="preftune"))

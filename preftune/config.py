@@ -162,6 +162,10 @@ class DPOConfig:
                             "the rest there (same values; about 40% less activation memory); LoRA linears add "
                             "their adapter in one matmul without copying their input.",
                             group="batch", extra=True)
+    recompute_mlp: bool = _f(False, "With fused_layers: each SwiGLU MLP whose projections are plain (not LoRA) "
+                             "keeps only its input for backward and computes gate and up again there: two "
+                             "(tokens, intermediate) tensors less per layer for two more matmuls per layer (a "
+                             "middle way to gradient_checkpointing; same values).", group="batch", extra=True)
     triton_kernels: bool = _f(True, "On a CUDA GPU where Triton is installed (PyTorch's CUDA wheels bring it): the "
                               "log-prob head's log-softmax runs as one Triton kernel each way over logits kept in "
                               "bfloat16 (no float32 copy), and with fused_layers each RMSNorm and SwiGLU product as "
@@ -770,6 +774,9 @@ def _check(c: DPOConfig) -> list[tuple[str, str]]:
                        "that moves during training cannot be precomputed; drop one"))
     if c.padding_free and c.batch_layout == "padded":
         errors.append(("padding_free", "padding_free=True with batch_layout='padded': use 'packed' or 'prefix'"))
+    if c.recompute_mlp and not c.fused_layers:
+        errors.append(("recompute_mlp", "recompute_mlp=True needs fused_layers=True (the MLP's lean backward "
+                       "computes gate and up again)"))
     if c.gradient_checkpointing and c.batch_layout == "prefix_packed":
         errors.append(("batch_layout", "batch_layout='prefix_packed' with gradient_checkpointing=True: the recompute "
                        "in backward would not see the variable-length attention; use 'prefix'"))

@@ -24,6 +24,10 @@ batch of 8 x 1408 tokens in bfloat16. Other down_projs (DoRA, a bias, ...) keep 
 only silu(gate) * up is fused then (``_SiluMul``).
 Without autograd (inference, the reference pass) the class forwards run.
 
+``fuse_layers(..., recompute_mlp=True)`` (opt-in): an MLP of three plain projections keeps only its
+input and makes gate and up again in backward (``_SwiGLURecompute``): two (tokens, intermediate)
+tensors less per layer for two more matmuls per layer in backward.
+
 ``recompute_norm_outputs()`` (on in ``model_logps``'s forwards with autograd): the norm's output,
 which the next projections keep for their backward (q/k/v, gate/up, LoRA's A), is made again in
 backward from the norm's input instead: two (tokens, hidden) tensors less per decoder layer.
@@ -55,6 +59,7 @@ SWIGLU_MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"
 RMSNORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
 # their modeling modules' apply_rotary_pos_emb is the rotate-half form that kernels.rope computes
 ATTENTION_CLASSES = frozenset({"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention"})
+RECOMPUTE_MLP = "_preftune_recompute_mlp"  # attribute on a fused MLP: _SwiGLURecompute (fuse_layers(recompute_mlp=))
 
 
 def _matmul_dtype(t: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -165,47 +170,102 @@ class _SwiGLUDown(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         gate, up, weight, a, b, xa, keep = ctx.saved_tensors
-        dt = ctx.dt
-        need_gate, need_up, need_w, need_a, need_b = ctx.needs_input_grad[:5]
-        grad_gate = grad_up = grad_w = grad_a = grad_b = grad_xa = None
-        pdt = torch.promote_types(gate.dtype, up.dtype)
-        want_prod = need_w or need_a
-        with torch.autocast(gate.device.type, enabled=False):
-            g = grad_out.to(dt).reshape(-1, grad_out.shape[-1])
-            if a is not None:  # the adapter: d xa and d b from the output gradient alone
-                ga = grad_out.to(xa.dtype).reshape(-1, grad_out.shape[-1])
-                grad_xa, grad_b = _adapter_grads(ga, xa, b, ctx.scaling, need_b)
+        grads = _swiglu_down_backward(grad_out, gate, up, weight, a, b, xa, keep, ctx.dt, ctx.triton, ctx.scaling,
+                                      ctx.p, ctx.needs_input_grad[:5])
+        return (*grads, None, None, None)
 
-            def d_prod():  # d loss / d prod: the base weight's share plus the adapter's
-                gp = (g @ weight.to(dt)).to(pdt)
-                if grad_xa is None:
-                    return gp
-                ga_prod = (grad_xa @ a.to(grad_xa.dtype)).to(pdt)
-                return gp + (ga_prod if keep is None else _drop_again(ga_prod, keep.view(ga_prod.shape), ctx.p))
 
-            prod = None
-            if ctx.triton:  # one pass: the product for the weight gradients, d gate (into d prod's memory), d up
-                if need_gate or need_up:
-                    prod, grad_gate, grad_up = kernels.silu_mul_backward(
-                        d_prod().view(gate.shape), gate, up, need_gate=need_gate, need_up=need_up,
-                        want_prod=want_prod, prod_dtype=dt, inplace=True)
-                elif want_prod:
-                    prod = kernels.silu_mul(gate, up).to(dt)
-            else:
-                act = F.silu(gate)
-                if want_prod:
-                    prod = (act * up).to(dt)
-                if need_gate or need_up:
-                    grad_gate, grad_up = _silu_mul_backward(d_prod().view(gate.shape), gate, up, act, need_gate,
-                                                            need_up)
+def _swiglu_down_backward(grad_out, gate, up, weight, a, b, xa, keep, dt, triton, scaling, p, needs):
+    """``_SwiGLUDown``'s gradients (gate, up, weight, a, b) from its saved tensors; ``needs`` says which."""
+    need_gate, need_up, need_w, need_a, need_b = needs
+    grad_gate = grad_up = grad_w = grad_a = grad_b = grad_xa = None
+    pdt = torch.promote_types(gate.dtype, up.dtype)
+    want_prod = need_w or need_a
+    with torch.autocast(gate.device.type, enabled=False):
+        g = grad_out.to(dt).reshape(-1, grad_out.shape[-1])
+        if a is not None:  # the adapter: d xa and d b from the output gradient alone
+            ga = grad_out.to(xa.dtype).reshape(-1, grad_out.shape[-1])
+            grad_xa, grad_b = _adapter_grads(ga, xa, b, scaling, need_b)
+
+        def d_prod():  # d loss / d prod: the base weight's share plus the adapter's
+            gp = (g @ weight.to(dt)).to(pdt)
+            if grad_xa is None:
+                return gp
+            ga_prod = (grad_xa @ a.to(grad_xa.dtype)).to(pdt)
+            return gp + (ga_prod if keep is None else _drop_again(ga_prod, keep.view(ga_prod.shape), p))
+
+        prod = None
+        if triton:  # one pass: the product for the weight gradients, d gate (into d prod's memory), d up
+            if need_gate or need_up:
+                prod, grad_gate, grad_up = kernels.silu_mul_backward(
+                    d_prod().view(gate.shape), gate, up, need_gate=need_gate, need_up=need_up,
+                    want_prod=want_prod, prod_dtype=dt, inplace=True)
+            elif want_prod:
+                prod = kernels.silu_mul(gate, up).to(dt)
+        else:
+            act = F.silu(gate)
             if want_prod:
-                prod = prod.reshape(-1, prod.shape[-1])
-            if need_w:
-                grad_w = (g.t() @ prod).to(weight.dtype)
-            if need_a:
-                read = prod if keep is None else _drop_again(prod.to(pdt), keep.view(prod.shape), ctx.p)
-                grad_a = (grad_xa.t() @ read.to(grad_xa.dtype)).to(a.dtype)
-        return grad_gate, grad_up, grad_w, grad_a, grad_b, None, None, None
+                prod = (act * up).to(dt)
+            if need_gate or need_up:
+                grad_gate, grad_up = _silu_mul_backward(d_prod().view(gate.shape), gate, up, act, need_gate,
+                                                        need_up)
+        if want_prod:
+            prod = prod.reshape(-1, prod.shape[-1])
+        if need_w:
+            grad_w = (g.t() @ prod).to(weight.dtype)
+        if need_a:
+            read = prod if keep is None else _drop_again(prod.to(pdt), keep.view(prod.shape), p)
+            grad_a = (grad_xa.t() @ read.to(grad_xa.dtype)).to(a.dtype)
+    return grad_gate, grad_up, grad_w, grad_a, grad_b
+
+
+class _SwiGLURecompute(torch.autograd.Function):
+    """The whole SwiGLU MLP of plain projections, ``F.linear(silu(x Wg^T) * (x Wu^T), Wd)``, keeping only
+    its input x (which ``recompute_norm_outputs`` does not keep either: it is the norm's output) and
+    making gate and up again in backward: two (tokens, hidden) x (hidden, intermediate) matmuls more
+    per layer in backward, two (tokens, intermediate) tensors less kept (``recompute_mlp``).
+
+    The same ops as the eager projections (autocast's dtype, autocast off inside): gate and up made
+    again are bit for bit the forward's, so the gradients are ``_SwiGLUDown``'s.
+    """
+
+    @staticmethod
+    def forward(ctx, x, wg, wu, wd, triton):
+        dt = _matmul_dtype(x, wg)  # the projections' dtype, and down_proj's (F.linear on the product):
+        dd = dt if torch.is_autocast_enabled(x.device.type) else torch.promote_types(
+            torch.promote_types(dt, _matmul_dtype(x, wu)), wd.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            gate, up = _gate_up(x, wg, wu, dt)
+            prod = kernels.silu_mul(gate, up) if triton else F.silu(gate) * up
+            out = F.linear(prod.to(dd), wd.to(dd))
+        ctx.save_for_backward(x, wg, wu, wd)
+        ctx.dt, ctx.dd, ctx.triton = dt, dd, triton
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, wg, wu, wd = ctx.saved_tensors
+        dt = ctx.dt
+        need_x, need_wg, need_wu, need_wd = ctx.needs_input_grad[:4]
+        with torch.autocast(x.device.type, enabled=False):
+            gate, up = _gate_up(x, wg, wu, dt)
+            grad_gate, grad_up, grad_wd, _, _ = _swiglu_down_backward(
+                grad_out, gate, up, wd, None, None, None, None, ctx.dd, ctx.triton, 1.0, 0.0,
+                (True, True, need_wd, False, False))
+            del gate, up
+            xd = x.to(dt).reshape(-1, x.shape[-1])
+            gg, gu = grad_gate.reshape(-1, grad_gate.shape[-1]), grad_up.reshape(-1, grad_up.shape[-1])
+            grad_wg = (gg.t() @ xd).to(wg.dtype) if need_wg else None
+            grad_wu = (gu.t() @ xd).to(wu.dtype) if need_wu else None
+            grad_x = None
+            if need_x:  # as autograd: each projection's input gradient cast back to x's dtype, then summed
+                grad_x = ((gg @ wg.to(dt)).to(x.dtype) + (gu @ wu.to(dt)).to(x.dtype)).view(x.shape)
+        return grad_x, grad_wg, grad_wu, grad_wd, None
+
+
+def _gate_up(x, wg, wu, dt):
+    xd = x.to(dt)
+    return F.linear(xd, wg.to(dt)), F.linear(xd, wu.to(dt))
 
 
 def _rmsnorm_value(x, weight, eps: float, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,6 +460,8 @@ def _swiglu_forward(self, x):
     triton = _use_triton(self, x)
     if not torch.is_grad_enabled() and not triton:
         return type(self).forward(self, x)
+    if torch.is_grad_enabled() and getattr(self, RECOMPUTE_MLP, False) and _plain_mlp(self):  # still plain
+        return _SwiGLURecompute.apply(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, triton)
     gate, up = self.gate_proj(x), self.up_proj(x)
     down = self.down_proj
     if not torch.is_grad_enabled():
@@ -541,23 +603,37 @@ _FORWARDS = ((_is_swiglu_mlp, _swiglu_forward), (_is_rmsnorm, _rmsnorm_forward),
 
 
 def fuse_layers(model: nn.Module, kinds: tuple[str, ...] = ("mlp", "rmsnorm", "lora", "rope"), *,
-                triton: bool = True) -> dict[str, int]:  # fmt: skip
+                triton: bool = True, recompute_mlp: bool = False) -> dict[str, int]:  # fmt: skip
     """Give every Llama-family SwiGLU MLP and RMSNorm in ``model`` (of ``kinds``) the lean
     backward, and every peft LoRA ``Linear`` the one-matmul adapter; returns how many of each
     ({"mlp": n, "rmsnorm": m, "lora": k, "rope": a}). triton=True: the MLPs' and norms' elementwise
     work runs as ``preftune.kernels`` Triton kernels wherever those apply (CUDA tensors, Triton
     installed), forward (also without autograd) and backward; and the rotary embedding of the a
-    attention modules, inside ``fast_rope()`` (its modeling module's function is patched, see there)."""
+    attention modules, inside ``fast_rope()`` (its modeling module's function is patched, see there).
+    recompute_mlp=True: MLPs whose three projections are plain bias-free Linears keep only their input
+    and make gate and up again in backward (``_SwiGLURecompute``; counted as "mlp_recompute")."""
     counts = {"mlp": 0, "rmsnorm": 0, "lora": 0, "rope": 0}
+    recomputed = 0
     for module in model.modules():
         for (test, forward), kind in zip(_FORWARDS, counts):
             if kind in kinds and test(module):
                 module.forward = types.MethodType(forward, module)
                 module._preftune_triton = bool(triton)
                 counts[kind] += 1
+                if kind == "mlp":
+                    on = recompute_mlp and _plain_mlp(module)
+                    setattr(module, RECOMPUTE_MLP, on)
+                    recomputed += on
         if triton and "rope" in kinds and _patch_rope(module):
             counts["rope"] += 1
+    if recompute_mlp:
+        counts["mlp_recompute"] = recomputed
     return counts
+
+
+def _plain_mlp(mlp: nn.Module) -> bool:
+    """Whether the MLP's three projections are bias-free nn.Linear (no adapter wrapped around them)."""
+    return all(type(p) is nn.Linear and p.bias is None for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
 
 
 def unfuse_layers(model: nn.Module) -> int:
@@ -568,5 +644,6 @@ def unfuse_layers(model: nn.Module) -> int:
         if "forward" in vars(module) and getattr(module.forward, "__func__", None) in ours:
             del module.forward
             vars(module).pop("_preftune_triton", None)
+            vars(module).pop(RECOMPUTE_MLP, None)
             n += 1
     return n

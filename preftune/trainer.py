@@ -164,7 +164,11 @@ class DPOTrainer:
         if args.fused_layers:
             from preftune.fused import fuse_layers
 
-            logger.info("lean backward in %s", fuse_layers(model, triton=args.triton_kernels))
+            counts = fuse_layers(model, triton=args.triton_kernels, recompute_mlp=args.recompute_mlp)
+            logger.info("lean backward in %s", counts)
+            if args.recompute_mlp and not counts.get("mlp_recompute"):
+                logger.warning("recompute_mlp=True, but none of the %d SwiGLU MLPs has three plain projections "
+                               "(LoRA-adapted ones keep theirs): nothing is recomputed", counts["mlp"])
         use_triton_head(model, args.triton_kernels)
         if args.triton_kernels and self.accelerator.device.type == "cuda":
             self._warm_up_kernels(model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import subprocess
 import sys
 import weakref
@@ -471,3 +472,92 @@ def test_a_norm_input_changed_in_place_is_refused_at_recompute():
     x.add_(1.0)
     with pytest.raises(RuntimeError, match="modified in place"):
         entry.recomputed()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bf16-autocast"])
+def test_recompute_mlp_matches_eager_and_keeps_only_its_input(dtype):
+    """recompute_mlp: values bit for bit the fused MLP's, gradients equal to rounding (float32: to the bit
+    for the weights the recompute does not touch), and per layer two (tokens, intermediate) tensors less
+    kept for backward than the fused MLP."""
+    torch.manual_seed(0)
+    eager = tiny_model(intermediate_size=48)
+    lean, recompute = copy.deepcopy(eager), copy.deepcopy(eager)
+    fuse_layers(lean, ("mlp",))
+    counts = fuse_layers(recompute, ("mlp",), recompute_mlp=True)
+    layers = eager.config.num_hidden_layers
+    assert counts["mlp_recompute"] == layers
+    ids = torch.randint(0, 300, (3, 17))
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype != "float32" else contextlib.nullcontext()
+    with ctx:
+        out_e, grads_e = _loss_and_grads(eager, ids)
+        out_l, grads_l = _loss_and_grads(lean, ids)
+        out_r, grads_r = _loss_and_grads(recompute, ids)
+    assert torch.equal(out_l, out_r)
+    assert torch.allclose(out_e.float(), out_r.float(), rtol=1e-2 if dtype != "float32" else 1e-6, atol=1e-5)
+    assert grads_l.keys() == grads_r.keys() == grads_e.keys()
+    for name in grads_e:
+        tol = dict(rtol=2e-2, atol=1e-3) if dtype != "float32" else dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads_r[name], grads_l[name], **tol, msg=name)
+        torch.testing.assert_close(grads_r[name], grads_e[name], **tol, msg=name)
+    if dtype == "float32":
+        for name in grads_l:
+            if "down_proj" in name:  # made from the same gate and up: the same bits
+                assert torch.equal(grads_r[name], grads_l[name]), name
+    def activation_bytes(model):  # saved tensors of the tokens (weights and their casts left out)
+        total = []
+
+        def pack(t):
+            if tuple(t.shape[:2]) == (3, 17) or t.shape[0] == 3 * 17:
+                total.append(t.numel() * t.element_size())
+            return t
+
+        with ctx, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, use_cache=False).logits.sum()
+        return sum(total)
+
+    elt, hidden, tokens = (2 if dtype != "float32" else 4), eager.config.hidden_size, 3 * 17
+    # the fused MLP's projections keep their input (each its own bf16 cast under autocast; one float32
+    # tensor, packed twice, without) and it keeps gate and up; this one keeps its float32 input once
+    assert activation_bytes(lean) - activation_bytes(recompute) == layers * tokens * (
+        2 * 48 * elt + 2 * hidden * elt - hidden * 4)
+
+
+def test_recompute_mlp_leaves_lora_projections_to_the_fused_path():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_model(intermediate_size=48),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj"], lora_dropout=0.0))
+    counts = fuse_layers(model, ("mlp",), recompute_mlp=True)
+    assert counts["mlp"] == model.config.num_hidden_layers and counts["mlp_recompute"] == 0
+    assert unfuse_layers(model) == counts["mlp"]
+    assert not any(hasattr(m, "_preftune_recompute_mlp") for m in model.modules())
+
+
+def test_recompute_mlp_checks_its_projections_at_each_forward():
+    """An adapter wrapped around a projection after fusing: the MLP takes the fused path with it."""
+    peft = pytest.importorskip("peft")
+    base = tiny_model(intermediate_size=48)
+    fuse_layers(base, ("mlp",), recompute_mlp=True)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["up_proj"],
+                                                      lora_dropout=0.0, init_lora_weights=False))
+    ids = torch.randint(0, 300, (2, 9))
+    with model.disable_adapter():
+        plain = model(input_ids=ids).logits
+    assert not torch.allclose(model(input_ids=ids).logits, plain)  # the adapters count
+
+
+def test_trainer_with_recompute_mlp_trains_the_same(tmp_path, caplog):
+    from _train_worker import tiny_trainer
+
+    runs = {}
+    for recompute in (True, False):
+        trainer = tiny_trainer(tmp_path / str(recompute), recompute_mlp=recompute, save_strategy="no", max_steps=3)
+        assert trainer.model.model.layers[0].mlp._preftune_recompute_mlp is recompute
+        trainer.train()
+        runs[recompute] = (torch.cat([p.detach().flatten() for p in trainer.model.parameters()]),
+                           [json.loads(line)["loss"] for line in (tmp_path / str(recompute) / "metrics.jsonl").open()])
+    assert torch.equal(runs[True][0], runs[False][0])  # float32: gate and up made again are the same bits
+    assert runs[True][1] == runs[False][1]
+    with caplog.at_level(logging.WARNING, logger="preftune"):
+        tiny_trainer(tmp_path / "lora", recompute_mlp=True, use_peft=True, lora_dropout=0.0,
+                     lora_target_modules=["q_proj", "gate_proj"])
+    assert any("nothing is recomputed" in r.getMessage() for r in caplog.records)
