@@ -777,6 +777,9 @@ def _check(c: DPOConfig) -> list[tuple[str, str]]:
     if c.recompute_mlp and not c.fused_layers:
         errors.append(("recompute_mlp", "recompute_mlp=True needs fused_layers=True (the MLP's lean backward "
                        "computes gate and up again)"))
+    if c.recompute_mlp and c.gradient_checkpointing:
+        errors.append(("recompute_mlp", "recompute_mlp=True with gradient_checkpointing=True: checkpointed layers "
+                       "keep nothing for backward already, so gate and up would be computed a third time; drop one"))
     if c.gradient_checkpointing and c.batch_layout == "prefix_packed":
         errors.append(("batch_layout", "batch_layout='prefix_packed' with gradient_checkpointing=True: the recompute "
                        "in backward would not see the variable-length attention; use 'prefix'"))

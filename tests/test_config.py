@@ -149,6 +149,9 @@ INVALID = [
     (dict(padding_free=True, batch_layout="padded"), "padding_free", "'padded'"),
     (dict(lr_scheduler_type="cosine_with_min_lr"), "lr_scheduler_kwargs", "min_lr_rate"),
     (dict(report_to=["none", "tensorboard"]), "report_to", "'none'"),
+    (dict(recompute_mlp=True, fused_layers=False), "recompute_mlp", "fused_layers=True"),
+    (dict(recompute_mlp=True, gradient_checkpointing=True), "recompute_mlp", "gradient_checkpointing=True"),
+    (dict(optim_in_backward=True), "max_grad_norm", "1.0"),
 ]
 
 
