@@ -121,11 +121,8 @@ def main(argv=None) -> int:
 
     from preftune.models import embedded_model_path
 
-    job = dict(model=str(embedded_model_path()), shape=a.shape, mode="full", steps=a.steps, batch=a.batch, lr=5e-6,
-               seed=0, dtype="float32", max_length=vs_trl.SHAPES[a.shape]["max_length"], num_pairs=a.steps * a.batch,
-               layout="auto", chunk=None, ref="auto", cudnn_attention=None, pad_multiple=None, ref_batch=None,
-               triton_kernels=True, max_grad_norm=0.0 if a.optim_in_backward else 1.0,
-               optim_in_backward=a.optim_in_backward, side="preftune")
+    job = vs_trl.make_job(str(embedded_model_path()), a.shape, a.steps, a.batch,
+                          max_grad_norm=0.0 if a.optim_in_backward else 1.0, optim_in_backward=a.optim_in_backward)
     out = trace(job)
     mib = 2**20
     print(f"{'phase':22s} {'RSS MiB':>8s} {'heap in use MiB':>16s}")

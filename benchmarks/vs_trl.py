@@ -184,6 +184,17 @@ def _timed_job(device: str, build):
     return trainer, time.perf_counter() - t0, t_init - t0
 
 
+def make_job(model: str, shape: str, steps: int, batch: int, **options) -> dict:
+    """One preftune job as the workers take it: ``options`` override the defaults (full fine-tuning,
+    lr 5e-6, seed 0, float32, preftune's automatic layout, chunk, reference and kernels)."""
+    job = dict(model=model, shape=shape, mode="full", steps=steps, batch=batch, lr=5e-6, seed=0, dtype="float32",
+               max_length=SHAPES[shape]["max_length"], num_pairs=steps * batch, layout="auto", chunk=None,
+               ref="auto", cudnn_attention=None, pad_multiple=None, ref_batch=None, triton_kernels=True,
+               max_grad_norm=1.0, optim_in_backward=False, recompute_mlp=False, side="preftune")
+    job.update(options)
+    return job
+
+
 def run_preftune(job: dict) -> dict:
     from preftune import DPOConfig, DPOTrainer
     from preftune.data.pipeline import StepPlan
@@ -406,12 +417,12 @@ def main(argv=None) -> int:
     for model_name, path in models.items():
         for shape in a.shapes.split(","):
             for mode in a.modes.split(","):
-                base = dict(model=path, shape=shape, mode=mode, steps=a.steps, batch=a.batch, lr=a.lr, seed=0,
-                            dtype=dtype, max_length=SHAPES[shape]["max_length"], num_pairs=a.steps * a.batch,
-                            layout=a.layout, chunk=a.chunk, ref=a.ref, cudnn_attention=None if a.cudnn_attention is None else a.cudnn_attention == "on",
-                            pad_multiple=a.pad_multiple, ref_batch=a.ref_batch,
-                            triton_kernels=a.triton_kernels == "on", max_grad_norm=a.max_grad_norm,
-                            optim_in_backward=a.optim_in_backward, recompute_mlp=a.recompute_mlp)
+                base = make_job(path, shape, a.steps, a.batch, mode=mode, lr=a.lr, dtype=dtype, layout=a.layout,
+                                chunk=a.chunk, ref=a.ref,
+                                cudnn_attention=None if a.cudnn_attention is None else a.cudnn_attention == "on",
+                                pad_multiple=a.pad_multiple, ref_batch=a.ref_batch,
+                                triton_kernels=a.triton_kernels == "on", max_grad_norm=a.max_grad_norm,
+                                optim_in_backward=a.optim_in_backward, recompute_mlp=a.recompute_mlp)
                 runs: dict[str, list[dict]] = {s: [] for s in ["preftune", *sides]}
                 for _ in range(a.repeats):  # rounds of every side in turn: a slow spell of the machine hits all
                     ours = spawn(dict(base, side="preftune"))

@@ -231,12 +231,12 @@ class _SwiGLURecompute(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, wg, wu, wd, triton):
-        dt = _matmul_dtype(x, wg)  # the projections' dtype, and down_proj's (F.linear on the product):
-        dd = dt if torch.is_autocast_enabled(x.device.type) else torch.promote_types(
-            torch.promote_types(dt, _matmul_dtype(x, wu)), wd.dtype)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dt = _matmul_dtype(x, wg)  # the projections' dtype; down_proj's below, as F.linear on the product
         with torch.autocast(x.device.type, enabled=False):
             gate, up = _gate_up(x, wg, wu, dt)
             prod = kernels.silu_mul(gate, up) if triton else F.silu(gate) * up
+            dd = dt if autocast else torch.promote_types(gate.dtype, wd.dtype)  # as _SwiGLUDown's
             out = F.linear(prod.to(dd), wd.to(dd))
         ctx.save_for_backward(x, wg, wu, wd)
         ctx.dt, ctx.dd, ctx.triton = dt, dd, triton

@@ -233,8 +233,9 @@ def _tied_embedding(base, head) -> torch.nn.Module | None:
 
 @contextlib.contextmanager
 def _tied_lookup(embed: torch.nn.Module | None, slot: _TiedSlot | None):
-    """Inside: ``embed``'s forward is the ``_TiedEmbedding`` one, sharing ``slot`` with the head."""
-    if embed is None or slot is None:
+    """Inside: ``embed``'s forward is the ``_TiedEmbedding`` one, sharing ``slot`` with the head (both
+    None: nothing changes)."""
+    if slot is None:
         yield
         return
     embed.forward = lambda ids: _TiedEmbedding.apply(ids, embed.weight, embed.padding_idx, slot)

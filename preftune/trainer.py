@@ -476,25 +476,25 @@ class DPOTrainer:
             perm = plan.permutation(epoch)
             micro = plan.micro_batches(perm, step_in_epoch, acc.process_index)
             step_loss, step_pairs, step_tokens, pair_losses = self._optimizer_step(micro, plan, window)
-            grad_norm = self._in_backward.grad_norm() if self._in_backward else self._clip()
-            finite_t = torch.isfinite(torch.stack([step_loss.float(), grad_norm.float().to(step_loss.device)])).all()
             stepped = self._in_backward is not None  # each parameter was updated inside backward
+            grad_norm = self._in_backward.grad_norm() if stepped else self._clip()
+            updated = self._in_backward.updated() if stepped else None
+            finite_t = torch.isfinite(torch.stack([step_loss.float(), grad_norm.float().to(step_loss.device)])).all()
             if defer:  # the fused AdamW skips a non-finite step on the device; the host learns of it later
                 if not stepped:
                     inner.found_inf = (~finite_t).to(torch.float32)
                     optimizer.step()
-                pending.append((state.global_step + 1, finite_t, step_loss, grad_norm, pair_losses,
-                                self._in_backward and self._in_backward.updated()))
+                pending.append((state.global_step + 1, finite_t, step_loss, grad_norm, pair_losses, updated))
             else:
                 finite = bool(finite_t)
                 if finite and not stepped:
                     optimizer.step()
                 self._count_step(state, window, finite, state.global_step + 1, step_loss, grad_norm, pair_losses,
-                                 self._in_backward and self._in_backward.updated())
+                                 updated)
             with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
                 warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
                 scheduler.step()
-            if self._in_backward is None:
+            if not stepped:
                 optimizer.zero_grad(set_to_none=True)
             state.global_step += 1
             state.pairs_seen += plan.global_batch

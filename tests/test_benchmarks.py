@@ -75,12 +75,11 @@ def test_memory_trace_accounts_rss_and_heap():
     bench = _load("memory_trace")
     if bench.heap_in_use() is None:
         pytest.skip("needs glibc's mallinfo2")
+    import vs_trl  # memory_trace put benchmarks/ on the path
+
     from preftune.models import embedded_model_path
 
-    job = dict(model=str(embedded_model_path()), shape="short", mode="full", steps=1, batch=1, lr=5e-6, seed=0,
-               dtype="float32", max_length=256, num_pairs=1, layout="auto", chunk=None, ref="auto",
-               cudnn_attention=None, pad_multiple=None, ref_batch=None, triton_kernels=True, side="preftune")
-    out = bench.trace(job)
+    out = bench.trace(vs_trl.make_job(str(embedded_model_path()), "short", steps=1, batch=1))
     phases = [name for name, _, _ in out["rows"]]
     assert {"forward 1", "backward 1"} <= set(phases)
     for _, rss, use in out["rows"]:
