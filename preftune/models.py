@@ -378,6 +378,19 @@ def lora_config_from_args(r: int = 16, alpha: float = 32, dropout: float = 0.05,
                       task_type="CAUSAL_LM", bias="none")  # fmt: skip
 
 
+def set_activation_checkpointing(model, on: bool, kwargs: dict | None = None) -> None:
+    """Turn transformers' activation (gradient) checkpointing on or off under whichever name this
+    transformers has: ``activation_checkpointing_*`` from 5.2, ``gradient_checkpointing_*`` before
+    (which 5.2 and later keep, with a FutureWarning)."""
+    new = hasattr(model, "activation_checkpointing_enable")
+    if not on:
+        (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
+    elif new:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def apply_peft(model, peft_config, *, gradient_checkpointing: bool = False):
     """Wrap ``model`` with peft adapters. peft_config: a peft config or a dict of LoraConfig fields.
 

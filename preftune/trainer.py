@@ -154,11 +154,7 @@ class DPOTrainer:
         if peft_config is not None:
             model = models.apply_peft(model, peft_config, gradient_checkpointing=args.gradient_checkpointing)
         if args.gradient_checkpointing:
-            ckpt_kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 name
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+            models.set_activation_checkpointing(model, True, args.gradient_checkpointing_kwargs or {"use_reentrant": False})
             if hasattr(model, "config"):
                 model.config.use_cache = False
         if args.fused_layers:

@@ -18,6 +18,7 @@ from preftune import attention
 from preftune.config import ConfigError, DPOConfig
 from preftune.data.batching import collate
 from preftune.logps import model_logps
+from preftune.models import set_activation_checkpointing
 from preftune.testing import tiny_model
 
 ON_GPU = torch.cuda.is_available()
@@ -133,10 +134,7 @@ def test_refusals_name_the_fix():
     f = feats(2)
     batch = collate(f, layout="prefix_packed", pad_token_id=0)
     model = tiny_model(vocab_size=60)
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_activation_checkpointing(model, True, {"use_reentrant": False})
     with pytest.raises(ValueError, match="gradient checkpointing.*batch_layout='prefix'"):
         model_logps(model, batch)
     assert model.config._attn_implementation == "sdpa"
@@ -225,10 +223,7 @@ def test_checkpointing_is_read_from_the_layers_as_transformers_says_it(monkeypat
 
     model = tiny_model()
     for enable in (True, False):
-        if enable:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_disable()
+        set_activation_checkpointing(model, enable, {"use_reentrant": False})
         want = bool(model.is_activation_checkpointing)
         with monkeypatch.context() as m:
             m.setattr(torch.nn.Module, "modules", lambda self: pytest.fail("walked every module"))

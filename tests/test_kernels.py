@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 
 from preftune import fused  # noqa: E402
 from preftune.fused import fuse_layers, unfuse_layers  # noqa: E402
+from preftune.models import set_activation_checkpointing  # noqa: E402
 from preftune.testing import tiny_model  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -520,7 +521,7 @@ def test_rope_kernels_stay_off_under_gradient_checkpointing(kern, monkeypatch):
     fuse_layers(plain, triton=True)
     use_triton_head(plain)
     checked = copy.deepcopy(plain)
-    checked.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_activation_checkpointing(checked, True, {"use_reentrant": False})
     calls = []
     real = kernels.rope
     monkeypatch.setattr(kernels, "rope", lambda *a, **k: calls.append(1) or real(*a, **k))
