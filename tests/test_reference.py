@@ -1,9 +1,10 @@
-"""Tests for preftune.reference: the four sources, TR-DPO sync, precompute and the disk cache."""
+"""Tests for preftune.reference: the four sources and their choice, TR-DPO sync, precompute and the disk cache."""
 
 from __future__ import annotations
 
 import copy
 import gc
+import itertools
 import logging
 import random
 import types
@@ -14,22 +15,27 @@ import torch
 from preftune import reference as refmod
 from preftune.models import apply_peft, lora_config_from_args
 from preftune.reference import (
+    SOURCES,
     AdapterDisabledReference,
     CachedReference,
     EMAReferenceSync,
     FrozenModelReference,
     RefAdapterReference,
     cached_precompute,
+    choose_source,
     forward_logps,
     load_reference_cache,
     make_reference,
     model_fingerprint,
+    plain_data_parallel,
     precompute_reference_logps,
     reference_cache_key,
     save_reference_cache,
     tokenizer_fingerprint,
     weights_fingerprint,
 )
+from preftune.reference import cache as cache_mod
+from preftune.reference import sources as sources_mod
 from preftune.testing import tiny_model, tiny_tokenizer
 
 collate = pytest.importorskip("preftune.data.batching").collate
@@ -115,7 +121,7 @@ def test_adapter_disabled_reference_matches_peft_disable_adapter():
     switched off), and prompt-learning methods keep peft's context."""
     from peft import LoraConfig, get_peft_model
 
-    from preftune.reference import _adapter_switches
+    from preftune.reference.sources import _adapter_switches
 
     base = tiny_model()
     torch.manual_seed(2)
@@ -246,10 +252,6 @@ def test_cached_reference_errors():
     table[1, 0] = float("nan")
     with pytest.raises(ValueError, match=r"pairs \[1\]"):
         CachedReference(table).logps(batch)
-    lengths = torch.tensor([[len(f["chosen_ids"]), len(f["rejected_ids"])] for f in feats])
-    CachedReference(torch.zeros(3, 2), lengths).logps(batch)
-    with pytest.raises(ValueError, match="lengths differ"):
-        CachedReference(torch.zeros(3, 2), lengths + 1).logps(batch)
     with pytest.raises(ValueError, match=r"\(N, 2\)"):
         CachedReference(torch.zeros(3))
 
@@ -301,7 +303,7 @@ def test_staged_hash_is_the_plain_hash(numel):
     """Accelerator tensors are hashed chunk by chunk through host buffers: same digest as all at once."""
     import xxhash
 
-    from preftune.reference import _hash_staged
+    from preftune.reference.cache import _hash_staged
 
     t = torch.randn(numel).to(torch.bfloat16)
     plain, staged, staging = xxhash.xxh3_128(), xxhash.xxh3_128(), []
@@ -328,9 +330,9 @@ def test_cache_roundtrip_reuse_and_key_change(tmp_path, caplog, monkeypatch):
     feats = make_features(5)
     path, key = tmp_path / "ref.safetensors", reference_cache_key(**KEY_ARGS)
     calls = []
-    real = refmod.precompute_reference_logps
+    real = cache_mod.precompute_reference_logps
     monkeypatch.setattr(
-        refmod, "precompute_reference_logps", lambda *a, **k: calls.append(1) or real(*a, **k)
+        cache_mod, "precompute_reference_logps", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     kw = dict(batch_size=2, pad_token_id=0, progress=False)
     first = cached_precompute(model, feats, path=path, key=key, **kw)
@@ -376,7 +378,7 @@ def test_interrupted_save_leaves_no_file(tmp_path, monkeypatch):
     def killed(src, dst):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(refmod.os, "replace", killed)
+    monkeypatch.setattr(cache_mod.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         save_reference_cache(path, torch.ones(3, 2), "k")
     assert not path.exists() and not list(tmp_path.iterdir())
@@ -389,8 +391,64 @@ def test_interrupted_save_leaves_no_file(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
-# make_reference
+# choose_source and make_reference
 # --------------------------------------------------------------------------------------------
+
+# needs_reference, precompute, is_peft, ref_model given, sync_ref_model, plain_data_parallel -> source
+CHOICES = [
+    (False, None, False, False, False, True, "none"),
+    (False, True, True, True, True, False, "none"),  # nothing else matters (not even precompute + sync)
+    (True, None, False, False, False, True, "cache"),  # automatic: full model, plain processes
+    (True, None, False, True, False, True, "cache"),  # a given ref_model is precomputed too
+    (True, None, False, False, False, False, "frozen_model"),  # FSDP / DeepSpeed: live, a loaded copy
+    (True, None, False, True, False, False, "frozen_model"),
+    (True, None, True, False, False, True, "adapters_off"),  # LoRA keeps its live reference
+    (True, None, True, True, False, True, "frozen_model"),
+    (True, None, True, False, True, True, "ref_adapter"),
+    (True, None, False, False, True, True, "frozen_model"),  # TR-DPO: never cached automatically
+    (True, None, True, True, True, True, "frozen_model"),
+    (True, True, True, False, False, False, "cache"),  # explicit: whatever the policy and placement
+    (True, True, False, True, False, False, "cache"),
+    (True, False, False, False, False, True, "frozen_model"),
+    (True, False, False, True, False, True, "frozen_model"),
+    (True, False, True, False, False, True, "adapters_off"),
+    (True, False, True, False, True, True, "ref_adapter"),
+    (True, False, False, True, True, True, "frozen_model"),
+]
+
+
+@pytest.mark.parametrize("needs, precompute, is_peft, given, sync, plain, want", CHOICES)
+def test_choose_source_table(needs, precompute, is_peft, given, sync, plain, want):
+    assert choose_source(needs_reference=needs, precompute=precompute, is_peft=is_peft,
+                         ref_model="some/path" if given else None, sync_ref_model=sync,
+                         plain_data_parallel=plain) == want  # fmt: skip
+
+
+def test_choose_source_refuses_a_cached_tr_dpo_reference_and_stays_in_its_set():
+    with pytest.raises(ValueError, match="sync_ref_model.*live reference.*precompute_ref_log_probs=False"):
+        choose_source(needs_reference=True, precompute=True, is_peft=False, ref_model=None, sync_ref_model=True)
+    for needs, precompute, is_peft, given, sync, plain in itertools.product(
+        (False, True), (None, False, True), (False, True), (False, True), (False, True), (False, True)
+    ):
+        if needs and precompute and sync:
+            continue
+        got = choose_source(needs_reference=needs, precompute=precompute, is_peft=is_peft,
+                            ref_model=object() if given else None, sync_ref_model=sync, plain_data_parallel=plain)
+        assert got in SOURCES
+        assert (got == "none") == (not needs)
+        assert got != "cache" or not sync  # a TR-DPO reference moves: never a table
+        assert got not in ("adapters_off", "ref_adapter") or (is_peft and not given)
+        assert got != "ref_adapter" or sync
+        if needs and precompute is not None:  # an explicit setting is obeyed
+            assert (got == "cache") == precompute
+
+
+def test_plain_data_parallel():
+    from accelerate.utils import DistributedType
+
+    plain = {DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU}
+    for kind in (*plain, DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.XLA):
+        assert plain_data_parallel(types.SimpleNamespace(distributed_type=kind)) == (kind in plain)
 
 
 def test_make_reference_dispatch():
@@ -398,17 +456,14 @@ def test_make_reference_dispatch():
     assert make_reference(loss_needs_reference=False, policy=base) is None
     assert isinstance(make_reference(loss_needs_reference=True, policy=base, ref_model=tiny_model()),
                       FrozenModelReference)  # fmt: skip
-    assert isinstance(make_reference(loss_needs_reference=True, policy=base, precomputed=torch.zeros(2, 2)),
-                      CachedReference)  # fmt: skip
     peft = lora_policy(base)
     assert isinstance(make_reference(loss_needs_reference=True, policy=peft), AdapterDisabledReference)
     synced = make_reference(loss_needs_reference=True, policy=peft, sync=EMAReferenceSync(0.5, 4))
     assert isinstance(synced, RefAdapterReference) and "ref" in peft.peft_config
+    assert isinstance(make_reference(loss_needs_reference=True, policy=peft, ref_model=tiny_model()),
+                      FrozenModelReference)  # fmt: skip
     with pytest.raises(ValueError, match="pass ref_model"):
         make_reference(loss_needs_reference=True, policy=base)
-    with pytest.raises(ValueError, match="live reference"):
-        make_reference(loss_needs_reference=True, policy=base, precomputed=torch.zeros(2, 2),
-                       sync=EMAReferenceSync())  # fmt: skip
 
 
 def test_unfrozen_source_and_key_parts(tmp_path, caplog):
@@ -437,19 +492,19 @@ def test_eval_mode_follows_the_model_structure_and_respects_train_overrides():
     with refmod.eval_mode(model):
         assert not any(m.training for m in model.modules())
     assert not model.model.layers[1].mlp.training and model.model.layers[0].mlp.training
-    listed = refmod._module_list(model)
+    listed = sources_mod._module_list(model)
     with torch.no_grad():  # the decoder's forward slices its layers into a new ModuleList: not a change
         model(input_ids=torch.tensor([[1, 2, 3]]))
-    assert refmod._module_list(model) is listed
+    assert sources_mod._module_list(model) is listed
     model.model.extra = torch.nn.Dropout(0.5)  # a new submodule after the list was made
-    assert refmod._module_list(model) is not listed
+    assert sources_mod._module_list(model) is not listed
     other = tiny_model(vocab_size=40)  # a freed model's modules leave the registry (their addresses get reused)
-    refmod._module_list(other)
+    sources_mod._module_list(other)
     ids = {id(m) for m in other.modules()}
-    assert ids <= refmod._listed.keys()
+    assert ids <= sources_mod._listed.keys()
     del other
     gc.collect()
-    assert not ids & refmod._listed.keys()
+    assert not ids & sources_mod._listed.keys()
     with refmod.eval_mode(model):
         assert not model.model.extra.training
     assert model.model.extra.training
