@@ -76,7 +76,7 @@ def trace(job: dict) -> dict:
 
     step = [0]
     cls = tr.DPOTrainer
-    real = {name: getattr(cls, name) for name in ("_pair_losses", "_clip", "_train")}
+    real = {name: getattr(cls, name) for name in ("_pair_losses", "_clip", "_start")}
 
     def pair_losses(self, *a, **k):
         step[0] += 1
@@ -93,9 +93,9 @@ def trace(job: dict) -> dict:
 
     def train(self, *a, **k):
         phase[0] = "train(): reference pass"
-        return real["_train"](self, *a, **k)
+        return real["_start"](self, *a, **k)
 
-    cls._pair_losses, cls._clip, cls._train = pair_losses, clip, train
+    cls._pair_losses, cls._clip, cls._start = pair_losses, clip, train
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     try:

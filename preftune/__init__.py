@@ -26,7 +26,7 @@ if sys.platform.startswith("linux"):
 _LAZY = {
     "DPOConfig": "preftune.config",
     "DPOTrainer": "preftune.trainer",
-    "train": "preftune.trainer",
+    "train": "preftune.run",
     "preference_loss": "preftune.losses",
     "LOSSES": "preftune.losses",
 }

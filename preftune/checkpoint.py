@@ -28,10 +28,10 @@ _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 @dataclass
 class TrainState:
-    """Where the loop is: optimizer steps taken and pairs consumed (the data position)."""
+    """Where the loop is: optimizer steps taken and samples consumed (the data position)."""
 
     global_step: int = 0
-    pairs_seen: int = 0
+    samples_seen: int = 0
     nonfinite_steps: int = 0
     nonfinite_in_a_row: int = 0  # consecutive skipped steps up to here (max_nonfinite_steps counts on after a resume)
     metrics_lines: int = 0  # rows of metrics.jsonl written when the checkpoint was taken
@@ -40,27 +40,29 @@ class TrainState:
     @classmethod
     def from_json(cls, path: Path) -> TrainState:
         data = json.loads(Path(path).read_text())
-        names = ("global_step", "pairs_seen", "nonfinite_steps", "nonfinite_in_a_row", "metrics_lines", "log_window")
+        if "pairs_seen" in data:  # checkpoints written before the loop was shared by algorithms
+            data.setdefault("samples_seen", data.pop("pairs_seen"))
+        names = ("global_step", "samples_seen", "nonfinite_steps", "nonfinite_in_a_row", "metrics_lines", "log_window")
         return cls(**{k: data[k] for k in names if k in data})
 
 
-def window_state(window, pairs: int, tokens: int) -> dict:
-    """The logging window (a MetricAccumulator plus pair/token counts) as JSON-exact floats.
+def window_state(window, samples: int, tokens: int) -> dict:
+    """The logging window (a MetricAccumulator plus sample/token counts) as JSON-exact floats.
 
     float32 sums go through Python floats (float64), which hold them exactly, so a resumed window
     adds up to the same bits as one that was never interrupted."""
     return {"sums": {k: float(v) for k, v in window._sums.items()},
-            "counts": {k: float(v) for k, v in window._counts.items()}, "pairs": pairs, "tokens": tokens}
+            "counts": {k: float(v) for k, v in window._counts.items()}, "samples": samples, "tokens": tokens}
 
 
 def restore_window(window, data: dict | None, device) -> tuple[int, int]:
-    """Refill an empty MetricAccumulator from `window_state`; returns (pairs, tokens) of the window."""
+    """Refill an empty MetricAccumulator from `window_state`; returns (samples, tokens) of the window."""
     if not data:
         return 0, 0
     for key, value in data["sums"].items():
         window._sums[key] = torch.tensor(value, dtype=torch.float32, device=device)
         window._counts[key] = torch.tensor(data["counts"][key], dtype=torch.float32, device=device)
-    return int(data["pairs"]), int(data["tokens"])
+    return int(data["samples"] if "samples" in data else data["pairs"]), int(data["tokens"])
 
 
 class CheckpointError(RuntimeError):

@@ -35,7 +35,7 @@ def _setup_logging(verbose: bool = False) -> None:
 
 def cmd_train(argv: list[str]) -> int:
     from preftune.config import DPOConfig
-    from preftune.trainer import train
+    from preftune.run import train
 
     config, _extras = DPOConfig.parse_cli(argv, prog="preftune train", use_demo_defaults_when_empty=True)
     train(config)

@@ -4,6 +4,7 @@ Wilson 95% intervals, and a before/after table.
 - :func:`generate` — left-padded batched ``model.generate`` over str or chat-message prompts.
 - :func:`verifier_eval` — pass rate of a ``verify_fn(row, text) -> bool | float`` over generations.
 - :func:`win_rate` — policy vs reference generations judged by ``reward_fn(row, text) -> float``.
+- :func:`generation_eval` — before/after rows and samples: the reference (or adapters off) vs the policy.
 - :func:`load_reward_fn` — ``"module:function"`` (or ``"path/to/file.py:function"``) to a callable.
 - :func:`table_row` / :func:`format_table` — before/after rows and their console rendering.
 
@@ -13,6 +14,7 @@ be checked on hand numbers.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import math
@@ -205,6 +207,38 @@ def win_rate(policy, reference, tokenizer, rows: Sequence[dict], reward_fn: Call
     if return_texts:
         result.update(policy_texts=mine, reference_texts=theirs)
     return result
+
+
+@contextlib.contextmanager
+def _as_reference(policy, reference):
+    """The model that generates the 'before' side: the reference, or the policy with adapters off."""
+    if reference is not None:
+        yield reference
+    else:
+        with policy.disable_adapter():
+            yield policy
+
+
+def generation_eval(policy, reference, tokenizer, rows: list[dict], *, reward_fn=None, verify_fn=None,
+                    max_new_tokens: int = 48, batch_size: int = 16, sampled: bool = False, seed: int = 0):
+    """Before/after table rows and sample generations for `rows` (each with a `prompt`)."""
+    prompts = [r["prompt"] for r in rows]
+    modes = [("greedy", dict(do_sample=False))] + ([("sampled", dict(do_sample=True, seed=seed))] if sampled else [])
+    table, samples = [], []
+    for label, kw in modes:
+        with _as_reference(policy, reference) as ref:
+            before_texts = generate(ref, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, **kw)
+        after_texts = generate(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, **kw)
+        if verify_fn is not None:
+            table.append(table_row(f"verifier pass rate ({label})", score_texts(rows, before_texts, verify_fn),
+                                   score_texts(rows, after_texts, verify_fn)))
+        if reward_fn is not None:
+            table.append(table_row(f"win rate vs reference ({label})", None,
+                                   compare_texts(rows, after_texts, before_texts, reward_fn)))
+        if label == "greedy":
+            samples = [{"prompt": p, "reference": b, "trained": a}
+                       for p, b, a in list(zip(prompts, before_texts, after_texts))[:6]]
+    return table, samples
 
 
 def load_reward_fn(spec: str) -> Callable:

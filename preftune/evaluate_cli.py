@@ -11,7 +11,6 @@ Two kinds of evidence, side by side in one before/after table:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 from pathlib import Path
@@ -59,38 +58,39 @@ def load_trained(model_dir: str | Path, *, ref_model: str | None = None, dtype: 
     return policy, reference, tokenizer, base_id
 
 
-@contextlib.contextmanager
-def _as_reference(policy, reference):
-    """The model that generates the 'before' side: the reference, or the policy with adapters off."""
-    if reference is not None:
-        yield reference
-    else:
-        with policy.disable_adapter():
-            yield policy
+def pair_metrics(policy, reference, tokenizer, rows: list[dict], run_config: dict) -> dict:
+    """Implicit-reward metrics (prefixed `eval_`, plus `n`) of the policy against its reference on preference
+    rows, with the run's loss and truncation settings; the reference is the given model, or the policy with
+    its adapters off. The same per-pair code as training-time evaluation (`preftune.dpo`), no trainer."""
+    from preftune.config import DPOConfig
+    from preftune.data.batching import collate
+    from preftune.data.pipeline import prepare_one
+    from preftune.dpo import DPOObjective, evaluate_pairs
+    from preftune.logps import _unwrap, attention_kernels
+    from preftune.loop import resolve_layout
+    from preftune.policy import attention_heads
+    from preftune.reference import AdapterDisabledReference, FrozenModelReference
 
-
-def generation_eval(policy, reference, tokenizer, rows: list[dict], *, reward_fn=None, verify_fn=None,
-                    max_new_tokens: int = 48, batch_size: int = 16, sampled: bool = False, seed: int = 0):
-    """Before/after table rows and sample generations for `rows` (each with a `prompt`)."""
-    from preftune.evaluate import compare_texts, generate, score_texts, table_row
-
-    prompts = [r["prompt"] for r in rows]
-    modes = [("greedy", dict(do_sample=False))] + ([("sampled", dict(do_sample=True, seed=seed))] if sampled else [])
-    table, samples = [], []
-    for label, kw in modes:
-        with _as_reference(policy, reference) as ref:
-            before_texts = generate(ref, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, **kw)
-        after_texts = generate(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, **kw)
-        if verify_fn is not None:
-            table.append(table_row(f"verifier pass rate ({label})", score_texts(rows, before_texts, verify_fn),
-                                   score_texts(rows, after_texts, verify_fn)))
-        if reward_fn is not None:
-            table.append(table_row(f"win rate vs reference ({label})", None,
-                                   compare_texts(rows, after_texts, before_texts, reward_fn)))
-        if label == "greedy":
-            samples = [{"prompt": p, "reference": b, "trained": a}
-                       for p, b, a in list(zip(prompts, before_texts, after_texts))[:6]]
-    return table, samples
+    keep = {k: run_config[k] for k in ("beta", "loss_type", "loss_weights", "max_length", "max_prompt_length",
+                                        "max_completion_length", "truncation_mode", "f_divergence_type",
+                                        "f_alpha_divergence_coef", "label_smoothing", "simpo_gamma", "rpo_alpha",
+                                        "reference_free", "ld_alpha", "use_weighting")
+            if run_config.get(k) is not None}
+    cfg = DPOConfig(output_dir=".", report_to="none", **keep)
+    split = prepare_one(rows, tokenizer, cfg, name="eval")
+    objective = DPOObjective.from_args(cfg)
+    source = None
+    if objective.needs_reference:
+        source = FrozenModelReference(reference) if reference is not None else AdapterDisabledReference(policy)
+    base = _unwrap(policy)
+    param = next(base.parameters())
+    layout = resolve_layout(cfg.batch_layout)
+    with attention_kernels(param.device, False, attention_heads(getattr(base, "config", None)), param.dtype):
+        out = evaluate_pairs(objective, policy, source, split.features, batch_size=cfg.per_device_eval_batch_size,
+                             collate=lambda feats: collate(feats, layout=layout, pad_token_id=tokenizer.pad_token_id,
+                                                           device=param.device))
+    out["n"] = len(split)
+    return out
 
 
 def reward_table(before: dict | None, after: dict) -> list[dict]:
@@ -118,30 +118,16 @@ def run_eval_cli(argv: list[str]) -> int:
     p.add_argument("--output", default=None, help="write the table as JSON here")
     a = p.parse_args(argv)
 
-    from preftune.config import DPOConfig
     from preftune.data.demo import demo_dataset, verify
     from preftune.data.formats import load_rows
-    from preftune.evaluate import format_table, load_reward_fn
-    from preftune.trainer import DPOTrainer
+    from preftune.evaluate import format_table, generation_eval, load_reward_fn
 
     reward_fn = load_reward_fn(a.reward) if a.reward else None
     policy, reference, tokenizer, base_id = load_trained(a.model, ref_model=a.ref_model)
     rows = list(demo_dataset("eval") if a.dataset is None else load_rows(a.dataset, split=a.dataset_split))
     if not rows:
         raise ValueError(f"--dataset {a.dataset}: no rows")
-    run_cfg = _run_config(Path(a.model))
-    keep = {k: run_cfg[k] for k in ("beta", "loss_type", "max_length", "max_prompt_length", "truncation_mode",
-                                     "f_divergence_type", "f_alpha_divergence_coef", "label_smoothing",
-                                     "simpo_gamma") if run_cfg.get(k) is not None}
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = DPOConfig(output_dir=tmp, report_to="none", **keep)
-        pairs = rows[: a.num_pairs]
-        trainer = DPOTrainer(model=policy, ref_model=reference, args=cfg, train_dataset=pairs, eval_dataset=pairs,
-                             processing_class=tokenizer)
-        after = trainer.evaluate()
-    after["n"] = len(trainer.eval_split)
+    after = pair_metrics(policy, reference, tokenizer, rows[: a.num_pairs], _run_config(Path(a.model)))
     before = {"eval_rewards/accuracies": 0.0, "eval_rewards/margins": 0.0}  # policy == reference: all rewards 0
     table = reward_table(before, after)
     samples = []

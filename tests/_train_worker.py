@@ -120,8 +120,8 @@ def install_hooks() -> None:
 
     orig_log = tr.DPOTrainer._log
 
-    def _log(self, path, trackers, row):
-        orig_log(self, path, trackers, row)
+    def _log(self, run, row):
+        orig_log(self, run, row)
         is_eval = any(k.startswith("eval_") for k in row)
         if int(row["step"]) == at and (where == "log" and not is_eval or where == "evallog" and is_eval):
             _die()

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _train_worker import tiny_trainer  # noqa: E402
 
 from preftune import checkpoint as ckpt  # noqa: E402
+from preftune import dpo, loop  # noqa: E402
 from preftune import trainer as tr  # noqa: E402
 from preftune.data.pipeline import StepPlan  # noqa: E402
 
@@ -25,7 +26,7 @@ SEED = 3
 def check_mode(request, monkeypatch):
     """Every test twice: the finiteness read on the host each step, and read later while the fused
     AdamW skips the bad step on the device (what a GPU run does; forced here on the CPU's fused AdamW)."""
-    monkeypatch.setattr(tr.DPOTrainer, "DEFER_ON_CPU", request.param == "deferred")
+    monkeypatch.setattr(loop, "device_defers_checks", lambda device: request.param == "deferred")
     real = tr.DPOTrainer._defers_nonfinite_checks
 
     def check(self, optimizer):
@@ -40,7 +41,7 @@ def check_mode(request, monkeypatch):
 def poison(monkeypatch, bad_pairs, *, mode="loss"):
     """Make the policy's log-probs of `bad_pairs` non-finite: NaN in the forward ("loss"), or a finite
     forward whose gradient is NaN ("gradient": sqrt(0 * x) is 0 with derivative inf * 0)."""
-    real = tr.model_logps
+    real = dpo.model_logps
     bad = torch.tensor(sorted(bad_pairs), dtype=torch.long)
 
     def model_logps(model, batch, **kw):
@@ -53,7 +54,7 @@ def poison(monkeypatch, bad_pairs, *, mode="loss"):
             chosen[hit] = chosen[hit] + torch.sqrt(chosen[hit] * 0.0)
         return dataclasses.replace(out, chosen_logps=chosen)
 
-    monkeypatch.setattr(tr, "model_logps", model_logps)
+    monkeypatch.setattr(dpo, "model_logps", model_logps)
 
 
 def record_weights(monkeypatch):
@@ -160,7 +161,7 @@ def test_nan_weights_are_never_saved(tmp_path):
     before = sorted(p.name for p in (tmp_path / "run").iterdir())
     with torch.no_grad():
         next(trainer.model.parameters())[0, 0] = float("nan")
-    state = ckpt.TrainState(global_step=3, pairs_seen=6)
+    state = ckpt.TrainState(global_step=3, samples_seen=6)
     with pytest.raises(ckpt.CheckpointError, match="non-finite"):
         ckpt.save_checkpoint(tmp_path / "run", trainer, state, trainer.accelerator)
     with pytest.raises(ckpt.CheckpointError, match="non-finite"):
@@ -184,9 +185,9 @@ def test_deferred_checks_train_the_same_and_read_the_host_only_at_boundaries(tmp
     seen = []  # (step booked, global step when the host booked it)
     real = tr.DPOTrainer._count_step
 
-    def count(self, state, window, finite, step, *a):
+    def count(self, state, finite, step, *a):
         seen.append((step, state.global_step))
-        return real(self, state, window, finite, step, *a)
+        return real(self, state, finite, step, *a)
 
     monkeypatch.setattr(tr.DPOTrainer, "_count_step", count)
     trainer = tiny_trainer(tmp_path / check_mode, save_strategy="no", logging_steps=2, max_nonfinite_steps=5)

@@ -312,7 +312,7 @@ def test_simpo_builds_no_reference(tmp_path, monkeypatch):
         raise AssertionError("simpo must not build or run a reference")
 
     monkeypatch.setattr(preftune.reference, "make_reference", forbidden)
-    monkeypatch.setattr(preftune.reference, "forward_logps", forbidden)
+    monkeypatch.setattr(preftune.reference.sources, "forward_logps", forbidden)
     monkeypatch.setattr(preftune.models, "load_model", forbidden)
     trainer = make_trainer(tmp_path, eval_rows=conversational_rows(4, "eval"), loss_type="simpo", beta=2.0,
                            eval_strategy="steps", eval_steps=1)
@@ -379,7 +379,7 @@ def test_trl_style_api_runs_the_documents_example(tmp_path, caplog):
     assert {"eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"} <= metrics.keys()
     assert [p.name for p in list_checkpoints(tmp_path / "dpo")] == ["checkpoint-1", "checkpoint-2"]
     rows = [json.loads(x) for x in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 1, 2]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [1, 2]  # eval_on_start is off, as in TRL
     trainer.save_model()
 
     loaded = PeftModel.from_pretrained(tiny_model(VOCAB), str(tmp_path / "dpo"))
@@ -465,9 +465,9 @@ def test_automatic_reference_precomputes_only_the_pairs_the_run_uses(tmp_path, c
     assert_same_weights(weights(live), weights(auto), atol=1e-5)
     # LoRA and TR-DPO keep a live reference
     lora = make_trainer(tmp_path, rows, name="lora", max_steps=1, peft_config=_lora())
-    assert lora._precompute() is False
+    assert lora._source() != "cache"
     trdpo = make_trainer(tmp_path, rows, name="trdpo", max_steps=1, sync_ref_model=True)
-    assert trdpo._precompute() is False
+    assert trdpo._source() != "cache"
 
 
 def test_gpu_shape_defaults_resolve_and_rounded_rows_train_the_same(tmp_path):
@@ -482,7 +482,7 @@ def test_gpu_shape_defaults_resolve_and_rounded_rows_train_the_same(tmp_path):
     assert resolve_shapes(cfg(pad_to_multiple_of=1), gpu) == (None, False)
     assert resolve_shapes(cfg(cudnn_attention=False), gpu) == (64, False)
     assert resolve_shapes(cfg(pad_to_multiple_of=32, cudnn_attention=True), cpu) == (32, True)
-    assert resolve_layout("auto", cpu) == resolve_layout("auto", gpu) == resolve_layout("auto", gpu, padding_free=True) == "prefix"
+    assert resolve_layout("auto") == "prefix" and resolve_layout("padded") == "padded"
 
     rows = conversational_rows(8)
     a = make_trainer(tmp_path, rows, name="a", per_device_train_batch_size=4, max_steps=2)

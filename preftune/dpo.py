@@ -1,0 +1,90 @@
+"""DPO's side of a step: one micro-batch of pairs through the policy (and reference) to per-pair
+losses and metrics, and the implicit-reward evaluation of a model over tokenized pairs.
+
+Both the trainer and `preftune eval` use these; neither needs a trainer object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from preftune.logps import model_logps
+from preftune.losses import LOSSES, loss_params, preference_loss, resolve_loss_names
+from preftune.metrics import MetricAccumulator, preference_metrics
+
+
+@dataclass
+class DPOObjective:
+    """The run's loss: registered names (a list means a weighted combination), their parameters, and the
+    log-prob options the policy forward needs."""
+
+    loss_names: list[str]
+    loss_kwargs: dict
+    needs_reference: bool
+    chunk_size: int | None = None
+    rpo: bool = False
+
+    @classmethod
+    def from_args(cls, args) -> DPOObjective:
+        names = resolve_loss_names(args.loss_type)
+        needs = any(LOSSES[n].needs_reference for n in names) and not args.reference_free
+        return cls(names, loss_params(args), needs, args.logps_chunk_size, bool(args.rpo_alpha))
+
+    def pair_losses(self, model, batch: dict, reference) -> tuple[torch.Tensor, dict]:
+        """Per-pair losses (B,) and metric tensors for one micro-batch."""
+        ref_c = ref_r = None
+        if reference is not None:  # first: a live reference's forward then runs beside no policy activations
+            ref = reference.logps(batch)
+            ref_c, ref_r = ref.chosen_logps, ref.rejected_logps
+        pol = model_logps(model, batch, chunk_size=self.chunk_size)
+        out = preference_loss(
+            self.loss_names if len(self.loss_names) > 1 else self.loss_names[0],
+            policy_chosen_logps=pol.chosen_logps,
+            policy_rejected_logps=pol.rejected_logps,
+            ref_chosen_logps=ref_c,
+            ref_rejected_logps=ref_r,
+            chosen_lengths=pol.chosen_lengths,
+            rejected_lengths=pol.rejected_lengths,
+            chosen_nll=pol.chosen_nll,
+            **self.loss_kwargs,
+        )
+        metrics = preference_metrics(out, pol.chosen_logps, pol.rejected_logps,
+                                     chosen_nll=pol.chosen_nll if self.rpo else None)
+        return out.pair_losses, metrics
+
+
+def evaluate_pairs(objective: DPOObjective, model, reference, features, *, collate: Callable[[list], dict],
+                   batch_size: int, accelerator=None) -> dict:
+    """Implicit-reward metrics over tokenized pairs (means, prefixed `eval_`), in eval mode, without gradients.
+
+    With an accelerator, every process takes a strided shard and runs the same number of forwards (DDP buffer
+    syncs, FSDP/ZeRO-3 gathers are collectives): a process whose shard is shorter runs a filler batch that
+    counts for 0 pairs. Without one, everything runs here, on the device `collate` puts batches on."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
+    was_training = model.training
+    model.eval()
+    accum = MetricAccumulator()
+    n = len(features)
+    indices = list(range(rank, n, world))
+    rounds = math.ceil(math.ceil(n / world) / batch_size)
+    with torch.no_grad():
+        for j in range(rounds):
+            chunk = indices[j * batch_size : (j + 1) * batch_size]
+            batch = collate([features[i] for i in (chunk or [0])])
+            with autocast():
+                per_pair, metrics = objective.pair_losses(model, batch, reference)
+            row = {"loss": per_pair.mean(), **metrics}
+            if not chunk:
+                row = {k: torch.zeros_like(v) for k, v in row.items()}
+            accum.add(row, len(chunk))
+    if was_training:
+        model.train()
+    if world > 1:
+        accum.reduce(lambda t: accelerator.reduce(t, reduction="sum"))
+    return {f"eval_{k}": v for k, v in accum.compute().items()}

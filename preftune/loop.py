@@ -1,0 +1,626 @@
+"""The training loop every preftune algorithm runs on, on accelerate.
+
+One optimizer step = K micro-batches per process (gradient accumulation). The loss of each
+micro-batch is the sum of its per-sample losses divided by the number of samples in the whole global
+batch (B_global = B_micro x N_procs x K_accum), so that 1 x 4 and 4 x 1 give the same gradient. The
+loop owns devices and processes, the optimizer and schedule, clipping, the non-finite guard,
+optimizer-in-backward, the cadence of logging, evaluation and saving, checkpoints and exact resume,
+trackers and the progress bar. An algorithm (``preftune.trainer.DPOTrainer``) subclasses `TrainLoop`
+and supplies its data, its per-sample losses and metrics, and its evaluation:
+
+- ``_num_train_samples()``: how many samples one epoch holds;
+- ``_sample_losses(indices)``: (per-sample losses (B,), metric tensors, tokens, sample ids) of one
+  micro-batch, with the graph for backward;
+- ``_before_train()``, ``_after_good_step(step, policy)``, ``_host_acts_after_good_steps()``;
+- ``evaluate()`` and ``_progress_fields(row)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from preftune import checkpoint as ckpt
+from preftune import kernels
+from preftune.data.pipeline import StepPlan
+from preftune.logps import _unwrap, attention_kernels
+from preftune.memory import StepInBackward, init_adamw_state, tune_malloc
+from preftune.metrics import MetricAccumulator
+from preftune.policy import attention_heads, load_policy
+
+logger = logging.getLogger("preftune")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive optimizer steps with a non-finite loss or gradient."""
+
+
+def resolve_layout(layout: str) -> str:
+    """The batch layout to use: 'auto' picks 'prefix', the fastest exact layout measured on CPU and GPU
+    alike, and padding-free (docs/benchmarks.md)."""
+    return "prefix" if layout == "auto" else layout
+
+
+def resolve_shapes(args, device: torch.device) -> tuple[int | None, bool]:
+    """(pad_to_multiple_of, cudnn_attention) after their automatic values: on a GPU, rows rounded to
+    64 tokens and cuDNN attention (a plan per shape, and few shapes); on CPU neither."""
+    on_gpu = device.type == "cuda"
+    multiple = args.pad_to_multiple_of if args.pad_to_multiple_of is not None else (64 if on_gpu else None)
+    multiple = multiple if multiple and multiple > 1 else None
+    cudnn = args.cudnn_attention if args.cudnn_attention is not None else (on_gpu and multiple is not None)
+    return multiple, bool(cudnn)
+
+
+def make_accelerator(args):
+    """accelerate's Accelerator for this run: the GPU unless `use_cpu`, and mixed precision only where the
+    device has fast kernels for it (a warning says when bf16/fp16 falls back to float32)."""
+    from accelerate import Accelerator
+
+    on_gpu = torch.cuda.is_available() and not args.use_cpu
+    mixed = args.mixed_precision(bf16_supported=on_gpu and torch.cuda.is_bf16_supported())
+    if mixed != "no" and not (on_gpu and (mixed == "fp16" or torch.cuda.is_bf16_supported())):
+        logger.warning("%s=True but this %s has no fast %s kernels; training in float32 instead. Drop --%s to "
+                       "silence this.", mixed, "GPU" if on_gpu else "CPU", mixed, mixed)  # fmt: skip
+        mixed = "no"
+    return Accelerator(cpu=not on_gpu, mixed_precision=mixed)
+
+
+def device_defers_checks(device: torch.device) -> bool:
+    """Whether deferring the non-finite check pays off on this device: on a GPU it saves a host sync per
+    step; on a CPU there is nothing to overlap (tests monkeypatch this to run the deferred path on CPU)."""
+    return device.type == "cuda"
+
+
+def reduced(accum: MetricAccumulator, acc) -> dict:
+    """Means over every process's micro-batches (one collective), as floats."""
+    if acc.num_processes > 1:
+        accum.reduce(lambda t: acc.reduce(t, reduction="sum"))
+    return accum.compute()
+
+
+@dataclass
+class _Window:
+    """What the next log row covers: metric sums, samples and tokens, and the time since the last row
+    (less the time spent evaluating and saving)."""
+
+    metrics: MetricAccumulator = field(default_factory=MetricAccumulator)
+    samples: int = 0
+    tokens: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    paused: float = 0.0
+
+
+@dataclass
+class _Run:
+    """One call of train(): its plan, optimizer, schedule, cadences and where it logs."""
+
+    plan: StepPlan
+    total_steps: int
+    optimizer: object
+    scheduler: object
+    state: ckpt.TrainState
+    metrics_path: Path
+    trackers: object
+    log_every: int
+    eval_every: int
+    save_every: int
+    defer: bool
+    settle_every: int
+    policy: torch.nn.Module
+    pending: list = field(default_factory=list)
+    last_logged: dict = field(default_factory=dict)
+
+    @property
+    def epoch_samples(self) -> int:
+        return self.plan.steps_per_epoch * self.plan.global_batch
+
+    @property
+    def inner(self):
+        """The torch optimizer (accelerate's wrapper holds it)."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+
+class TrainLoop:
+    """The algorithm-independent half of a trainer: model set-up, the loop, checkpoints, logging."""
+
+    sample_name = "samples"  # what one unit of the global batch is called in logs and messages
+    progress_desc = "train"
+
+    def __init__(self, model, args, *, processing_class=None, peft_config=None, callbacks=None):
+        from accelerate.utils import set_seed
+
+        self.args = args
+        self.accelerator = make_accelerator(args)
+        if self.accelerator.device.type == "cpu":
+            tune_malloc()  # a process-wide malloc setting, made where a CPU training run starts
+        elif args.triton_kernels:  # Triton's one-time set-up, beside loading the model and tokenizing
+            kernels.warm_up_async(self.accelerator.device)
+        set_seed(int(args.seed))
+        self.layout = resolve_layout(args.batch_layout)
+        self.pad_multiple, self.cudnn_attention = resolve_shapes(args, self.accelerator.device)
+        self.callbacks = list(callbacks or [])
+        policy = load_policy(model, args, processing_class=processing_class, peft_config=peft_config,
+                             device=self.accelerator.device)
+        self.model, self.tokenizer = policy.model, policy.tokenizer
+        self.processing_class = self.tokenizer
+        self.model_id, self.model_path, self.is_peft = policy.model_id, policy.model_path, policy.is_peft
+        self._in_backward: StepInBackward | None = None  # optim_in_backward's hooks, during train()
+        self.eval_at_end = False  # evaluate after the last step even with eval_strategy='no'
+        self._warned_eval = False
+        self._window: _Window | None = None
+
+    # --- what an algorithm supplies ---------------------------------------------------------------
+    def _num_train_samples(self) -> int:
+        raise NotImplementedError
+
+    def _sample_losses(self, indices: list[int]):
+        """(losses (B,), metrics {name: 0-dim tensor}, tokens, sample ids (B,) on the host) of one micro-batch."""
+        raise NotImplementedError
+
+    def evaluate(self, eval_dataset=None) -> dict:
+        raise NotImplementedError
+
+    def _has_eval(self) -> bool:
+        return False
+
+    def _before_train(self) -> None:
+        """Called once train() knows its plan, before the optimizer exists."""
+
+    def _after_good_step(self, step: int, policy: torch.nn.Module) -> None:
+        """Called after each optimizer step whose update was applied (host-side work such as a reference sync)."""
+
+    def _host_acts_after_good_steps(self) -> bool:
+        """True when `_after_good_step` does real work: the step's finiteness is then read every step."""
+        return False
+
+    def _progress_fields(self, row: dict) -> dict:
+        return {"loss": f"{row.get('loss', float('nan')):.4f}"}
+
+    # --- plan ---------------------------------------------------------------------------------------
+    def _plan(self) -> tuple[StepPlan, int]:
+        """The data plan of this run and its number of optimizer steps."""
+        args, acc = self.args, self.accelerator
+        plan = StepPlan(self._num_train_samples(), args.per_device_train_batch_size, acc.num_processes,
+                        args.gradient_accumulation_steps, int(args.data_seed if args.data_seed is not None else args.seed))
+        return plan, (plan.total_steps(args.num_train_epochs, args.max_steps) if plan.steps_per_epoch else 0)
+
+    def _planned_samples(self) -> list[int] | None:
+        """Indices of the training samples this run will use (None: all of them, whole epochs)."""
+        plan, total = self._plan()
+        if plan.steps_per_epoch == 0 or total >= plan.steps_per_epoch:
+            return None  # every sample (or an error later, at train())
+        return sorted(plan.permutation(0)[: total * plan.global_batch])
+
+    # --- train ----------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint=None):
+        """Run the training loop; returns the last logged train metrics."""
+        # the progress bar and trackers are closed however the run ends (a NonFiniteError too), so a
+        # failed run flushes its trackers and leaves no bar to be printed at interpreter exit
+        with self._attention_kernels(), contextlib.ExitStack() as self._closing:
+            run = self._start(resume_from_checkpoint)
+            self._initial_eval(run)
+            bar = self._progress_bar(run)
+            window = self._open_window(run)
+            self.model.train()
+            while run.state.global_step < run.total_steps:
+                window = self._train_step(run, window)
+                bar.update(1)
+                if run.last_logged.get("step") == run.state.global_step:
+                    bar.set_postfix(**self._progress_fields(run.last_logged))
+            bar.close()
+            return self._finish(run)
+
+    def _start(self, resume_from_checkpoint) -> _Run:
+        from transformers import get_scheduler
+
+        args, acc = self.args, self.accelerator
+        out_dir = Path(args.output_dir)
+        if acc.is_main_process:
+            ckpt.check_writable(out_dir)  # creates it; a clear error when it cannot be written
+            args.to_yaml(out_dir / "config.yaml")
+        plan, total_steps = self._plan()
+        if plan.steps_per_epoch == 0:
+            raise ValueError(
+                f"the training set has {plan.num_pairs} {self.sample_name}, fewer than one global batch of "
+                f"{plan.global_batch} (per_device_train_batch_size x processes x gradient_accumulation_steps); "
+                "lower them or add data")
+        self._warn_unused_eval()
+        self._before_train()
+        warmup = args.num_warmup_steps(total_steps)
+        log_every, eval_every, save_every = (args.interval(n, total_steps) for n in ("logging_steps", "eval_steps", "save_steps"))
+        logger.info("%d training %s; %s; %d optimizer steps (%d per epoch); warm-up %d steps", plan.num_pairs,
+                    self.sample_name, args.describe_batch(acc.num_processes), total_steps, plan.steps_per_epoch, warmup)
+        optimizer = self._make_optimizer()
+        scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                                  num_training_steps=total_steps,
+                                  scheduler_specific_kwargs=args.lr_scheduler_kwargs or None)
+        self.model, optimizer = acc.prepare(self.model, optimizer)
+        self.optimizer, self.scheduler = optimizer, scheduler
+        # once, not per step: unwrapping and listing the parameters each walk every module
+        self._clip_params = [p for p in self.model.parameters() if p.requires_grad]
+        state = self._resume_or_init(resume_from_checkpoint, optimizer, out_dir)
+        self._in_backward = self._step_in_backward(optimizer)
+        metrics_path = out_dir / "metrics.jsonl"
+        if acc.is_main_process:
+            ckpt.truncate_metrics(metrics_path, state.global_step, lines=state.metrics_lines if state.global_step else 0)
+        trackers = self._trackers(out_dir)
+        inner = getattr(optimizer, "optimizer", optimizer)
+        return _Run(plan=plan, total_steps=total_steps, optimizer=optimizer, scheduler=scheduler, state=state,
+                    metrics_path=metrics_path, trackers=trackers, log_every=log_every, eval_every=eval_every,
+                    save_every=save_every, defer=self._defers_nonfinite_checks(inner),
+                    # deferred: the host reads the steps' finiteness at most this many steps late, and at every
+                    # boundary (log, eval, save, the end); once a run of bad steps has begun, every step
+                    settle_every=max(1, min(log_every or 1, args.max_nonfinite_steps)),
+                    policy=acc.unwrap_model(self.model))
+
+    def _resume_or_init(self, resume_from_checkpoint, optimizer, out_dir: Path) -> ckpt.TrainState:
+        resume = resume_from_checkpoint if resume_from_checkpoint is not None else self.args.resume_from_checkpoint
+        if not resume:
+            init_adamw_state(optimizer)
+            return ckpt.TrainState()
+        path = ckpt.resolve_checkpoint(out_dir, resume)
+        state = ckpt.load_checkpoint(path, self, self.accelerator)
+        logger.info("resumed from %s at step %d", path, state.global_step)
+        return state
+
+    def _trackers(self, out_dir: Path):
+        if not self.accelerator.is_main_process:
+            return None
+        from preftune.tracking import make_trackers
+
+        trackers = make_trackers(self.args.report_to, out_dir, self.args.to_dict(), self.args.run_name)
+        if trackers is not None:
+            self._closing.callback(trackers.close)
+        return trackers
+
+    def _initial_eval(self, run: _Run) -> None:
+        """``eval_on_start``: one evaluation before the first step (not again on resume)."""
+        if run.state.global_step == 0 and self._has_eval() and self.args.eval_on_start:
+            self.initial_eval = self.evaluate()
+            self._log(run, {"step": 0, "epoch": 0.0, **self.initial_eval})
+
+    def _eval_enabled(self) -> bool:
+        """Whether the run evaluates during and at the end of training: an eval set and an eval_strategy,
+        or ``eval_at_end`` (the command line's `--eval_dataset` without `--eval_strategy`)."""
+        return self._has_eval() and (self.args.eval_strategy != "no" or self.eval_at_end)
+
+    def _warn_unused_eval(self) -> None:
+        if self._has_eval() and not self._eval_enabled() and not self.args.eval_on_start and not self._warned_eval:
+            self._warned_eval = True
+            logger.warning("an eval dataset was given but eval_strategy='no' and eval_on_start=False: it is not "
+                           "used during training; set eval_strategy='steps' or 'epoch' (or call evaluate())")
+
+    def _progress_bar(self, run: _Run):
+        from tqdm.auto import tqdm
+
+        return self._closing.enter_context(tqdm(total=run.total_steps, initial=run.state.global_step,
+                                                disable=not self.accelerator.is_main_process
+                                                or bool(self.args.disable_tqdm),
+                                                desc=self.progress_desc, dynamic_ncols=True))
+
+    def _open_window(self, run: _Run | None = None) -> _Window:
+        window = _Window()
+        if run is not None and self.accelerator.is_main_process:  # the saved window holds every process's sums
+            window.samples, window.tokens = ckpt.restore_window(window.metrics, run.state.log_window,
+                                                                self.accelerator.device)
+        self._window = window
+        return window
+
+    def _train_step(self, run: _Run, window: _Window) -> _Window:
+        """One optimizer step and the logging, evaluation and saving due after it; returns the window to go on with."""
+        state, plan, acc = run.state, run.plan, self.accelerator
+        epoch = state.samples_seen // run.epoch_samples
+        step_in_epoch = (state.samples_seen // plan.global_batch) % plan.steps_per_epoch
+        micro = plan.micro_batches(plan.permutation(epoch), step_in_epoch, acc.process_index)
+        step_loss, step_samples, step_tokens, sample_losses = self._optimizer_step(micro, plan, window.metrics)
+        finite = self._apply_update(run, step_loss, sample_losses)
+        state.global_step += 1
+        state.samples_seen += plan.global_batch
+        if finite:
+            self._after_good_step(state.global_step, run.policy)
+        window.samples += step_samples
+        window.tokens += step_tokens
+        log_due, eval_due, save_due = self._due(run)
+        if run.pending and (len(run.pending) >= run.settle_every or state.nonfinite_in_a_row or log_due or eval_due
+                            or save_due):
+            self._settle(run, window)
+        if state.nonfinite_in_a_row >= self.args.max_nonfinite_steps:
+            self._stop_nonfinite(run, window)
+        if log_due:
+            self._log_window(run, window)
+            window = self._open_window()
+        if eval_due:
+            self._log(run, {"step": state.global_step, "epoch": self._epoch(run), **self._timed_eval()})
+        if save_due:
+            t_save = time.perf_counter()
+            state.log_window = self._window_snapshot(window)
+            self._save(state)
+            window.paused += time.perf_counter() - t_save
+        return window
+
+    def _apply_update(self, run: _Run, step_loss, sample_losses) -> bool:
+        """Clip, step (or skip a non-finite step), advance the schedule. Returns whether the host knows the step
+        was good now (False when deferred: the fused AdamW skipped it on the device if it was not)."""
+        state = run.state
+        stepped = self._in_backward is not None  # each parameter was updated inside backward
+        grad_norm = self._in_backward.grad_norm() if stepped else self._clip()
+        updated = self._in_backward.updated() if stepped else None
+        finite_t = torch.isfinite(torch.stack([step_loss.float(), grad_norm.float().to(step_loss.device)])).all()
+        step = state.global_step + 1
+        if run.defer:  # the fused AdamW skips a non-finite step on the device; the host learns of it later
+            if not stepped:
+                run.inner.found_inf = (~finite_t).to(torch.float32)
+                run.optimizer.step()
+            run.pending.append((step, finite_t, step_loss, grad_norm, sample_losses, updated))
+            finite = False
+        else:
+            finite = bool(finite_t)
+            if finite and not stepped:
+                run.optimizer.step()
+            self._count_step(state, finite, step, step_loss, grad_norm, sample_losses, updated)
+            self._window_add_step(finite, step_loss, grad_norm)
+        with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+            run.scheduler.step()
+        if not stepped:
+            run.optimizer.zero_grad(set_to_none=True)
+        return finite
+
+    def _window_add_step(self, finite: bool, step_loss, grad_norm) -> None:
+        if finite:
+            self._window.metrics.add({"loss": step_loss.detach(), "grad_norm": grad_norm.detach()}, 1)
+
+    def _due(self, run: _Run) -> tuple[bool, bool, bool]:
+        """(log, eval, save) due after the step just taken."""
+        args, state = self.args, run.state
+        last = state.global_step == run.total_steps
+        log_due = state.global_step % max(1, run.log_every) == 0 or last or (args.logging_first_step and state.global_step == 1)
+        epoch_end = state.samples_seen % run.epoch_samples == 0
+        eval_due = self._has_eval() and not last and (
+            (args.eval_strategy == "steps" and bool(run.eval_every) and state.global_step % run.eval_every == 0)
+            or (args.eval_strategy == "epoch" and epoch_end))
+        if args.save_strategy == "steps":
+            save_due = bool(run.save_every) and state.global_step % run.save_every == 0
+        else:
+            save_due = args.save_strategy == "epoch" and epoch_end
+        return log_due, eval_due, save_due
+
+    def _settle(self, run: _Run, window: _Window) -> None:
+        """One host sync for the deferred steps since the last one, booked in their order."""
+        oks = torch.stack([p[1] for p in run.pending]).tolist()
+        for (step, _, loss_t, norm_t, losses, updated), ok in zip(run.pending, oks):
+            self._count_step(run.state, ok, step, loss_t, norm_t, losses, updated)
+            self._window_add_step(ok, loss_t, norm_t)
+        run.pending.clear()
+
+    def _stop_nonfinite(self, run: _Run, window: _Window) -> None:
+        state = run.state
+        state.log_window = self._window_snapshot(window)
+        self._save(state, final=False)
+        raise NonFiniteError(
+            f"{state.nonfinite_in_a_row} consecutive optimizer steps had a non-finite loss or gradient "
+            f"(last at step {state.global_step}); stopped. The last good state is saved in {self.args.output_dir}. "
+            "Lower learning_rate or beta, check the data, or raise max_nonfinite_steps.")
+
+    def _epoch(self, run: _Run) -> float:
+        return round(run.state.samples_seen / run.epoch_samples, 4)
+
+    def _log_window(self, run: _Run, window: _Window) -> None:
+        acc = self.accelerator
+        elapsed = max(time.perf_counter() - window.start - window.paused, 1e-9)
+        row = {"step": run.state.global_step, "epoch": self._epoch(run), **reduced(window.metrics, acc),
+               "learning_rate": run.scheduler.get_last_lr()[0],
+               f"{self.sample_name}_per_second": window.samples * acc.num_processes / elapsed,
+               "tokens_per_second": window.tokens * acc.num_processes / elapsed}
+        if run.state.nonfinite_steps:
+            row["nonfinite_steps"] = run.state.nonfinite_steps
+        self._log(run, row)
+        run.last_logged = row
+
+    def _finish(self, run: _Run) -> dict:
+        vars(run.inner).pop("found_inf", None)  # later steps of this optimizer are not skipped
+        if self._eval_enabled():
+            self.final_eval = self.evaluate()
+            self._log(run, {"step": run.state.global_step, "epoch": self._epoch(run), **self.final_eval})
+        if run.trackers is not None:
+            run.trackers.close()
+        self.state = run.state
+        return run.last_logged
+
+    # --- one optimizer step --------------------------------------------------------------------------
+    def _optimizer_step(self, micro: list[list[int]], plan: StepPlan, metrics: MetricAccumulator):
+        """Forward and backward over this process's K micro-batches; returns (loss, samples, tokens, per-sample
+        losses). The per-sample losses, (losses, sample ids) per micro-batch, stay on the device: they are read
+        only when the step turns out non-finite, so the step has no host sync of its own."""
+        acc = self.accelerator
+        scale = 1.0 / plan.global_batch * acc.num_processes  # DDP averages gradients over processes
+        total = torch.zeros((), device=acc.device)
+        n_samples = n_tokens = 0
+        sample_losses = []
+        for k, indices in enumerate(micro):
+            sync = k == len(micro) - 1
+            ctx = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
+            with ctx, acc.autocast():
+                losses, batch_metrics, tokens, ids = self._sample_losses(indices)
+                loss = losses.sum() * scale
+                if self._in_backward is not None:
+                    self._in_backward.begin(loss)
+                acc.backward(loss)
+                if self._in_backward is not None:
+                    self._in_backward.finish()
+            sample_losses.append((losses.detach(), ids))
+            total += loss.detach()
+            metrics.add(batch_metrics, len(indices))
+            n_samples += len(indices)
+            n_tokens += int(tokens)
+        total = acc.reduce(total, reduction="sum") / acc.num_processes if acc.num_processes > 1 else total
+        return total, n_samples, n_tokens, sample_losses
+
+    def _step_in_backward(self, optimizer) -> StepInBackward | None:
+        """``optim_in_backward``: hooks that update each parameter as backward completes its gradient
+        (taken off when the run ends). The config has refused clipping, accumulation and fp16; what only
+        the run knows is checked here."""
+        if not self.args.optim_in_backward:
+            return None
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        if acc.num_processes > 1 or acc.distributed_type != DistributedType.NO:
+            raise ValueError(
+                f"optim_in_backward=True on {acc.num_processes} processes ({acc.distributed_type.value}): gradients "
+                "are reduced across processes after backward, so each process would update with its own gradients; "
+                "set optim_in_backward=False for distributed runs")
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if not all(g.get("fused") for g in inner.param_groups):
+            raise ValueError(
+                f"optim_in_backward=True on device {acc.device.type!r}: torch has no fused AdamW there, and the "
+                "in-backward update needs one; set optim_in_backward=False")
+        hooks = StepInBackward(optimizer, self._clip_params)
+
+        def remove():
+            hooks.remove()
+            self._in_backward = None
+
+        self._closing.callback(remove)
+        return hooks
+
+    def _clip(self) -> torch.Tensor:
+        params = self._clip_params  # listed once per run in _start
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
+        if self.accelerator.num_processes > 1 or self.accelerator.distributed_type != "NO":
+            norm = self.accelerator.clip_grad_norm_(params, max_norm)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
+            return torch.as_tensor(norm)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+    def _make_optimizer(self):
+        args = self.args
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
+        groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        kw = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+        # one fused kernel per step on CPU and CUDA (docs/benchmarks.md); plain "adamw_torch" keeps foreach
+        if args.optim == "adamw_torch_fused" and self.accelerator.device.type in ("cpu", "cuda"):
+            kw["fused"] = True
+        else:
+            kw["foreach"] = True
+        return torch.optim.AdamW([g for g in groups if g["params"]], **kw)
+
+    def _defers_nonfinite_checks(self, optimizer) -> bool:
+        """Whether a non-finite step is skipped on the device without a host sync in the step: a device where
+        that pays (`device_defers_checks`), one process or DDP, a fused torch AdamW (it takes ``found_inf`` and
+        then leaves parameters, moments and step count alone), no loss scaler (fp16 sets ``found_inf`` itself),
+        and no host work after good steps (a TR-DPO reference sync)."""
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        fused = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and all(
+            g.get("fused") for g in optimizer.param_groups)
+        return (
+            device_defers_checks(acc.device)
+            and acc.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU)
+            and fused
+            and getattr(acc, "scaler", None) is None
+            and not self._host_acts_after_good_steps()
+        )
+
+    def _count_step(self, state, finite: bool, step: int, step_loss, grad_norm, sample_losses, updated=None) -> None:
+        """Book one optimizer step's finiteness; a skipped update is counted and logged with the samples to blame.
+        ``updated``: with optim_in_backward, how many parameters backward had already stepped before a gradient
+        turned non-finite (they keep their update)."""
+        if finite:
+            state.nonfinite_in_a_row = 0
+            return
+        state.nonfinite_in_a_row += 1
+        state.nonfinite_steps += 1
+        bad = [i for losses, index in sample_losses for i in index[~torch.isfinite(losses).cpu()].tolist()]
+        if not bad:  # a finite loss with a non-finite gradient: every sample of the step is suspect
+            bad = [i for _, index in sample_losses for i in index.tolist()]
+        n = int(updated) if updated is not None else 0
+        partial = f"; {n} of {len(self._clip_params)} parameters were updated inside backward before it" if n else ""
+        logger.warning("non-finite %s at step %d: update skipped%s (%s %s)",
+                       "gradient" if torch.isfinite(step_loss).item() else "loss", step, partial, self.sample_name, bad)
+
+    def _timed_eval(self) -> dict:
+        """evaluate(), with its time left out of the training throughput."""
+        t = time.perf_counter()
+        out = self.evaluate()
+        if self._window is not None:
+            self._window.paused += time.perf_counter() - t
+        return out
+
+    # --- saving and logging ----------------------------------------------------------------------------
+    def _window_snapshot(self, window: _Window) -> dict:
+        """The not-yet-logged window summed over processes (a collective), for the checkpoint."""
+        snap = MetricAccumulator()
+        snap._sums, snap._counts = dict(window.metrics._sums), dict(window.metrics._counts)
+        if self.accelerator.num_processes > 1:
+            snap.reduce(lambda t: self.accelerator.reduce(t, reduction="sum"))
+        return ckpt.window_state(snap, window.samples, window.tokens)
+
+    def _full_state_dict(self) -> dict | None:
+        """The gathered state dict under FSDP / DeepSpeed (a collective: every rank calls it), else None."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            return self.accelerator.get_state_dict(self.model)
+        return None
+
+    def _save(self, state, final: bool = False):
+        self.accelerator.wait_for_everyone()
+        full = self._full_state_dict()
+        optimizer_state = ckpt.gather_optimizer_state(self, self.accelerator)  # a collective under FSDP
+        rng_states = ckpt.gather_rng_states(self.accelerator)  # a collective with several processes
+        if self.accelerator.is_main_process:
+            ckpt.save_checkpoint(Path(self.args.output_dir), self, state, self.accelerator, state_dict=full,
+                                 optimizer_state=optimizer_state, rng_states=rng_states)
+        self.accelerator.wait_for_everyone()
+
+    def _log(self, run: _Run, row: dict):
+        if not self.accelerator.is_main_process:
+            return
+        clean = {k: (float(v) if isinstance(v, (float, int)) and not isinstance(v, bool) else v) for k, v in row.items()}
+        clean["step"] = int(row["step"])
+        with open(run.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(clean) + "\n")
+        if run.trackers is not None:
+            run.trackers.log({k: v for k, v in clean.items() if k != "step" and isinstance(v, (int, float))}, clean["step"])
+        for cb in self.callbacks:
+            if hasattr(cb, "on_log"):
+                cb.on_log(clean)
+
+    def _attention_kernels(self):
+        """``logps.attention_kernels`` for this run: its device, cuDNN choice, the model's heads and the
+        dtype attention computes in."""
+        base = _unwrap(self.model)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
+        if dtype is None:
+            dtype = next(base.parameters()).dtype
+        return attention_kernels(self.accelerator.device, self.cudnn_attention,
+                                 attention_heads(getattr(base, "config", None)), dtype)
+
+    def save_model(self, output_dir: str | os.PathLike | None = None):
+        """Save the model (or adapter) and tokenizer in Hugging Face format, atomically."""
+        out = Path(output_dir or self.args.output_dir)
+        self.accelerator.wait_for_everyone()
+        full = self._full_state_dict()
+        if self.accelerator.is_main_process:
+            ckpt.save_pretrained_atomic(self.accelerator.unwrap_model(self.model), self.tokenizer, out, state_dict=full)
+        self.accelerator.wait_for_everyone()
+        return out
+
+
+__all__ = ["TrainLoop", "NonFiniteError", "make_accelerator", "resolve_layout", "resolve_shapes",
+           "device_defers_checks", "reduced"]
