@@ -1,10 +1,12 @@
-"""Per-response sequence log-probs (eq 6.3, 6.7, 6.8): completion-only, chunked output head.
+"""Completion-token log-probs (eq 6.3, 6.7, 6.8): completion-only, chunked output head.
 
-``model_logps`` runs the decoder once over a batch from ``preftune.data.batching.collate``,
+``model_token_logps`` runs the decoder once over a batch from ``preftune.data.batching.collate``,
 gathers the K hidden states whose next token is a completion token (``batch["positions"]``)
 and applies the output head to them ``chunk_size`` rows at a time (logits upcast to float32
 before the log-softmax; the decoder is reached through the outer model, see ``_final_hidden``,
-so PEFT, DDP and autocast wrappers apply). Neither the
+so PEFT, DDP and autocast wrappers apply). It returns the K per-token log-probs (``TokenLogps``,
+optionally with each token's entropy and log sum_v p_v^2); ``model_logps`` is their sum per
+response, ``model_pair_logps`` adds LD-DPO's weighted sums and WPO's weights. Neither the
 forward nor the backward holds a (tokens, vocab) tensor: the head is a custom autograd
 function that keeps only its inputs and recomputes one chunk's logits at a time in backward.
 Prompt and padding positions never reach the head, so they get no gradient (section 6.5.6).
@@ -25,17 +27,67 @@ import torch.nn.functional as F
 
 from preftune import attention, fused, kernels
 from preftune.data.batching import IGNORE_INDEX
+from preftune.losses import ld_dpo_logps, wpo_weights
 
 
 @dataclass
 class ResponseLogps:
-    """Per-pair results of ``model_logps``; all (B,), float32 except the long lengths."""
+    """Per-pair results of ``model_logps`` / ``model_pair_logps``; all (B,), float32 except the long
+    lengths. The last three are set only when ``model_pair_logps`` is asked for them."""
 
     chosen_logps: torch.Tensor  # summed (or mean, with average=True) log pi(y_w | x), eq 6.7
     rejected_logps: torch.Tensor  # same for y_l, eq 6.8
     chosen_lengths: torch.Tensor  # completion tokens of y_w
     rejected_lengths: torch.Tensor  # completion tokens of y_l
     chosen_nll: torch.Tensor  # -sum log pi(y_w | x) / |y_w|: mean per-token NLL (rpo)
+    ld_chosen_logps: torch.Tensor | None = None  # LD-DPO's weighted log pi(y_w | x) (ld_alpha), differentiable
+    ld_rejected_logps: torch.Tensor | None = None  # same for y_l
+    wpo_weights: torch.Tensor | None = None  # WPO's pair weights (use_weighting), detached
+
+
+@dataclass
+class TokenLogps:
+    """Per-token values of the K completion tokens of a batch, flat in the batch's order (``collate``'s
+    ``positions``/``targets``), from ``model_token_logps``.
+
+    ``segments[k]`` is the response token k belongs to (chosen of pair i -> i, rejected -> B + i), R = 2B
+    responses; a response's tokens appear in sequence order (not always next to each other's
+    responses: the prefix layouts interleave chosen and rejected pair by pair). ``lengths`` (R,) counts
+    each response's tokens. ``logps`` carries gradients; ``entropies`` (-sum_v p_v log p_v) and
+    ``log_sum_sq_probs`` (log sum_v p_v^2) are detached, None unless asked for.
+    """
+
+    logps: torch.Tensor  # (K,) float32, log p(token), differentiable
+    segments: torch.Tensor  # (K,) long, the response of each token
+    lengths: torch.Tensor  # (R,) long, completion tokens per response
+    entropies: torch.Tensor | None = None  # (K,) float32, detached
+    log_sum_sq_probs: torch.Tensor | None = None  # (K,) float32, detached
+
+    def sums(self, values: torch.Tensor | None = None) -> torch.Tensor:
+        """(R,) float32 per-response sums of ``values`` (K,) (default: ``logps``)."""
+        values = self.logps if values is None else values
+        return torch.zeros(self.lengths.numel(), dtype=values.dtype, device=values.device).index_add(
+            0, self.segments, values)
+
+    def ranks(self) -> torch.Tensor:
+        """(K,) long: each token's 0-based index inside its response."""
+        order = torch.argsort(self.segments, stable=True)  # response by response, each in sequence order
+        starts = self.lengths.cumsum(0) - self.lengths  # (R,) where each response begins in that order
+        rank = torch.empty_like(self.segments)
+        rank[order] = torch.arange(order.numel(), device=order.device) - starts[self.segments[order]]
+        return rank
+
+    def padded(self, values: torch.Tensor | None = None, fill: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, T_max) per-response rows of ``values`` (K,) (default: ``logps``; gradients flow) left-aligned
+        and ``fill`` after each response's end, with the (R, T_max) bool mask of real tokens."""
+        values = self.logps if values is None else values
+        R = self.lengths.numel()
+        T = int(self.lengths.max()) if R else 0
+        index = (self.segments, self.ranks())
+        out = values.new_full((R, T), fill).index_put(index, values)
+        mask = torch.zeros((R, T), dtype=torch.bool, device=values.device).index_put_(
+            index, torch.ones_like(self.segments, dtype=torch.bool))
+        return out, mask
 
 
 def logps_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, average: bool = False):
@@ -63,8 +115,11 @@ def _head_matmul(h, weight, bias):
 def _head_logits(h, weight, bias, scale, softcap):
     """(n, H) -> (n, V) logits upcast to float32, then the config's scaling and soft-capping:
     ``lm_head`` followed by ``.float()``; everything after the matmul is float32."""
-    z = _head_matmul(h, weight, bias).float()
-    # z is this call's own tensor: scale and cap it in place (no second (n, V) buffer)
+    return _transform_(_head_matmul(h, weight, bias).float(), scale, softcap)
+
+
+def _transform_(z: torch.Tensor, scale, softcap) -> torch.Tensor:
+    """z * scale, then softcap * tanh(. / softcap), in z's own memory (no second (n, V) buffer)."""
     if scale is not None:
         z.mul_(scale)
     if softcap is not None:
@@ -74,13 +129,23 @@ def _head_logits(h, weight, bias, scale, softcap):
 
 def _logsumexp_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(torch.logsumexp(z, dim=1), sum(exp(z - max))) with torch's steps (max, subtract, exp, sum, log,
-    add back) done in z's own memory, which is left holding exp(z - max): no (n, V) temporary. A
-    fresh (416, 49152) float32 buffer cost more to fault in than the subtraction itself (89 ms per
-    step on the 2-core benchmark CPU)."""
+    add back) done in z's own memory, which is left holding exp(z - max): no (n, V) temporary, whose
+    first touch cost more than the subtraction (docs/benchmarks.md, the 2-core CPU's changes)."""
     m = z.amax(1, keepdim=True)
     m.masked_fill_(m.abs() == float("inf"), 0)  # as torch: rows of -inf give -inf, not nan
     total = z.sub_(m).exp_().sum(1)
     return total.log().add_(m[:, 0]), total
+
+
+def _softmax_stats(e: torch.Tensor, total: torch.Tensor, entropies: bool, sum_sq: bool):
+    """Per-row entropy -sum_v p_v log p_v and log sum_v p_v^2 of p = e / total, from e = exp(z - max)
+    (n, V) float32 and total = e.sum(1) as ``_logsumexp_`` leaves them; (n,) float32 each, or None where
+    not asked. log sum p^2 = log sum e^2 - 2 log total (a dot product, no (n, V) temporary; e <= 1 with
+    max 1, so the sum is >= 1); entropy = log total - sum e log e / total (one (n, V) temporary)."""
+    log_total = total.log()
+    ent = log_total - torch.special.xlogy(e, e).sum(1) / total if entropies else None
+    lss = torch.linalg.vecdot(e, e).log().sub_(2 * log_total) if sum_sq else None
+    return ent, lss
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
@@ -93,42 +158,58 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     When all K tokens are one chunk, with no soft-capping and ``keep`` (autograd records), forward
     keeps that chunk's softmax for backward instead: the (K, V) buffer is alive at the start of
     backward either way (recomputed there otherwise), so the peak is the same and backward skips the
-    (K, H) x (H, V) matmul (157 ms of a 3.9 s step for the benchmark's short shape on CPU). A second
+    (K, H) x (H, V) matmul (measured: docs/benchmarks.md, the 2-core CPU's changes). A second
     backward through the same graph (retain_graph) recomputes: the first one consumed the buffer.
     Under CUDA autocast, backward runs with forward's autocast state (custom_fwd/custom_bwd).
     With ``triton`` (CUDA tensors, ``preftune.kernels.usable``) each chunk's logits stay in the
     matmul's dtype: one kernel reads them once for the log-softmax at the targets (forward), one
     writes d logits over them (backward), and the weight gradient accumulates in float32 inside the
     matmul where torch has that (``_add_weight_grad``); same float32 math, no float32 (chunk, V) copy.
+    ``stats`` = (entropies, sum_sq): also return each token's entropy and log sum_v p_v^2 ((K,) float32
+    or None, not differentiable; ``_softmax_stats``), from the same chunk of logits in forward (on the
+    Triton path from a float32 copy of it: one more (chunk, V) float32 pass, only when asked). Returns
+    token_logps alone without stats, else (token_logps, entropies, log_sum_sq).
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, h, weight, bias, targets, chunk_size, scale, softcap, keep=False, triton=False, tied=None):
+    def forward(ctx, h, weight, bias, targets, chunk_size, scale, softcap, keep=False, triton=False, tied=None,
+                stats=(False, False)):
         n = h.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=h.device)
         lse = torch.empty(n, dtype=torch.float32, device=h.device)
+        ent, lss = (torch.empty(n, dtype=torch.float32, device=h.device) if on else None for on in stats)
         keep = keep and not triton and n <= chunk_size and softcap is None and any(ctx.needs_input_grad[:3])
         kept = ()
         for s in range(0, n, chunk_size):
             if triton:  # logits in the matmul's dtype, read once by the kernel
+                zc = _head_matmul(h[s : s + chunk_size], weight, bias)
                 out[s : s + chunk_size], lse[s : s + chunk_size] = kernels.head_logps_forward(
-                    _head_matmul(h[s : s + chunk_size], weight, bias), targets[s : s + chunk_size], scale, softcap)
+                    zc, targets[s : s + chunk_size], scale, softcap)
+                if any(stats):
+                    e = _transform_(zc.float(), scale, softcap)
+                    _, total = _logsumexp_(e)
+                    _store_stats(ent, lss, s, _softmax_stats(e, total, *stats))
                 continue
             z = _head_logits(h[s : s + chunk_size], weight, bias, scale, softcap)  # (c, V)
             out[s : s + chunk_size] = z.gather(1, targets[s : s + chunk_size, None])[:, 0]
             lse[s : s + chunk_size], total = _logsumexp_(z)  # z now holds exp(z - max)
             out[s : s + chunk_size] -= lse[s : s + chunk_size]
+            if any(stats):
+                _store_stats(ent, lss, s, _softmax_stats(z, total, *stats))
             if keep:
                 kept = (z.div_(total[:, None]),)  # the softmax
         ctx.save_for_backward(h, weight, bias, targets, lse, *kept)
         ctx.chunk_size, ctx.scale, ctx.softcap, ctx.kept_fresh = chunk_size, scale, softcap, bool(kept)
         ctx.triton, ctx.tied = triton, tied
-        return out
+        if not any(stats):
+            return out
+        ctx.mark_non_differentiable(*(t for t in (ent, lss) if t is not None))
+        return out, ent, lss
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad_out):  # grad_out (K,) float32
+    def backward(ctx, grad_out, *_stats):  # grad_out (K,) float32; the stats take no gradient
         h, weight, bias, targets, lse, *kept = ctx.saved_tensors
         kept, ctx.kept_fresh = (kept[0] if kept and ctx.kept_fresh else None), False
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -168,7 +249,14 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         if ctx.tied is not None:  # the input embedding's rows go into this buffer (_TiedEmbedding)
             ctx.tied.grad = grad_w
         return (grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None,
-                None)
+                None, None)
+
+
+def _store_stats(ent, lss, s, chunk_stats) -> None:
+    """Write one chunk's (entropies, log_sum_sq) from row ``s`` into the (K,) outputs that exist."""
+    for dst, src in zip((ent, lss), chunk_stats):
+        if dst is not None:
+            dst[s : s + src.shape[0]] = src
 
 
 class _TiedSlot:
@@ -276,16 +364,20 @@ def _add_weight_grad(grad_w, dz, hc):
     return grad_w
 
 
-def _module_token_logps(head, h, targets, chunk_size, scale, softcap):
+def _module_token_logps(head, h, targets, chunk_size, scale, softcap, stats=(False, False)):
     """Fallback when the head is not a plain Linear (e.g. LoRA-wrapped): call the module on
-    chunks, each under activation checkpointing so only one chunk's (c, V) is alive."""
+    chunks, each under activation checkpointing so only one chunk's (c, V) is alive. Returns
+    (token_logps (K,), entropies (K,) or None, log_sum_sq (K,) or None); the last two detached."""
     from torch.utils.checkpoint import checkpoint
 
     def chunk(hc, tc):
         z = head(hc).float()
         z = z * scale if scale is not None else z
         z = softcap * torch.tanh(z / softcap) if softcap is not None else z
-        return z.gather(1, tc[:, None])[:, 0] - torch.logsumexp(z, dim=1)
+        with torch.no_grad():
+            e = z.detach().clone() if any(stats) else None
+            chunk_stats = _softmax_stats(e, _logsumexp_(e)[1], *stats) if any(stats) else (None, None)
+        return z.gather(1, tc[:, None])[:, 0] - torch.logsumexp(z, dim=1), *chunk_stats
 
     outs = [
         checkpoint(chunk, h[s : s + chunk_size], targets[s : s + chunk_size], use_reentrant=False)
@@ -293,7 +385,52 @@ def _module_token_logps(head, h, targets, chunk_size, scale, softcap):
         else chunk(h[s : s + chunk_size], targets[s : s + chunk_size])
         for s in range(0, h.shape[0], chunk_size)
     ]
-    return torch.cat(outs) if outs else h.new_zeros(0, dtype=torch.float32)
+
+    def joined(i):
+        return torch.cat([o[i] for o in outs]) if outs else h.new_zeros(0, dtype=torch.float32)
+
+    return joined(0), *(joined(i) if on else None for i, on in enumerate(stats, 1))
+
+
+def head_token_logps(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor | None,
+    positions: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    lm_head_bias: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    logit_scale: float | None = None,
+    logit_softcap: float | None = None,
+    head_module: torch.nn.Module | None = None,
+    triton: bool = False,
+    tied: _TiedSlot | None = None,
+    entropies: bool = False,
+    sum_sq_probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Completion-only per-token log-probs (eq 6.3), without (tokens, V) logits.
+
+    hidden (R, T, H) or (R*T, H) final hidden states (after the last norm);
+    lm_head_weight (V, H) (and lm_head_bias (V,)); positions, targets (K,) from ``collate``.
+    logits = (h W^T + b) * logit_scale, then logit_softcap * tanh(. / softcap), all float32.
+    ``head_module`` instead of the weight calls that module (for wrapped heads).
+    ``triton``: the log-softmax runs as ``preftune.kernels`` head kernels where they apply (CUDA).
+    ``tied``: the slot a ``_TiedEmbedding`` of the same weight reads the head's weight gradient from.
+    Returns (token_logps (K,) float32 with gradients, entropies (K,) float32 or None,
+    log sum_v p_v^2 (K,) float32 or None); the last two are computed only when asked, and detached.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"head_token_logps: chunk_size must be >= 1, got {chunk_size}.")
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (K, H)
+    stats = (bool(entropies), bool(sum_sq_probs))
+    if head_module is not None:
+        return _module_token_logps(head_module, h, targets, chunk_size, logit_scale, logit_softcap, stats)
+    triton = triton and kernels.usable(h, lm_head_weight, *(() if lm_head_bias is None else (lm_head_bias,)))
+    out = _ChunkedTokenLogps.apply(
+        h, lm_head_weight, lm_head_bias, targets, chunk_size, logit_scale, logit_softcap, torch.is_grad_enabled(),
+        triton, tied, stats,
+    )
+    return out if any(stats) else (out, None, None)
 
 
 def sequence_logps(
@@ -303,37 +440,13 @@ def sequence_logps(
     targets: torch.Tensor,
     segments: torch.Tensor,
     num_segments: int,
-    *,
-    lm_head_bias: torch.Tensor | None = None,
-    chunk_size: int = 1024,
-    logit_scale: float | None = None,
-    logit_softcap: float | None = None,
-    head_module: torch.nn.Module | None = None,
-    triton: bool = False,
-    tied: _TiedSlot | None = None,
+    **head_kwargs,
 ):
-    """Completion-only summed log-probs per segment (eq 6.3), without (tokens, V) logits.
-
-    hidden (R, T, H) or (R*T, H) final hidden states (after the last norm);
-    lm_head_weight (V, H) (and lm_head_bias (V,)); positions, targets, segments (K,) from
-    ``collate``. logits = (h W^T + b) * logit_scale, then logit_softcap * tanh(. / softcap),
-    all float32. ``head_module`` instead of the weight calls that module (for wrapped heads).
-    ``triton``: the log-softmax runs as ``preftune.kernels`` head kernels where they apply (CUDA).
-    ``tied``: the slot a ``_TiedEmbedding`` of the same weight reads the head's weight gradient from.
-    Returns (logps (S,) float32, counts (S,) long) with S = num_segments.
-    """
-    if chunk_size < 1:
-        raise ValueError(f"sequence_logps: chunk_size must be >= 1, got {chunk_size}.")
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (K, H)
-    if head_module is not None:
-        token = _module_token_logps(head_module, h, targets, chunk_size, logit_scale, logit_softcap)
-    else:
-        triton = triton and kernels.usable(h, lm_head_weight, *(() if lm_head_bias is None else (lm_head_bias,)))
-        token = _ChunkedTokenLogps.apply(
-            h, lm_head_weight, lm_head_bias, targets, chunk_size, logit_scale, logit_softcap, torch.is_grad_enabled(),
-            triton, tied,
-        )  # (K,)
-    logps = torch.zeros(num_segments, dtype=torch.float32, device=h.device).index_add(0, segments, token)
+    """Completion-only summed log-probs per segment (eq 6.3): ``head_token_logps`` (same arguments,
+    ``head_kwargs`` its keywords) summed over ``segments`` (K,). Returns (logps (S,) float32,
+    counts (S,) long) with S = num_segments."""
+    token, _, _ = head_token_logps(hidden, lm_head_weight, positions, targets, **head_kwargs)  # (K,)
+    logps = torch.zeros(num_segments, dtype=torch.float32, device=token.device).index_add(0, segments, token)
     counts = torch.bincount(segments, minlength=num_segments)
     return logps, counts
 
@@ -385,8 +498,8 @@ def _attention_mask_for(mask, attn_impl: str, dtype: torch.dtype):
         return mask
     if attn_impl == "sdpa":
         # SDPA turns a bool mask into an additive one in every layer (two kernels) and the attention's
-        # backward keeps each copy: 24 (8, 1, 1408, 1408) bfloat16 tensors, ~0.7 GB, for a Qwen2-0.5B
-        # batch of 8. Made here once per forward, every layer reads the same one. The fill is SDPA's
+        # backward keeps each copy (measured: docs/benchmarks.md, "three changes to attention"). Made
+        # here once per forward, every layer reads the same one. The fill is SDPA's
         # own: -inf on CPU; on a GPU the finite -65504 it gives cuDNN (which mishandles -inf; exp of
         # it is 0 as well, since every row attends at least to itself).
         fill = float("-inf") if mask.device.type == "cpu" else -65504.0
@@ -407,11 +520,9 @@ _FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
 @contextlib.contextmanager
 def _grouped_kv():
     """SDPA gets grouped key/value heads as they are (enable_gqa): no (R, heads, T, D) copies of K and
-    V per layer kept for backward and no sum over the copies in backward. On CPU: SmolLM2-135M, 9
-    query and 3 K/V heads, 4 x 165 tokens: 7.5 vs 8.5 ms per layer forward and backward, 61 MB less
-    per step. On a GPU where cuDNN's kernel takes them with a mask (``_cudnn_takes_grouped_kv``): a
-    Qwen2-0.5B batch of 8 x 1408 tokens keeps 24 x 35 MB less. Same math. A value the user set is
-    left alone."""
+    V per layer kept for backward and no sum over the copies in backward; on CPU, and on a GPU where
+    cuDNN's kernel takes them with a mask (``_cudnn_takes_grouped_kv``; measured: docs/benchmarks.md).
+    Same math. A value the user set is left alone."""
     if _FORCE_GQA in os.environ:
         yield
         return
@@ -440,9 +551,9 @@ def _cudnn_takes_grouped_kv(device_index: int, heads: tuple[int, int, int], dtyp
 def attention_kernels(device: torch.device, cudnn: bool = False, heads: tuple[int, int, int] | None = None,
                       dtype: torch.dtype = torch.bfloat16):
     """Context for the forwards (and so the backwards) of a run. On a GPU without ``cudnn``, SDPA may
-    use flash, memory-efficient or math attention but not cuDNN's: cuDNN builds an execution plan
-    for every new (batch, length) shape, 0.5-1 s each on an H200 in ``benchmarks/vs_trl.py`` runs,
-    and a DPO run meets a new length in most batches. Grouped K/V heads go to SDPA as they are
+    use flash, memory-efficient or math attention but not cuDNN's: cuDNN builds an execution plan,
+    costly (docs/benchmarks.md), for every new (batch, length) shape, and a DPO run meets a new length
+    in most batches. Grouped K/V heads go to SDPA as they are
     (``_grouped_kv``) on CPU, and on a GPU with ``cudnn`` where cuDNN takes them for the model's
     ``heads`` = (query heads, K/V heads, head dim) in ``dtype``; the other GPU kernels with a mask do
     not, so there they stay repeated."""
@@ -486,9 +597,8 @@ def auto_chunk_size(vocab_size: int) -> int:
     chunk's float32 logits take at most 512 MiB (1024 up to a 131072 vocabulary, 512 for Qwen2's 151936).
     The head's peak is a few chunk-sized temporaries at the start of backward, on top of every saved
     activation, so this bounds it whatever the vocabulary. The Triton head keeps its logits in the
-    matmul's dtype, so its chunks take half that in bf16; the rows stay the same: with 1024-row bf16
-    chunks a Qwen2-0.5B-like job on an H200 peaked 287 MiB higher for a fastest step of 0.112 s vs
-    0.118 s (docs/benchmarks.md)."""
+    matmul's dtype, so its chunks take half that in bf16; the rows stay the same (the trade measured:
+    docs/benchmarks.md, "Head chunk")."""
     chunk = 1024
     while chunk > 64 and chunk * vocab_size * 4 > 512 * 2**20:
         chunk //= 2
@@ -513,18 +623,39 @@ def use_triton_head(model: torch.nn.Module, on: bool = True) -> bool:
     return True
 
 
-def model_logps(model, batch: dict, *, chunk_size: int | None = None, average: bool = False) -> ResponseLogps:
-    """Per-response log-probs of a collated batch (any layout) under ``model``.
+def _with_temperature(scale: float | None, softcap: float | None, temperature: float | None):
+    """(scale, softcap) whose logits are the config's logits divided by ``temperature``.
+
+    The temperature divides the logits the model returns, after its own scaling and soft-capping (as
+    sampling with a temperature does in transformers' generation and TRL's GRPO does on the model's
+    logits). It folds into the pair exactly: cap * tanh(s z / cap) / T = (cap / T) * tanh((s / T) z /
+    (cap / T)), so the chunked head and its Triton kernels take it as they are."""
+    if temperature is None:
+        return scale, softcap
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            0 < temperature < float("inf")):
+        raise ValueError(f"model_token_logps: temperature must be a finite number > 0 (or None), got "
+                         f"{temperature!r}.")
+    if temperature == 1:
+        return scale, softcap
+    return (1.0 if scale is None else scale) / temperature, None if softcap is None else softcap / temperature
+
+
+def model_token_logps(model, batch: dict, *, chunk_size: int | None = None, temperature: float | None = None,
+                      entropies: bool = False, sum_sq_probs: bool = False) -> TokenLogps:
+    """Per-token log-probs of the completion tokens of a collated batch (any layout) under ``model``.
 
     model: a transformers causal LM, optionally PEFT- and/or DDP-wrapped. chunk_size None =
-    ``auto_chunk_size`` of the head's vocabulary. Returns
-    ``ResponseLogps`` with (B,) float32 sums (means per token with ``average=True``, section
-    6.5.5) and long lengths, whatever the model's dtype.
+    ``auto_chunk_size`` of the head's vocabulary. temperature: the logits are divided by it after the
+    config's scaling and soft-capping (``_with_temperature``); None or 1 leaves them. entropies /
+    sum_sq_probs: also each token's entropy -sum_v p_v log p_v and log sum_v p_v^2 under those logits
+    (detached). Returns a ``TokenLogps`` of the K completion tokens in the batch's order, float32
+    whatever the model's dtype, with R = 2 * batch["num_pairs"] responses.
     """
     base = _unwrap(model)
     head = base.get_output_embeddings()
     device = head.weight.device if hasattr(head, "weight") else next(base.parameters()).device
-    scale, softcap = _logit_transform(base.config)
+    scale, softcap = _with_temperature(*_logit_transform(base.config), temperature)
     mask = batch["attention_mask"]
     if mask is not None:
         mask = _attention_mask_for(mask.to(device), base.config._attn_implementation, _compute_dtype(base, device))
@@ -552,17 +683,14 @@ def model_logps(model, batch: dict, *, chunk_size: int | None = None, average: b
     tied = _TiedSlot() if embed is not None else None
     with forward, recompute, rope, _tied_lookup(embed, tied):
         hidden = _final_hidden(model, base, inputs)  # (R, T, H)
-    B = batch["num_pairs"]
-    triton = plain and getattr(head, TRITON_HEAD, False)  # sequence_logps checks the tensors (kernels.usable)
+    triton = plain and getattr(head, TRITON_HEAD, False)  # head_token_logps checks the tensors (kernels.usable)
     if chunk_size is None:
         chunk_size = auto_chunk_size(head.weight.shape[0] if hasattr(head, "weight") else base.config.vocab_size)
-    logps, counts = sequence_logps(
+    token, ent, lss = head_token_logps(
         hidden,
         head.weight if plain else None,
         batch["positions"].to(device),
         batch["targets"].to(device),
-        batch["segments"].to(device),
-        2 * B,
         lm_head_bias=head.bias if plain else None,
         chunk_size=chunk_size,
         logit_scale=scale,
@@ -570,13 +698,59 @@ def model_logps(model, batch: dict, *, chunk_size: int | None = None, average: b
         head_module=None if plain else head,
         triton=triton,
         tied=tied,
-    )
+        entropies=entropies,
+        sum_sq_probs=sum_sq_probs,
+    )  # (K,) each
+    segments = batch["segments"].to(device)
+    lengths = torch.bincount(segments, minlength=2 * batch["num_pairs"])  # (R,)
+    return TokenLogps(token, segments, lengths, ent, lss)
+
+
+def model_pair_logps(model, batch: dict, *, chunk_size: int | None = None, average: bool = False,
+                     ld_alpha: float | None = None, wpo: bool = False) -> ResponseLogps:
+    """``model_logps`` plus, in the same forward, LD-DPO's and WPO's per-pair terms where asked.
+
+    ld_alpha (LD-DPO, in [0, 1]): ``ld_chosen_logps``/``ld_rejected_logps`` = ``losses.ld_dpo_logps`` of
+    the per-token log-probs: the first min(|y_w|, |y_l|) completion tokens of each response weigh 1, the
+    rest ld_alpha (divided by the response's length with ``average``, like ``chosen_logps``); they
+    take gradients. A loss uses them for the policy and the reference alike. wpo (WPO, ``use_weighting``):
+    ``wpo_weights`` = ``losses.wpo_weights`` of the per-token log-probs and log sum_v p_v^2 of this
+    model: exp(mean_t [log p_t - log sum_v p_v^2] over y_w + the same over y_l), not capped at 1,
+    detached; the policy's are the loss's ``weights``. Neither changes the other fields.
+    """
+    tokens = model_token_logps(model, batch, chunk_size=chunk_size, sum_sq_probs=wpo)
+    B = batch["num_pairs"]
+    logps, counts = tokens.sums(), tokens.lengths  # (2B,)
     mean = logps / counts.clamp(min=1)
     out = mean if average else logps
-    return ResponseLogps(
+    result = ResponseLogps(
         chosen_logps=out[:B],
         rejected_logps=out[B:],
         chosen_lengths=counts[:B],
         rejected_lengths=counts[B:],
         chosen_nll=-mean[:B],
     )
+    if ld_alpha is None and not wpo:
+        return result
+    values, mask = tokens.padded()  # (2B, T_max)
+    if ld_alpha is not None:
+        ld_c, ld_r = ld_dpo_logps(values[:B], values[B:], mask[:B], mask[B:], ld_alpha)
+        if average:
+            ld_c, ld_r = ld_c / counts[:B].clamp(min=1), ld_r / counts[B:].clamp(min=1)
+        result.ld_chosen_logps, result.ld_rejected_logps = ld_c, ld_r
+    if wpo:
+        norm, _ = tokens.padded(tokens.log_sum_sq_probs)
+        result.wpo_weights = wpo_weights(values[:B], values[B:], norm[:B], norm[B:], mask[:B], mask[B:])
+    return result
+
+
+def model_logps(model, batch: dict, *, chunk_size: int | None = None, average: bool = False) -> ResponseLogps:
+    """Per-response log-probs of a collated batch (any layout) under ``model``: the sums of
+    ``model_token_logps`` per response, chosen (pair i -> response i) and rejected (B + i) apart.
+
+    model: a transformers causal LM, optionally PEFT- and/or DDP-wrapped. chunk_size None =
+    ``auto_chunk_size`` of the head's vocabulary. Returns
+    ``ResponseLogps`` with (B,) float32 sums (means per token with ``average=True``, section
+    6.5.5) and long lengths, whatever the model's dtype.
+    """
+    return model_pair_logps(model, batch, chunk_size=chunk_size, average=average)

@@ -513,7 +513,8 @@ def ld_dpo_logps(chosen_token_logps: torch.Tensor, rejected_token_logps: torch.T
                  chosen_mask: torch.Tensor, rejected_mask: torch.Tensor,
                  ld_alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """LD-DPO summed log-probs from padded per-token log-probs (B, Tc) / (B, Tr) and masks of the same
-    shapes (True / 1 on completion tokens, anywhere in the row). With l_p = min(|y_w|, |y_l|) the
+    shapes (True / 1 on completion tokens, anywhere in the row; ``preftune.logps.TokenLogps.padded``
+    gives them, chosen rows [:B], rejected [B:]). With l_p = min(|y_w|, |y_l|) the
     "public" length, the k-th completion token (k = 1, 2, ...) has weight 1 if k <= l_p else ld_alpha:
     log pi_ld(y) = sum_{k <= l_p} log p_k + ld_alpha * sum_{k > l_p} log p_k. Returns (pc, pr), (B,)
     float32 (float64 for float64 input), differentiable; ld_alpha = 1 gives the plain sums."""
@@ -545,8 +546,10 @@ def wpo_weights(chosen_token_logps: torch.Tensor, rejected_token_logps: torch.Te
     """WPO per-pair weights (eq. 2 of the WPO paper, the `use_weighting` option), detached, (B,).
 
     Per response y, with per-token log-probs log p_t and normalizers log sum_v p_v^2 (log_sum_sq_probs),
-    both padded (B, T) with a completion mask: a(y) = mean_t [log p_t - log sum_v p_v(t)^2]; the pair
-    weight is min(1, exp(a(y_w) + a(y_l))). Pass it as preference_loss(..., weights=w)."""
+    both padded (B, T) with a completion mask (``preftune.logps.TokenLogps.padded`` of ``logps`` and of
+    ``log_sum_sq_probs``): a(y) = mean_t [log p_t - log sum_v p_v(t)^2]; the pair weight is
+    exp(a(y_w) + a(y_l)), not capped at 1 (as TRL; a(y) <= log V). Pass it as
+    preference_loss(..., weights=w)."""
 
     def length_mean(logps, norm, mask):
         mask = mask.bool()
@@ -555,7 +558,7 @@ def wpo_weights(chosen_token_logps: torch.Tensor, rejected_token_logps: torch.Te
 
     a = length_mean(chosen_token_logps, chosen_log_sum_sq, chosen_mask)
     b = length_mean(rejected_token_logps, rejected_log_sum_sq, rejected_mask)
-    return torch.exp(torch.clamp(a + b, max=0.0))
+    return torch.exp(a + b)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,16 @@ import torch
 import torch.nn.functional as F
 
 from preftune.data.batching import collate
-from preftune.logps import logps_from_logits, model_logps, sequence_logps
+from preftune.logps import (
+    TokenLogps,
+    head_token_logps,
+    logps_from_logits,
+    model_logps,
+    model_pair_logps,
+    model_token_logps,
+    sequence_logps,
+)
+from preftune.losses import wpo_weights
 from preftune.testing import tiny_model
 
 V = 300
@@ -565,3 +574,233 @@ def test_tied_embedding_path_is_left_where_it_does_not_apply():
     tied.get_input_embeddings().weight.requires_grad_(True)
     tied.get_input_embeddings().forward = lambda ids: None  # someone else's patched forward stays theirs
     assert lp._tied_embedding(tied, head) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-token log-probs (model_token_logps) and what is built on them
+# --------------------------------------------------------------------------------------------------
+def plain_token_values(model, feats, *, softcap=None, temperature=None):
+    """The obvious path per token: padded batch -> full logits -> (softcap) -> / temperature, then
+    each response's completion tokens left-aligned in (R, T_max) rows: (logps (differentiable),
+    entropies (torch.distributions.Categorical), log sum_v p_v^2 (float64 softmax), mask)."""
+    b = collate(feats, layout="padded", pad_token_id=0)
+    z = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()  # (R, T-1, V)
+    z = softcap * torch.tanh(z / softcap) if softcap is not None else z
+    z = z / temperature if temperature is not None else z
+    labels = b["labels"][:, 1:]
+    mask = labels != -100  # (R, T-1)
+    logp = F.log_softmax(z, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    ent = torch.distributions.Categorical(logits=z.detach()).entropy()
+    lss = torch.softmax(z.detach().double(), -1).pow(2).sum(-1).log().float()
+    lengths = mask.sum(1)
+    rows = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]  # (R, T_max)
+
+    def left(v):
+        return torch.zeros(rows.shape, dtype=v.dtype).masked_scatter(rows, v[mask])
+
+    return left(logp), left(ent), left(lss), rows
+
+
+def grads_of(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("temperature", [None, 0.7])
+@pytest.mark.parametrize("layout", ["padded", "packed", "prefix", "prefix_packed"])
+def test_token_logps_entropies_and_sum_sq_match_full_logits(model, layout, temperature):
+    """Per token, every layout: log-probs, entropies and log sum_v p_v^2 (at a temperature too) equal
+    the full-logits twin's, the per-response sums equal model_logps' bit for bit, and the gradients of a
+    per-token weighted loss equal the twin's."""
+    want_lp, want_ent, want_lss, want_mask = plain_token_values(model, FEATS, temperature=temperature)
+    weights = torch.linspace(-1.0, 2.0, want_lp.numel()).view(want_lp.shape)  # a different weight per token
+    want_grads = grads_of(model, (want_lp * weights).sum())
+    batch = collate(FEATS, layout=layout, pad_token_id=0, pad_to_multiple_of=None if layout == "prefix_packed" else 8)
+    tok = model_token_logps(model, batch, chunk_size=4, temperature=temperature, entropies=True, sum_sq_probs=True)
+    assert tok.logps.shape == tok.segments.shape == tok.entropies.shape == tok.log_sum_sq_probs.shape
+    assert tok.lengths.tolist() == [3, 1, 5, 2, 4, 1]
+    assert not tok.entropies.requires_grad and not tok.log_sum_sq_probs.requires_grad
+    got_lp, got_mask = tok.padded()
+    assert torch.equal(got_mask, want_mask)
+    torch.testing.assert_close(got_lp, want_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tok.padded(tok.entropies)[0], want_ent, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tok.padded(tok.log_sum_sq_probs)[0], want_lss, rtol=1e-5, atol=1e-5)
+    got_grads = grads_of(model, (got_lp * weights).sum())
+    assert got_grads.keys() == want_grads.keys()
+    for name, g in got_grads.items():
+        torch.testing.assert_close(g, want_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    if temperature is None:
+        with torch.no_grad():
+            sums = model_token_logps(model, batch, chunk_size=4).sums()
+            out = model_logps(model, batch, chunk_size=4)
+        assert torch.equal(sums, torch.cat([out.chosen_logps, out.rejected_logps]))
+
+
+def test_temperature_divides_the_soft_capped_logits(model):
+    """The temperature divides the logits after the config's soft-capping (and scale), as the model's own
+    logits would be divided; not the logits before the cap. 1 is no temperature; others are refused."""
+    batch = collate(FEATS, layout="prefix", pad_token_id=0)
+    plain = model_token_logps(model, batch, chunk_size=4)
+    same = model_token_logps(model, batch, chunk_size=4, temperature=1)
+    assert torch.equal(plain.logps, same.logps)
+    model.config.final_logit_softcapping = 0.1  # at the logits' own size, so the cap bends them
+    try:
+        got = model_token_logps(model, batch, chunk_size=4, temperature=0.5).padded()[0]
+        want, _, _, _ = plain_token_values(model, FEATS, softcap=0.1, temperature=0.5)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # the other order, the cap over the divided logits: 0.1 tanh((z / 0.5) / 0.1) = 0.05 tanh(z / 0.05) / 0.5
+        other, _, _, _ = plain_token_values(model, FEATS, softcap=0.05, temperature=0.5)
+        assert (got - other).abs().max() > 1e-3
+        for bad in (0, -1.0, float("inf"), float("nan"), True, "1"):
+            with pytest.raises(ValueError, match="temperature"):
+                model_token_logps(model, batch, temperature=bad)
+    finally:
+        del model.config.final_logit_softcapping
+
+
+def dense_stats(h, W, b, scale=None, softcap=None):
+    """(entropies, log sum_v p_v^2) of the dense logits, float64."""
+    z = (h.double() @ W.double().T + (0 if b is None else b.double()))
+    z = z * scale if scale is not None else z
+    z = softcap * torch.tanh(z / softcap) if softcap is not None else z
+    p = torch.softmax(z, -1)
+    return -(p * torch.log_softmax(z, -1)).sum(-1), p.pow(2).sum(-1).log()
+
+
+@pytest.mark.parametrize("transform", [{}, {"scale": 0.7, "softcap": 3.0}])
+@pytest.mark.parametrize("chunk_size", [1, 5, 11])  # 11 = K: one chunk, whose softmax is kept without softcap
+def test_head_token_stats_match_dense_and_leave_the_logps_alone(chunk_size, transform):
+    """The chunked head's entropies and log sum p^2 equal the dense ones; asking for them changes neither
+    the log-probs nor their gradients, and saves no (K, V) tensor; the module-head fallback agrees."""
+    torch.manual_seed(1)
+    K, H, Vs = 11, 8, 300
+    h = (3 * torch.randn(K, H)).requires_grad_()
+    head = torch.nn.Linear(H, Vs)
+    targets = torch.randint(0, Vs, (K,))
+    kw = dict(chunk_size=chunk_size, logit_scale=transform.get("scale"), logit_softcap=transform.get("softcap"))
+    args = (h, head.weight, torch.arange(K), targets)
+    plain, none_e, none_s = head_token_logps(*args, lm_head_bias=head.bias, **kw)
+    assert none_e is None and none_s is None
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lp, ent, lss = head_token_logps(*args, lm_head_bias=head.bias, entropies=True, sum_sq_probs=True, **kw)
+    assert chunk_size == K or max(sizes) < K * Vs
+    want_ent, want_lss = dense_stats(h.detach(), head.weight.detach(), head.bias.detach(), *transform.values())
+    torch.testing.assert_close(ent.double(), want_ent, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lss.double(), want_lss, rtol=1e-5, atol=1e-5)
+    assert torch.equal(lp, plain) and not ent.requires_grad and not lss.requires_grad
+    w = torch.linspace(-1, 1, K)
+    for a, b in zip(torch.autograd.grad((lp * w).sum(), (h, head.weight)),
+                    torch.autograd.grad((plain * w).sum(), (h, head.weight))):
+        assert torch.equal(a, b)
+    only_lss = head_token_logps(*args, lm_head_bias=head.bias, sum_sq_probs=True, **kw)
+    assert only_lss[1] is None and torch.equal(only_lss[2], lss)
+    mod = head_token_logps(h, None, torch.arange(K), targets, head_module=head, entropies=True, sum_sq_probs=True, **kw)
+    for a, b in zip(mod, (lp, ent, lss)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_token_logps_padded_view_by_hand():
+    """Tokens in the prefix layouts' order (pair by pair: chosen, then rejected) regroup per response."""
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], requires_grad=True)
+    tok = TokenLogps(values, segments=torch.tensor([0, 0, 2, 1, 1, 1, 3]), lengths=torch.tensor([2, 3, 1, 1]))
+    assert tok.ranks().tolist() == [0, 1, 0, 0, 1, 2, 0]
+    rows, mask = tok.padded(fill=-9.0)
+    assert rows.tolist() == [[1, 2, -9], [4, 5, 6], [3, -9, -9], [7, -9, -9]]
+    assert mask.tolist() == [[True, True, False], [True, True, True], [True, False, False], [True, False, False]]
+    assert tok.sums().tolist() == [3.0, 15.0, 3.0, 7.0]
+    (rows * mask * torch.arange(1.0, 4.0)).sum().backward()  # the weight of each token's rank
+    assert values.grad.tolist() == [1.0, 2.0, 1.0, 1.0, 2.0, 3.0, 1.0]
+
+
+@pytest.mark.parametrize("layout", ["padded", "prefix"])
+def test_pair_logps_ld_dpo_and_wpo_match_the_formulas(model, layout):
+    """model_pair_logps: the plain fields are model_logps' bit for bit; LD-DPO's sums (weight 1 on the
+    first min(|y_w|, |y_l|) completion tokens, ld_alpha after) and WPO's weights (exp of the mean of
+    log p_t - log sum_v p_v^2 over each response, summed over the pair, not capped) equal a loop over
+    the full-logits twin's tokens, LD-DPO's sums with its gradients."""
+    alpha, B = 0.3, len(FEATS)
+    lp, _, lss, mask = plain_token_values(model, FEATS)
+    lengths = mask.sum(1).tolist()
+    want_ld, want_w = [], []
+    for r in range(2 * B):
+        public = min(lengths[r % B], lengths[(r % B) + B])
+        want_ld.append(sum(lp[r, t] * (1.0 if t < public else alpha) for t in range(lengths[r])))
+    for i in range(B):
+        a = sum(float(lp[r, t].detach() - lss[r, t]) / lengths[r] for r in (i, B + i) for t in range(lengths[r]))
+        want_w.append(math.exp(a))
+    want_ld = torch.stack(want_ld)
+    want_grads = grads_of(model, (want_ld * torch.linspace(-1.0, 2.0, 2 * B)).sum())
+
+    batch = collate(FEATS, layout=layout, pad_token_id=0)
+    out = model_pair_logps(model, batch, chunk_size=4, ld_alpha=alpha, wpo=True)
+    with torch.no_grad():
+        plain = model_logps(model, batch, chunk_size=4)
+    for name in ("chosen_logps", "rejected_logps", "chosen_lengths", "rejected_lengths", "chosen_nll"):
+        assert torch.equal(getattr(out, name).detach(), getattr(plain, name)), name
+    assert plain.ld_chosen_logps is None and plain.wpo_weights is None
+    got_ld = torch.cat([out.ld_chosen_logps, out.ld_rejected_logps])
+    torch.testing.assert_close(got_ld, want_ld, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got_ld, torch.cat([out.chosen_logps, out.rejected_logps]))  # alpha did something
+    assert out.wpo_weights.shape == (B,) and not out.wpo_weights.requires_grad
+    torch.testing.assert_close(out.wpo_weights.double(), torch.tensor(want_w, dtype=torch.float64), rtol=1e-5, atol=0)
+    got_grads = grads_of(model, (got_ld * torch.linspace(-1.0, 2.0, 2 * B)).sum())
+    for name, g in got_grads.items():
+        torch.testing.assert_close(g, want_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    mean = model_pair_logps(model, batch, chunk_size=4, ld_alpha=alpha, average=True)
+    torch.testing.assert_close(mean.ld_chosen_logps, out.ld_chosen_logps / out.chosen_lengths)
+    same = model_pair_logps(model, batch, chunk_size=4, ld_alpha=1.0)
+    torch.testing.assert_close(same.ld_rejected_logps, out.rejected_logps)
+    with pytest.raises(ValueError, match="ld_alpha"):
+        model_pair_logps(model, batch, ld_alpha=1.5)
+
+
+def test_wpo_weight_is_not_capped_at_one():
+    """A response the model prefers (p_t above sum_v p_v^2 at every token) weighs more than 1, as in TRL:
+    the chunked head's log sum p^2 through wpo_weights."""
+    torch.manual_seed(2)
+    K, H, Vs = 6, 8, 50
+    h, W = torch.randn(K, H), torch.randn(Vs, H)
+    likely = (h @ W.T).argmax(1)  # each token the model's most likely one
+    lp, _, lss = head_token_logps(h, W, torch.arange(K), likely, sum_sq_probs=True, chunk_size=4)
+    tok = TokenLogps(lp, segments=torch.tensor([0, 0, 0, 1, 1, 1]), lengths=torch.tensor([3, 3]))
+    (values, mask), (norm, _) = tok.padded(), tok.padded(lss)
+    w = wpo_weights(values[:1], values[1:], norm[:1], norm[1:], mask[:1], mask[1:])
+    assert float(w) > 1.0
+    assert float(w) == pytest.approx(math.exp(float((lp - lss).view(2, 3).mean(1).sum())), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_head_gives_the_eager_token_stats(dtype, monkeypatch):
+    """With the head's Triton kernels (compiled on a GPU, Triton's interpreter on CPU), at a temperature
+    and with soft-capping: the eager chunked head's per-token log-probs, entropies and log sum p^2."""
+    pytest.importorskip("triton")
+    from preftune import kernels
+    from preftune import logps as L
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not kernels.INTERPRETED:
+        pytest.skip("no GPU, and Triton was imported without TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+    monkeypatch.setattr(kernels, "usable", lambda *tensors: all(t.device.type == device for t in tensors))
+    model = tiny_model(V, seed=3).to(device, dtype)
+    model.config.final_logit_softcapping = 0.2
+    batch = collate(FEATS, layout="prefix", pad_token_id=0, device=device)
+    calls = []
+    real = kernels.head_logps_forward
+    monkeypatch.setattr(kernels, "head_logps_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    runs = []
+    for on in (False, True):
+        L.use_triton_head(model, on)
+        with torch.no_grad():
+            tok = model_token_logps(model, batch, chunk_size=4, temperature=0.6, entropies=True, sum_sq_probs=True)
+        runs.append((tok.logps, tok.entropies, tok.log_sum_sq_probs))
+        assert bool(calls) is on
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for got, want in zip(runs[1], runs[0]):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
