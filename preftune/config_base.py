@@ -104,7 +104,8 @@ class Checks:
 class TrainConfig:
     """The training fields every algorithm shares. Subclass it (see the module docstring) for one."""
 
-    # Keys other tools accept that preftune deliberately does not: where that setting lives instead.
+    # Keys other tools accept that preftune deliberately does not: where that setting lives instead. Set to
+    # anything but None / False (unset, as in older resolved config files) they are refused with this text.
     # A subclass adds its own with ``REFUSED = {**TrainConfig.REFUSED, ...}``.
     REFUSED: ClassVar[dict[str, str]] = {
         **dict.fromkeys(("deepspeed", "fsdp", "fsdp_config", "local_rank", "ddp_backend"),
@@ -489,7 +490,7 @@ class TrainConfig:
         ns, rest = parser.parse_known_args(argv)
         unknown = [t for t in rest if t.startswith("-")]
         if rest:
-            errs = [(t, f"unknown flag {t!r}{_did_you_mean(t, sorted(known))}") for t in unknown]
+            errs = [(t, _unknown_flag(cls, t, known)) for t in unknown]
             raise ConfigError(errs or [("argv", f"unexpected arguments {rest}; every value needs its --flag")])
         values, extras = {}, argparse.Namespace()
         names = {f.name for f in fields(cls)}
@@ -516,6 +517,14 @@ def _did_you_mean(name: str, candidates: list[str], fallback: str = "; `preftune
     return f"; did you mean {close[0]!r}?" if close else fallback
 
 
+def _unknown_flag(cls: type, token: str, known: set[str]) -> str:
+    """Why ``token`` is refused: a field other tools have (with what to use instead), or a suggestion."""
+    name = token.lstrip("-").partition("=")[0].replace("-", "_")
+    if name in cls.REFUSED:  # type: ignore[attr-defined]
+        return f"{token!r}: {name!r} is not a {cls.__name__} field: {cls.REFUSED[name]}"  # type: ignore[attr-defined]
+    return f"unknown flag {token!r}{_did_you_mean(token, sorted(known))}"
+
+
 def _rename(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Map ``cls``'s aliases to field names and reject unknown keys (all at once, each with a suggestion)."""
     names, errors = [f.name for f in fields(cls)], []
@@ -526,8 +535,11 @@ def _rename(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
                 errors.append((alias, f"both {alias!r} and {name!r} given; they are the same field, keep one"))
             else:
                 kwargs[name] = kwargs.pop(alias)
-    for key in kwargs:
+    for key in list(kwargs):
         if key in cls.REFUSED:  # type: ignore[attr-defined]
+            if kwargs[key] is None or kwargs[key] is False:  # unset, as older resolved config files hold them
+                del kwargs[key]
+                continue
             errors.append((key, f"{key!r} is not a {cls.__name__} field: {cls.REFUSED[key]}"))  # type: ignore[attr-defined]
         elif key not in names and key not in aliases:
             errors.append((key, f"unknown field {key!r}{_did_you_mean(str(key), names + list(aliases))}"))
@@ -611,6 +623,8 @@ def _coerce(value: Any, tp: Any) -> Any:
     args = _union_args(tp)
     if args is not None:
         if type(None) in args:
+            if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+                value = value[0] if value[0].strip().lower() in ("none", "null") else value  # "--flag none"
             if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
                 return None
             rest = tuple(a for a in args if a is not type(None))
