@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 __all__ = [
     "LOSSES", "GLOBAL_PARAMS", "F_DIVERGENCES", "LossSpec", "LossOutput", "Param", "PairTerms",
     "register", "preference_loss", "loss_params", "describe_losses", "divergence_delta",
-    "canonical_divergence", "resolve_loss_names", "ld_dpo_logps", "wpo_weights", "log_sum_sq_probs",
+    "canonical_divergence", "resolve_loss_names", "config_params", "param_readers", "ld_dpo_logps", "wpo_weights", "log_sum_sq_probs",
 ]
 
 EXP_CLAMP = 40.0  # exponents are clamped to +-EXP_CLAMP: e^80 (two factors) still fits float32 (max ~e^88)
@@ -39,7 +39,11 @@ DELTA_MAX = 1e30  # |delta| bound, so beta * delta and the losses built on it st
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Param:
-    """A float hyper-parameter: default and the allowed interval (open or closed at each end)."""
+    """A float hyper-parameter: default and the allowed interval (open or closed at each end).
+
+    This is its only declaration: DPOConfig makes one field of it (``config_params``), whose default is
+    ``default``, whose --help is ``doc`` (``help`` when empty; ``extra`` marks it "[preftune]") and whose
+    range check is this interval; ``loss_params`` passes it to the loss."""
 
     default: float | None
     help: str
@@ -47,6 +51,8 @@ class Param:
     high: float = math.inf
     low_open: bool = False
     high_open: bool = False
+    doc: str = ""
+    extra: bool = False
 
     def range_text(self) -> str:
         lo = "(" if self.low_open else "["
@@ -119,9 +125,13 @@ LOSS_ALIASES = {"aot_unpaired": "aot_pair"}
 
 # Parameters shared by every loss (beta and the modifiers); per-loss ones live in LossSpec.params.
 GLOBAL_PARAMS: dict[str, Param] = {
-    "beta": Param(0.1, "KL strength / inverse temperature", 0.0, math.inf, low_open=True),
-    "f_alpha_divergence_coef": Param(0.5, "alpha of the alpha-divergence; 1 is reverse KL"),
-    "rpo_alpha": Param(None, "weight of the chosen NLL term (RPO); None = off", 0.0),
+    "beta": Param(0.1, "KL strength / inverse temperature", 0.0, math.inf, low_open=True,
+                  doc="Strength of the KL-to-reference penalty; higher stays closer to the reference (for ipo it "
+                  "is tau, for simpo the reward scale)."),
+    "f_alpha_divergence_coef": Param(0.5, "alpha of the alpha-divergence; 1 is reverse KL",
+                                     doc="alpha of alpha_divergence, in [0, 1] (0 = forward KL, 1 = reverse KL)."),
+    "rpo_alpha": Param(None, "weight of the chosen NLL term (RPO); None = off", 0.0,
+                       doc="Weight of the chosen-response NLL term (RPO); None = off."),
 }
 OTHER_KWARGS = ("f_divergence_type", "loss_weights", "reference_free", "weights", "chosen_nll")
 
@@ -199,7 +209,8 @@ def _eps(help_: str, high_open: bool = False) -> Param:
     return Param(0.0, help_, 0.0, 0.5, high_open=high_open)
 
 
-SMOOTHING = _eps("eps, the probability that a preference label is flipped (conservative DPO)")
+SMOOTHING = Param(0.0, "eps, the probability that a preference label is flipped (conservative DPO)", 0.0, 0.5,
+                  doc="Assumed rate of flipped labels, in [0, 0.5) (cDPO / robust).")
 
 
 @register("sigmoid", uses_divergence=True, params={"label_smoothing": SMOOTHING})
@@ -210,7 +221,8 @@ def sigmoid_loss(t: PairTerms, *, beta: float, label_smoothing: float) -> torch.
 
 
 @register("hinge", uses_divergence=True,
-          params={"hinge_delta": Param(1.0, "margin at which the hinge loss reaches zero", 0.0)})
+          params={"hinge_delta": Param(1.0, "margin at which the hinge loss reaches zero", 0.0, extra=True,
+                                       doc="Margin delta at which the hinge (SLiC) loss reaches zero.")})
 def hinge_loss(t: PairTerms, *, beta: float, hinge_delta: float) -> torch.Tensor:
     """SLiC-HF hinge: max(0, hinge_delta - beta * delta)."""
     return torch.relu(hinge_delta - beta * t.delta)
@@ -289,7 +301,8 @@ def apo_down_loss(t: PairTerms, *, beta: float) -> torch.Tensor:
 
 
 @register("discopop", uses_divergence=True,
-          params={"discopop_tau": Param(0.05, "temperature of the log-ratio modulation", 0.0, low_open=True)})
+          params={"discopop_tau": Param(0.05, "temperature of the log-ratio modulation", 0.0, low_open=True,
+                                        doc="Temperature of the discopop loss.")})
 def discopop_loss(t: PairTerms, *, beta: float, discopop_tau: float) -> torch.Tensor:
     """DiscoPOP / LRML: z = beta delta, m = sigmoid(z / tau): (1 - m)(-log sigmoid z) + m exp(-z)
     (the exponent is clamped to EXP_CLAMP)."""
@@ -309,7 +322,9 @@ def _simpo_rewards(t: PairTerms, beta: float) -> tuple[torch.Tensor, torch.Tenso
 
 
 @register("simpo", needs_reference=False, needs_lengths=True, rewards=_simpo_rewards,
-          params={"simpo_gamma": Param(0.5, "target reward margin gamma", 0.0), "label_smoothing": SMOOTHING})
+          params={"simpo_gamma": Param(0.5, "target reward margin gamma", 0.0, extra=True,
+                                       doc="Target reward margin gamma of the simpo loss."),
+                  "label_smoothing": SMOOTHING})
 def simpo_loss(t: PairTerms, *, beta: float, simpo_gamma: float, label_smoothing: float) -> torch.Tensor:
     """SimPO (reference-free): -log sigmoid(beta pc / nc - beta pr / nr - gamma), eps-smoothed;
     rewards are beta * pc / nc and beta * pr / nr."""
@@ -460,8 +475,31 @@ def _pair_terms(specs, pc, pr, rc, rr, n_c, n_r, params, kind, alpha) -> PairTer
 # --------------------------------------------------------------------------------------------------
 # Config bridge and description
 # --------------------------------------------------------------------------------------------------
-_CONFIG_FIELDS = ("beta", "loss_weights", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef",
-                  "rpo_alpha", "simpo_gamma", "discopop_tau", "hinge_delta", "reference_free")
+def config_params() -> dict[str, Param]:
+    """Every loss hyper-parameter once, as DPOConfig declares a field for each: GLOBAL_PARAMS, then each
+    loss's own in registration order. A name several losses declare (label_smoothing) keeps the first
+    declaration's default, help and doc, and the interval all of them allow, so a config value is valid for
+    whichever loss reads it; their defaults must agree."""
+    out: dict[str, Param] = dict(GLOBAL_PARAMS)
+    for spec in LOSSES.values():
+        for key, p in spec.params.items():
+            if key not in out:
+                out[key] = p
+                continue
+            first = out[key]
+            if p.default != first.default:
+                raise ValueError(f"loss {spec.name!r} declares {key}={p.default!r} by default where another loss "
+                                 f"declares {first.default!r}; one config field cannot have both")
+            low_open = p.low_open if p.low > first.low else first.low_open or (p.low == first.low and p.low_open)
+            high_open = p.high_open if p.high < first.high else first.high_open or (p.high == first.high and p.high_open)
+            out[key] = replace(first, low=max(first.low, p.low), high=min(first.high, p.high),
+                               low_open=low_open, high_open=high_open)
+    return out
+
+
+def param_readers(key: str) -> list[str]:
+    """The registered losses that read hyper-parameter ``key`` (all of them for beta and the modifiers)."""
+    return list(LOSSES) if key in GLOBAL_PARAMS else [n for n, s in LOSSES.items() if key in s.params]
 
 
 def loss_params(config) -> dict:
@@ -470,12 +508,11 @@ def loss_params(config) -> dict:
     Missing attributes (and None, except rpo_alpha / loss_weights whose None means off / all 1) get the
     defaults; loss_type is validated (but not returned). `ld_alpha` and `use_weighting` act on log-probs,
     not here: see `ld_dpo_logps` and `wpo_weights`."""
-    defaults = {"beta": 0.1, "f_divergence_type": "reverse_kl", "reference_free": False, "loss_weights": None,
-                **{k: p.default for k, p in GLOBAL_PARAMS.items()},
-                **{k: p.default for s in LOSSES.values() for k, p in s.params.items()}}
+    defaults = {"f_divergence_type": "reverse_kl", "reference_free": False, "loss_weights": None,
+                **{k: p.default for k, p in config_params().items()}}
     resolve_loss_names(getattr(config, "loss_type", None) or "sigmoid")  # fail early, naming the choices
     out = {}
-    for key in _CONFIG_FIELDS:
+    for key in defaults:
         value = getattr(config, key, None)
         out[key] = defaults[key] if value is None else value
     out["f_divergence_type"] = canonical_divergence(out["f_divergence_type"])

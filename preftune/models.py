@@ -364,7 +364,9 @@ def lora_config_from_args(r: int = 16, alpha: float = 32, dropout: float = 0.05,
                           target_modules: str | list[str] | None = "all-linear"):  # fmt: skip
     """A causal-LM LoraConfig from the CLI's ``--lora_r --lora_alpha --lora_dropout --lora_target_modules``.
 
-    target_modules: "all-linear", a comma-separated string, or a list of module names.
+    target_modules: "all-linear", a comma-separated string, or a list of module names. None, and
+    "all-linear" alone in a list (as the command line delivers it), mean peft's "all-linear": every
+    linear layer but the output head (not peft's per-architecture default, q_proj and v_proj).
     """
     from peft import LoraConfig
 
@@ -372,8 +374,15 @@ def lora_config_from_args(r: int = 16, alpha: float = 32, dropout: float = 0.05,
         raise ValueError(f"lora_r={r} must be a positive integer")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"lora_dropout={dropout} must be in [0, 1)")
-    if isinstance(target_modules, str) and target_modules != "all-linear":
+    if isinstance(target_modules, str):
         target_modules = [m.strip() for m in target_modules.split(",") if m.strip()]
+    if target_modules is None or [str(m).strip().lower() for m in target_modules] == ["all-linear"]:
+        target_modules = "all-linear"
+    elif any(str(m).strip().lower() == "all-linear" for m in target_modules):
+        raise ValueError(f"lora_target_modules={list(target_modules)!r}: 'all-linear' already names every linear "
+                         "layer; give it alone or list module names")
+    elif not target_modules:
+        raise ValueError("lora_target_modules is empty; name modules (e.g. q_proj,v_proj) or use 'all-linear'")
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                       task_type="CAUSAL_LM", bias="none")  # fmt: skip
 

@@ -102,3 +102,27 @@ def test_unknown_command_and_usage(capsys):
     assert "unknown command" in capsys.readouterr().err
     assert cli.main([]) == 2
     assert "preftune <command>" in capsys.readouterr().out
+
+
+def test_what_trl_users_type_trains(workdir, tmp_path):
+    """`--max_length 128` alone (no prompt limit of its own, as in TRL), LoRA on `all-linear` and
+    `--report_to none`, typed as TRL's documentation spells them, train and reach the saved adapter."""
+    out = tmp_path / "trl"
+    argv = ["train", "--model", str(workdir / "model"), "--dataset", str(workdir / "train.jsonl"),
+            "--max_length", "128", "--use_peft", "--lora_target_modules", "all-linear", "--report_to", "none",
+            "--max_steps", "1", "--per_device_train_batch_size", "2", "--save_strategy", "no",
+            "--cache_dir", str(workdir / "cache"), "--output_dir", str(out)]
+    assert cli.main(argv) == 0
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (resolved["max_length"], resolved["max_prompt_length"], resolved["report_to"]) == (128, None, ["none"])
+    adapter = json.loads(next(out.rglob("adapter_config.json")).read_text())
+    adapted = {name.rsplit(".", 1)[-1] for name in adapter["target_modules"]}  # peft saves the resolved names
+    assert adapted == {"down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"}
+
+
+def test_trl_fields_preftune_refuses_name_the_alternative(capsys):
+    assert cli.main(["train", "--padding_value", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "'padding_value' is not a DPOConfig field" in err and "tokenizer.pad_token" in err
+    assert cli.main(["train", "--generate_during_eval", "true"]) == 1
+    assert "preftune eval" in capsys.readouterr().err

@@ -6,13 +6,14 @@ import argparse
 import dataclasses
 import json
 import math
-from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 import yaml
 
 import preftune.config as config_mod
 from preftune.config import ConfigError, DPOConfig
+from preftune.config_base import Checks, TrainConfig, config_dataclass, config_field
 
 # The reference document's main example (its section "DPO in TRL"), kwargs verbatim.
 DOC_EXAMPLE = dict(
@@ -36,21 +37,12 @@ DOC_VARIANTS = [
 
 LOSS_NAMES = ["sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
               "aot_pair", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "simpo"]
-REFERENCE_FREE = {"simpo"}
-
-
-@pytest.fixture
-def fake_losses(monkeypatch):
-    """A stand-in registry with the shape preftune.losses.LOSSES has (name -> spec.needs_reference)."""
-    registry = {n: SimpleNamespace(needs_reference=n not in REFERENCE_FREE) for n in LOSS_NAMES + ["sft"]}
-    monkeypatch.setattr(config_mod, "_loss_registry", lambda: registry)
-    return registry
 
 
 def test_defaults_are_the_documented_values():
     c = DPOConfig()
     expected = dict(
-        beta=0.1, loss_type="sigmoid", learning_rate=1e-6, max_length=1024, max_prompt_length=512,
+        beta=0.1, loss_type="sigmoid", learning_rate=1e-6, max_length=1024, max_prompt_length=None,
         max_completion_length=None, truncation_mode="keep_end", logging_steps=10, label_smoothing=0.0,
         f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, sync_ref_model=False,
         ref_model_mixup_alpha=0.6, ref_model_sync_steps=512, rpo_alpha=None, ld_alpha=None, discopop_tau=0.05,
@@ -77,7 +69,7 @@ def test_document_example_constructs_and_keeps_values():
 
 
 @pytest.mark.parametrize("kwargs", DOC_VARIANTS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
-def test_document_variants_construct(kwargs, fake_losses):
+def test_document_variants_construct(kwargs):
     c = DPOConfig(**kwargs)
     assert c.beta == kwargs["beta"]
     assert c.f_divergence_type in config_mod.F_DIVERGENCES
@@ -206,7 +198,7 @@ def test_enum_like_f_divergence_and_case_insensitive_choices():
     assert DPOConfig(f_divergence_type="alpha-divergence").f_divergence_type == "alpha_divergence"
 
 
-def test_loss_type_forms(fake_losses):
+def test_loss_type_forms():
     assert DPOConfig(loss_type="sigmoid").loss_types == ["sigmoid"]
     c = DPOConfig(loss_type="sigmoid,bco_pair,sft", loss_weights="0.8, 0.2, 1.0")
     assert c.loss_type == ["sigmoid", "bco_pair", "sft"] and c.loss_weights == [0.8, 0.2, 1.0]
@@ -214,14 +206,14 @@ def test_loss_type_forms(fake_losses):
     assert DPOConfig(loss_type=["sigmoid", "sft"]).resolved_loss_weights == [1.0, 1.0]
 
 
-def test_unknown_loss_name_suggests(fake_losses):
+def test_unknown_loss_name_suggests():
     with pytest.raises(ConfigError, match="loss_type='sigmoidd'.*did you mean 'sigmoid'"):
         DPOConfig(loss_type="sigmoidd")
     with pytest.raises(ConfigError, match="'kto_pair'"):
         DPOConfig(loss_type="sigmoid,kto_pair", loss_weights=[1, 1])
 
 
-def test_reference_free_loss_rejects_reference_options(fake_losses):
+def test_reference_free_loss_rejects_reference_options():
     assert DPOConfig(loss_type="simpo").needs_reference is False
     assert DPOConfig(loss_type="simpo,sigmoid").needs_reference is True
     assert DPOConfig(reference_free=True).needs_reference is False
@@ -443,7 +435,7 @@ def test_help_lists_every_field_with_help_and_default():
 
 def test_every_field_has_help_and_group():
     for f in dataclasses.fields(DPOConfig):
-        assert len(f.metadata["help"]) > 10 and f.metadata["group"] in config_mod._GROUP_TITLES, f.name
+        assert len(f.metadata["help"]) > 10 and f.metadata["group"] in DPOConfig.GROUP_TITLES, f.name
 
 
 def test_defaults_json_safe_and_finite():
@@ -479,7 +471,9 @@ def test_registry_parameter_ranges_and_aliases():
         DPOConfig(loss_type="hinge", hinge_delta=-1.0)
     assert [f for f, _ in info.value.errors] == ["hinge_delta"]
     assert "hinge_delta=-1.0" in str(info.value) and "loss_type='hinge'" in str(info.value)
-    DPOConfig(loss_type="sigmoid", hinge_delta=-1.0)  # only the hinge loss reads it
+    with pytest.raises(ConfigError) as info:  # checked whichever loss is chosen, naming the one that reads it
+        DPOConfig(loss_type="sigmoid", hinge_delta=-1.0)
+    assert "hinge_delta=-1.0" in str(info.value) and "read by loss_type='hinge'" in str(info.value)
     with pytest.raises(ConfigError) as info:  # one message per field, not one per check
         DPOConfig(loss_type="robust", label_smoothing=0.7)
     assert [f for f, _ in info.value.errors] == ["label_smoothing"]
@@ -498,3 +492,188 @@ def test_demo_defaults_apply_to_demo_runs_only(tmp_path):
                                use_demo_defaults_when_empty=True)
     assert c.learning_rate == 1e-6
     assert DPOConfig.parse_cli([])[0] == DPOConfig()
+
+
+# ---- the base config: a subclass's own fields get YAML, flags, coercion, suggestions and checks ---------
+@config_dataclass
+class TinyConfig(TrainConfig):
+    """A stand-in for a second algorithm's config: two fields of its own, one refused key, one rule."""
+
+    REFUSED: ClassVar[dict[str, str]] = {**TrainConfig.REFUSED, "old_knob": "use temperature instead"}
+    temperature: float = config_field(1.0, "Sampling temperature of the tiny algorithm.", group="loss")
+    num_generations: int = config_field(4, "Samples per prompt, compared within their group.", group="batch",
+                                        extra=True)
+
+    def checks(self):
+        k = Checks(self)
+        k.number("temperature", 0, lo_open=True)
+        k.need(self.num_generations >= 2, "num_generations", "must be >= 2 (a group needs two samples)")
+        return super().checks() + k.errors
+
+
+def test_subclass_fields_construct_coerce_and_keep_the_base():
+    c = TinyConfig(temperature="0.7", num_generations="8", learning_rate="1e-5", model="m")
+    assert (c.temperature, c.num_generations, c.learning_rate, c.model_name_or_path) == (0.7, 8, 1e-5, "m")
+    assert type(c.num_generations) is int and not hasattr(c, "beta")  # no DPO field leaks into the base
+    assert dataclasses.replace(c, temperature=0.5).temperature == 0.5
+
+
+def test_subclass_unknown_and_refused_keys():
+    with pytest.raises(ConfigError, match="unknown field 'temperatur'; did you mean 'temperature'"):
+        TinyConfig(temperatur=0.5)
+    with pytest.raises(ConfigError, match="'old_knob' is not a TinyConfig field: use temperature instead"):
+        TinyConfig(old_knob=3)
+    with pytest.raises(ConfigError, match="accelerate launch"):  # the base's refusals hold for it too
+        TinyConfig(deepspeed="ds.json")
+    with pytest.raises(ConfigError, match="unknown field 'beta'"):  # a DPO field is not a TinyConfig field
+        TinyConfig(beta=0.1)
+
+
+def test_subclass_validation_runs_its_rules_and_the_base_rules():
+    with pytest.raises(ConfigError) as info:
+        TinyConfig(temperature=0, num_generations=1, learning_rate=-1)
+    assert {f for f, _ in info.value.errors} == {"temperature", "num_generations", "learning_rate"}
+    assert "num_generations=1: must be >= 2" in str(info.value) and "temperature=0.0" in str(info.value)
+    with pytest.raises(ConfigError, match="num_generations='many': expected an integer"):
+        TinyConfig(num_generations="many")
+
+
+def test_subclass_yaml_and_cli(tmp_path):
+    p = _write(tmp_path, "tiny.yaml", "temperature: 0.9\nnum_generations: 6\nlearnig_rate: 1e-5\n")
+    with pytest.raises(ConfigError, match=rf"{p}:3: unknown field 'learnig_rate'; did you mean 'learning_rate'"):
+        TinyConfig.from_yaml(str(p))
+    p = _write(tmp_path, "tiny2.yaml", "temperature: 0.9\nnum_generations: 1\n")
+    with pytest.raises(ConfigError, match=rf"{p}:2: num_generations=1"):
+        TinyConfig.from_yaml(str(p))
+    c, _ = TinyConfig.parse_cli(["--config", str(_write(tmp_path, "ok.yaml", "temperature: 0.9\n")),
+                                 "--num-generations", "6", "--max_steps", "3"])
+    assert (c.temperature, c.num_generations, c.max_steps) == (0.9, 6, 3)
+    c.to_yaml(str(tmp_path / "round.yaml"))
+    assert TinyConfig.from_yaml(str(tmp_path / "round.yaml")) == c
+    assert TinyConfig.parse_cli(_to_argv(c.to_dict()))[0] == c  # every field, the subclass's included
+    with pytest.raises(ConfigError, match="unknown flag '--temperatre'; did you mean '--temperature'"):
+        TinyConfig.parse_cli(["--temperatre", "0.5"])
+    with pytest.raises(ConfigError, match=r"--temperature: temperature=-1.0"):
+        TinyConfig.parse_cli(["--temperature", "-1"])
+    with pytest.raises(ConfigError, match="'old_knob' is not a TinyConfig field: use temperature"):
+        TinyConfig.parse_cli(["--old_knob", "3"])
+    text = TinyConfig.add_arguments(argparse.ArgumentParser(formatter_class=lambda prog:
+                                    argparse.HelpFormatter(prog, width=10_000))).format_help()
+    assert "--temperature" in text and "Sampling temperature of the tiny algorithm. [default: 1.0]" in text
+    assert "[preftune] Samples per prompt" in text and "--beta" not in text
+
+
+def test_subclass_needs_the_checking_decorator():
+    @dataclasses.dataclass
+    class Plain(TrainConfig):
+        knob: int = 1
+
+    with pytest.raises(TypeError, match="@config_dataclass"):
+        Plain()
+
+
+# ---- what TRL users type ---------------------------------------------------------------------------------
+def test_max_length_alone_is_enough():
+    """TRL has no prompt limit of its own: max_length alone configures truncation (no 512-token default)."""
+    c = DPOConfig(max_length=128)
+    assert (c.max_length, c.max_prompt_length) == (128, None)
+    assert DPOConfig.parse_cli(["--max_length", "128"])[0] == c
+    with pytest.raises(ConfigError, match="max_prompt_length=128 must be < max_length=128"):  # when set, checked
+        DPOConfig.parse_cli(["--max_length", "128", "--max_prompt_length", "128"])
+
+
+def test_report_to_spellings_of_training_arguments():
+    for value in ([], None, "none", ["none"], "", ()):
+        assert DPOConfig(report_to=value).report_to == ["none"], value
+    assert DPOConfig(report_to="all").report_to == ["all"]
+    assert DPOConfig(report_to=["tensorboard"]).report_to == ["tensorboard"]
+    assert DPOConfig(report_to="tensorboard,all").report_to == ["tensorboard", "all"]
+    for argv, want in ((["--report_to", "none"], ["none"]), (["--report_to", "all"], ["all"]),
+                       (["--report_to", ""], ["none"]), (["--report_to", "tensorboard"], ["tensorboard"])):
+        assert DPOConfig.parse_cli(argv)[0].report_to == want, argv
+
+
+def test_lora_target_modules_all_linear_from_the_command_line_and_python():
+    from preftune.models import lora_config_from_args
+
+    for c in (DPOConfig.parse_cli(["--use_peft", "--lora_target_modules", "all-linear"])[0],
+              DPOConfig(use_peft=True, lora_target_modules="all-linear"), DPOConfig(use_peft=True)):
+        lora = lora_config_from_args(c.lora_r, c.lora_alpha, c.lora_dropout, c.lora_target_modules)
+        assert lora.target_modules == "all-linear", c.lora_target_modules  # a string, as peft reads it
+    c = DPOConfig.parse_cli(["--lora_target_modules", "q_proj,v_proj"])[0]
+    assert set(lora_config_from_args(target_modules=c.lora_target_modules).target_modules) == {"q_proj", "v_proj"}
+
+
+REFUSED_TRL = ("generate_during_eval", "model_adapter_name", "ref_adapter_name", "force_use_ref_model",
+               "padding_value")
+
+
+@pytest.mark.parametrize("name", REFUSED_TRL)
+def test_fields_trl_does_not_have_are_refused_by_name_with_the_alternative(name, tmp_path):
+    value = {"generate_during_eval": True, "force_use_ref_model": True, "padding_value": 0}.get(name, "ref")
+    assert name not in {f.name for f in dataclasses.fields(DPOConfig)}
+    with pytest.raises(ConfigError) as info:
+        DPOConfig(**{name: value})
+    message = str(info.value)
+    assert f"'{name}' is not a DPOConfig field: " in message
+    instead = {"generate_during_eval": "preftune eval", "model_adapter_name": "ref_model_name_or_path",
+               "ref_adapter_name": "ref_model_name_or_path", "force_use_ref_model": "ref_model_name_or_path",
+               "padding_value": "tokenizer.pad_token"}[name]
+    assert instead in message
+    p = _write(tmp_path, "trl.yaml", f"beta: 0.1\n{name}: {json.dumps(value)}\n")
+    with pytest.raises(ConfigError, match=rf"{p}:2: '{name}' is not a DPOConfig field"):
+        DPOConfig.from_yaml(str(p))
+    with pytest.raises(ConfigError, match=rf"'--{name}': '{name}' is not a DPOConfig field: .*{instead}"):
+        DPOConfig.parse_cli([f"--{name}", str(value)])
+    assert DPOConfig(**{name: None}) == DPOConfig()  # unset, as an older resolved config.yaml holds it
+
+
+def test_no_message_tells_users_to_set_a_refused_field():
+    import pathlib
+
+    import preftune
+
+    root = pathlib.Path(preftune.__file__).parent
+    for path in root.rglob("*.py"):
+        if path.name == "config.py":
+            continue
+        text = path.read_text(encoding="utf-8")
+        for name in REFUSED_TRL:
+            assert name not in text, f"{path} mentions {name}"
+
+
+def test_loss_parameter_fields_come_from_the_registry():
+    """Each loss hyper-parameter's field is made from its one declaration: default, help, range, marker."""
+    losses = pytest.importorskip("preftune.losses")
+    by_name = {f.name: f for f in dataclasses.fields(DPOConfig)}
+    for key, p in losses.config_params().items():
+        f = by_name[key]
+        assert f.default == p.default and f.metadata["group"] == "loss", key
+        assert f.metadata["help"] == ("[preftune] " if p.extra else "") + (p.doc or p.help), key
+    assert by_name["label_smoothing"].metadata["help"] == "Assumed rate of flipped labels, in [0, 0.5) (cDPO / robust)."
+    assert by_name["hinge_delta"].metadata["help"].startswith("[preftune] Margin delta")
+    assert losses.config_params()["label_smoothing"].range_text() == "[0, 0.5)"  # the range every reader allows
+
+
+def test_a_new_loss_parameter_is_one_declaration(monkeypatch):
+    """A loss registered with a new parameter gives a config field with its default and range check."""
+    import importlib.util
+    import sys
+
+    losses = pytest.importorskip("preftune.losses")
+    monkeypatch.setitem(losses.LOSSES, "toy", losses.LossSpec(
+        "toy", lambda t, *, beta, toy_margin: t.delta, params={"toy_margin": losses.Param(
+            2.0, "margin of the toy loss", 0.0, 5.0, doc="Margin of the toy loss.")}))
+    # a private copy of preftune.config built now, with the toy loss registered (the real module stays as it is)
+    spec = importlib.util.spec_from_file_location("config_with_toy", config_mod.__file__)
+    fresh = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "config_with_toy", fresh)
+    spec.loader.exec_module(fresh)
+    c = fresh.DPOConfig(loss_type="toy", toy_margin="3")
+    assert c.toy_margin == 3.0 and fresh.DPOConfig().toy_margin == 2.0
+    assert losses.loss_params(c)["toy_margin"] == 3.0
+    with pytest.raises(ConfigError, match=r"toy_margin=9.0: must be in \[0, 5\] \(margin of the toy loss; "
+                       r"read by loss_type='toy'\)"):
+        fresh.DPOConfig(loss_type="toy", toy_margin=9)
+    assert fresh.DPOConfig.parse_cli(["--loss_type", "toy", "--toy_margin", "1"])[0].toy_margin == 1.0
+    assert "toy_margin" not in {f.name for f in dataclasses.fields(DPOConfig)}

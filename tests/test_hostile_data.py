@@ -108,8 +108,8 @@ def test_empty_file_and_mixed_directory(model_dir, tmp_path, capsys):
 
 
 def test_long_prompts_and_a_million_character_row(model_dir, tmp_path, caplog):
-    """max_prompt_length truncates long prompts (keep_end keeps the part next to the reply); without it a
-    prompt that leaves no room for the reply is dropped and counted as prompt_too_long."""
+    """max_prompt_length truncates long prompts (keep_end keeps the part next to the reply); without it and
+    with keep_start a prompt that leaves no room for the reply is dropped and counted as prompt_too_long."""
     rows = GOOD + [{"prompt": "x" * 1_000_000, "chosen": " a.", "rejected": " b."},
                    {"prompt": "y" * 300 + "END?", "chosen": " a.", "rejected": " b."}]  # fmt: skip
     data = tmp_path / "long.jsonl"
@@ -121,7 +121,8 @@ def test_long_prompts_and_a_million_character_row(model_dir, tmp_path, caplog):
     assert all(len(f["prompt_ids"]) <= 32 and len(f["prompt_ids"]) + len(f["chosen_ids"]) <= 64 for f in feats)
     assert trainer.tokenizer.decode(feats[7]["prompt_ids"]).endswith("END?")
     with caplog.at_level(logging.WARNING):
-        trainer = tiny_trainer(tmp_path / "b", rows, max_length=64, max_prompt_length=None)
+        trainer = tiny_trainer(tmp_path / "b", rows, max_length=64, max_prompt_length=None,
+                               truncation_mode="keep_start")
     assert len(trainer.train_split.features) == len(GOOD)
     assert any("dropped by truncation: prompt_too_long=2" in r.getMessage() for r in caplog.records)
 

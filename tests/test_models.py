@@ -263,6 +263,14 @@ def test_lora_config_from_args():
     assert cfg.r == 8 and cfg.lora_alpha == 16 and cfg.lora_dropout == 0.1
     assert set(cfg.target_modules) == {"q_proj", "v_proj"}
     assert lora_config_from_args(target_modules="all-linear").target_modules == "all-linear"
+    # unset, and the one-item list the command line makes of "all-linear", mean every linear layer too
+    assert lora_config_from_args(target_modules=None).target_modules == "all-linear"
+    assert lora_config_from_args(target_modules=["all-linear"]).target_modules == "all-linear"
+    assert lora_config_from_args().target_modules == "all-linear"
+    with pytest.raises(ValueError, match="alone"):
+        lora_config_from_args(target_modules=["all-linear", "q_proj"])
+    with pytest.raises(ValueError, match="empty"):
+        lora_config_from_args(target_modules=[])
     with pytest.raises(ValueError, match="lora_r"):
         lora_config_from_args(r=0)
     with pytest.raises(ValueError, match="lora_dropout"):
@@ -280,10 +288,12 @@ def test_apply_peft_dict_and_input_grads():
         apply_peft(tiny_model(), "lora")
 
 
-def test_apply_peft_all_linear():
-    model = apply_peft(tiny_model(), lora_config_from_args(r=2, target_modules="all-linear"))
+@pytest.mark.parametrize("target_modules", ["all-linear", None, ["all-linear"]])
+def test_apply_peft_all_linear(target_modules):
+    model = apply_peft(tiny_model(), lora_config_from_args(r=2, target_modules=target_modules))
     names = {n.split(".")[-4] for n, _ in model.named_parameters() if "lora_A" in n}
     assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= names
+    assert not any("lm_head" in n for n, _ in model.named_parameters() if "lora_" in n)
 
 
 def test_disable_dropout():

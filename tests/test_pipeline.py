@@ -83,7 +83,7 @@ def test_bad_rows_skipped_and_reported(tmp_path):
 
 def test_drop_report_counts_each_reason(tmp_path):
     data = rows(3) + [{"prompt": "z" * 100, "chosen": "a", "rejected": "b"}]
-    train, _ = prepare_splits(args(max_prompt_length=None, max_length=40), tiny_tokenizer(), data)
+    train, _ = prepare_splits(args(max_prompt_length=None, max_length=40, truncation_mode="keep_start"), tiny_tokenizer(), data)
     assert len(train) == 3
     assert report_skips(train, None) == "train data: dropped by truncation: prompt_too_long=1"
     clean, _ = prepare_splits(args(), tiny_tokenizer(), rows(3))
@@ -93,7 +93,7 @@ def test_drop_report_counts_each_reason(tmp_path):
 def test_nothing_left_names_the_split_and_the_fix():
     data = [{"prompt": "z" * 100, "chosen": "a", "rejected": "b"}]
     with pytest.raises(ValueError, match="train data .*no usable preference pair.*raise max_length"):
-        prepare_splits(args(max_prompt_length=None, max_length=40), tiny_tokenizer(), data)
+        prepare_splits(args(max_prompt_length=None, max_length=40, truncation_mode="keep_start"), tiny_tokenizer(), data)
 
 
 # ------------------------------------------------------------------------------------------- StepPlan

@@ -179,11 +179,19 @@ def test_truncation_cases_by_hand():
     assert truncate_pair(p, c, r, max_prompt_length=4, truncation_mode="keep_start") == ([0, 1, 2, 3], c, r)
     assert truncate_pair(p, c, r, max_prompt_length=4, keep_first=1) == ([0, 7, 8, 9], c, r)  # BOS kept
     assert truncate_pair(p, c, r, max_completion_length=2) == (p, [20, 21], [30, 31])
-    assert truncate_pair(p, c, r, max_length=12) == (p, [20, 21], [30, 31])  # budget 12 - 10 = 2
-    assert truncate_pair(p, c, r, max_length=13) == (p, c[:3], r)
-    assert truncate_pair(p, c, r, max_length=15) == (p, c, r)
-    assert truncate_pair(p, c, r, max_length=10) == Dropped("prompt_too_long")
+    start = dict(truncation_mode="keep_start")  # no prompt limit: the prompt stays whole, responses are cut
+    assert truncate_pair(p, c, r, max_length=12, **start) == (p, [20, 21], [30, 31])  # budget 12 - 10 = 2
+    assert truncate_pair(p, c, r, max_length=13, **start) == (p, c[:3], r)
+    assert truncate_pair(p, c, r, max_length=15, **start) == (p, c, r)
+    assert truncate_pair(p, c, r, max_length=10, **start) == Dropped("prompt_too_long")
     assert truncate_pair(p, c, r, max_length=10, max_prompt_length=6) == (p[4:], c[:4], r)
+    # keep_end, no prompt limit: the prompt loses its first tokens until it fits beside the longer response
+    assert truncate_pair(p, c, r, max_length=12) == (p[3:], c, r)  # 12 - 5 = 7 prompt tokens
+    assert truncate_pair(p, c, r, max_length=12, keep_first=1) == ([0, *p[4:]], c, r)  # BOS kept
+    assert truncate_pair(p, c, r, max_length=15) == (p, c, r)
+    assert truncate_pair(p, c, r, max_length=10, max_completion_length=2) == (p[2:], c[:2], r[:2])
+    # the longer response alone fills max_length: the prompt keeps its last token, the responses their first
+    assert truncate_pair(p, c, r, max_length=4) == ([9], c[:3], r)
     assert truncate_pair(p, [], r) == Dropped("empty_response")
     assert not Dropped("x")
 
@@ -197,6 +205,9 @@ def test_truncation_invariants(lp, lc, lr, max_length, max_prompt, max_completio
     out = truncate_pair(p, c, r, max_length=max_length, max_prompt_length=max_prompt,
                         max_completion_length=max_completion, truncation_mode=mode)
     lp2 = min(lp, max_prompt or lp)
+    if max_prompt is None and max_length is not None and mode == "keep_end":  # cut as one sequence
+        longest = min(max(lc, lr), max_completion or 10**9)
+        lp2 = min(lp, max(max_length - longest, 1))
     budget = (max_length - lp2) if max_length is not None else 10**9
     if budget < 1:
         assert out == Dropped("prompt_too_long")
@@ -211,17 +222,34 @@ def test_truncation_invariants(lp, lc, lr, max_length, max_prompt, max_completio
 def test_dataset_drops_and_renumbers():
     tok = tiny_tokenizer()
     pairs = [std(prompt="x" * n, index=i) for i, n in enumerate([3, 50, 4, 60])]
-    out = tokenize_dataset(pairs, tok, max_length=20)
+    out = tokenize_dataset(pairs, tok, max_length=20, truncation_mode="keep_start")
     assert out.dropped == {"prompt_too_long": 2}
     assert [f["index"] for f in out] == [0, 1] and [p.index for p in out.pairs] == [0, 2]
     assert out[1]["prompt_ids"] == ids(tok, "xxxx")
     out = tokenize_dataset(pairs, tok, max_length=20, max_prompt_length=10)
     assert len(out) == 4 and not out.dropped
     assert all(len(f["prompt_ids"]) <= 10 and len(f["prompt_ids"]) + len(f["chosen_ids"]) <= 20 for f in out)
+    out = tokenize_dataset(pairs, tok, max_length=20)  # keep_end, no prompt limit: prompts lose their start
+    assert len(out) == 4 and not out.dropped
+    for f, pair in zip(out, pairs):
+        longest = max(len(f["chosen_ids"]), len(f["rejected_ids"]))
+        assert len(f["prompt_ids"]) + longest <= 20
+        whole = tokenize_pair(pair, tok, max_length=None)
+        assert f["chosen_ids"] == whole["chosen_ids"] and f["rejected_ids"] == whole["rejected_ids"]
+
+
+def test_keep_end_without_prompt_limit_cuts_like_one_sequence():
+    """The obvious twin: the longer response's sequence prompt + response, cut to its last max_length tokens,
+    leaves exactly the prompt that truncate_pair keeps (shorter responses fit beside it)."""
+    p, long_, short = list(range(40)), list(range(100, 112)), list(range(200, 205))
+    for max_length in range(13, 60):
+        out = truncate_pair(p, long_, short, max_length=max_length)
+        sequence = (p + long_)[-max_length:]
+        assert out == (sequence[: len(sequence) - len(long_)], long_, short), max_length
 
 
 def test_tokenize_pair_reports_drop_reason():
-    out = tokenize_pair(std(prompt="x" * 30), tiny_tokenizer(), max_length=10)
+    out = tokenize_pair(std(prompt="x" * 30), tiny_tokenizer(), max_length=10, truncation_mode="keep_start")
     assert out == Dropped("prompt_too_long") and not out
 
 

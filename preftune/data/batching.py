@@ -110,7 +110,7 @@ def collate(
     if not isinstance(pad_token_id, int):
         raise ValueError(
             f"collate: pad_token_id must be an int, got {pad_token_id!r}; set tokenizer.pad_token "
-            "(e.g. to the EOS token) or pass padding_value in the config."
+            "(e.g. to the EOS token) before training."
         )
     _check_features(features)
     B = len(features)

@@ -20,7 +20,11 @@ Truncation, in this order (P = prompt, C / R = chosen / rejected):
 1. ``max_prompt_length``: ``keep_end`` keeps the last tokens of P (the part next to the reply;
    a leading BOS is kept too), ``keep_start`` the first ones.
 2. ``max_completion_length``: C and R each keep their first tokens.
-3. ``max_length`` bounds len(P) + max(len(C), len(R)): the responses are cut to
+3. With ``max_prompt_length=None`` (no separate prompt limit) the pair is cut as one sequence, as
+   TRL cuts prompt + completion to ``max_length``: ``keep_end`` drops the first tokens of P (a
+   leading BOS kept) until P plus the longer response fits, keeping at least P's last token;
+   ``keep_start`` leaves P whole for rule 4.
+4. ``max_length`` bounds len(P) + max(len(C), len(R)): the responses are cut to
    ``max_length - len(P)``; if that is < 1 the pair is dropped with reason ``"prompt_too_long"``.
 A pair left with an empty response is dropped (``"empty_response"``), never trained on.
 """
@@ -198,15 +202,13 @@ def truncate_pair(prompt_ids, chosen_ids, rejected_ids, *, max_length=None, max_
     keep_first: leading prompt tokens (a BOS) that keep_end keeps when it cuts the prompt.
     """
     p, c, r = list(prompt_ids), list(chosen_ids), list(rejected_ids)
-    if max_prompt_length is not None and len(p) > max_prompt_length:
-        if truncation_mode == "keep_start":
-            p = p[:max_prompt_length]
-        elif 0 < keep_first < max_prompt_length:
-            p = p[:keep_first] + p[len(p) - (max_prompt_length - keep_first) :]
-        else:
-            p = p[len(p) - max_prompt_length :]
+    if max_prompt_length is not None:
+        p = _cut_prompt(p, max_prompt_length, truncation_mode, keep_first)
     if max_completion_length is not None:
         c, r = c[:max_completion_length], r[:max_completion_length]
+    if max_prompt_length is None and max_length is not None and truncation_mode == "keep_end":
+        room = max(max_length - max(len(c), len(r)), min(len(p), keep_first + 1))
+        p = _cut_prompt(p, room, "keep_end", keep_first)
     if max_length is not None and len(p) + max(len(c), len(r)) > max_length:
         budget = max_length - len(p)
         if budget < 1:
@@ -215,6 +217,18 @@ def truncate_pair(prompt_ids, chosen_ids, rejected_ids, *, max_length=None, max_
     if not c or not r:
         return Dropped("empty_response")
     return p, c, r
+
+
+def _cut_prompt(p: list, n: int, truncation_mode: str, keep_first: int) -> list:
+    """The prompt ids cut to ``n`` tokens: the first ones (keep_start) or the last ones with the
+    ``keep_first`` leading ones (a BOS) kept (keep_end)."""
+    if len(p) <= n:
+        return p
+    if truncation_mode == "keep_start":
+        return p[:n]
+    if 0 < keep_first < n:
+        return p[:keep_first] + p[len(p) - (n - keep_first) :]
+    return p[len(p) - n :]
 
 
 def _tokenize_one(pair, enc, opts, texts=None) -> tuple[dict | Dropped, bool]:
