@@ -37,8 +37,11 @@ def cmd_train(argv: list[str]) -> int:
     from preftune.config import DPOConfig
     from preftune.run import train
 
-    config, _extras = DPOConfig.parse_cli(argv, prog="preftune train", use_demo_defaults_when_empty=True)
-    train(config)
+    config, extras = DPOConfig.parse_cli(argv, prog="preftune train", use_demo_defaults_when_empty=True)
+    # --eval_dataset is the command line's own way to name an eval set: it is used (at the end of training)
+    # unless an eval_strategy says otherwise, where the Python API keeps eval_strategy="no" as it is
+    eval_at_end = config.eval_dataset is not None and "eval_strategy" not in extras.fields_set
+    train(config, eval_at_end=eval_at_end)
     return 0
 
 

@@ -166,7 +166,8 @@ class DPOConfig(TrainConfig):
         """Overrides for the no-argument `preftune train` run: the embedded model on the demo tasks."""
         return {"output_dir": "runs/dpo-demo", "learning_rate": 1e-5, "max_steps": 50,
                 "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_length": 192,
-                "max_prompt_length": 128, "eval_strategy": "steps", "eval_steps": 25, "logging_steps": 5,
+                "max_prompt_length": 128, "eval_strategy": "steps", "eval_steps": 25, "eval_on_start": True,
+                "logging_steps": 5,
                 "save_strategy": "no", "warmup_ratio": 0.1, "demo_eval_size": 64, "per_device_eval_batch_size": 16,
                 # RPO's NLL term on the chosen response: measured on this demo, plain DPO lowered log p(chosen)
                 # and the verifier pass rate of greedy answers fell from 0.06 to 0.00; with it, 0.06 -> 0.19.

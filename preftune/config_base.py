@@ -508,6 +508,7 @@ class TrainConfig:
             origins.update({k: f"{ns.config}:{line}" for k, line in lines.items()})
         merged.update(values)
         origins.update({k: f"--{k}" for k in values})
+        extras.fields_set = frozenset(merged)  # what defaults, the YAML or a flag named (the rest: field defaults)
         return cls.from_dict(merged, origins=origins), extras
 
 

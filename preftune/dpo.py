@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from preftune.logps import model_logps
+from preftune.logps import model_pair_logps
 from preftune.losses import LOSSES, loss_params, preference_loss, resolve_loss_names
 from preftune.metrics import MetricAccumulator, preference_metrics
 
@@ -21,39 +21,52 @@ from preftune.metrics import MetricAccumulator, preference_metrics
 @dataclass
 class DPOObjective:
     """The run's loss: registered names (a list means a weighted combination), their parameters, and the
-    log-prob options the policy forward needs."""
+    log-prob options the forwards need: LD-DPO's ``ld_alpha`` (policy and reference sums alike) and WPO's
+    ``use_weighting`` (per-pair weights from the policy's own tokens)."""
 
     loss_names: list[str]
     loss_kwargs: dict
     needs_reference: bool
     chunk_size: int | None = None
     rpo: bool = False
+    ld_alpha: float | None = None
+    wpo: bool = False
 
     @classmethod
     def from_args(cls, args) -> DPOObjective:
         names = resolve_loss_names(args.loss_type)
         needs = any(LOSSES[n].needs_reference for n in names) and not args.reference_free
-        return cls(names, loss_params(args), needs, args.logps_chunk_size, bool(args.rpo_alpha))
+        return cls(names, loss_params(args), needs, args.logps_chunk_size, bool(args.rpo_alpha),
+                   args.ld_alpha, bool(args.use_weighting))
+
+    @property
+    def reference_kwargs(self) -> dict:
+        """What a reference's ``logps`` (and the precompute) must be called with to match the policy's sums."""
+        return {"ld_alpha": self.ld_alpha} if self.ld_alpha is not None else {}
 
     def pair_losses(self, model, batch: dict, reference) -> tuple[torch.Tensor, dict]:
         """Per-pair losses (B,) and metric tensors for one micro-batch."""
         ref_c = ref_r = None
         if reference is not None:  # first: a live reference's forward then runs beside no policy activations
-            ref = reference.logps(batch)
+            ref = reference.logps(batch, **self.reference_kwargs)
             ref_c, ref_r = ref.chosen_logps, ref.rejected_logps
-        pol = model_logps(model, batch, chunk_size=self.chunk_size)
+        pol = model_pair_logps(model, batch, chunk_size=self.chunk_size, ld_alpha=self.ld_alpha, wpo=self.wpo)
+        chosen, rejected = pol.chosen_logps, pol.rejected_logps
+        if self.ld_alpha is not None:  # the loss and the logged log-probs both use LD-DPO's sums
+            chosen, rejected = pol.ld_chosen_logps, pol.ld_rejected_logps
         out = preference_loss(
             self.loss_names if len(self.loss_names) > 1 else self.loss_names[0],
-            policy_chosen_logps=pol.chosen_logps,
-            policy_rejected_logps=pol.rejected_logps,
+            policy_chosen_logps=chosen,
+            policy_rejected_logps=rejected,
             ref_chosen_logps=ref_c,
             ref_rejected_logps=ref_r,
             chosen_lengths=pol.chosen_lengths,
             rejected_lengths=pol.rejected_lengths,
             chosen_nll=pol.chosen_nll,
+            weights=pol.wpo_weights,
             **self.loss_kwargs,
         )
-        metrics = preference_metrics(out, pol.chosen_logps, pol.rejected_logps,
+        metrics = preference_metrics(out, chosen, rejected,
                                      chosen_nll=pol.chosen_nll if self.rpo else None)
         return out.pair_losses, metrics
 

@@ -61,12 +61,14 @@ def demo_generation_eval(trainer):
     return generation_eval(policy, reference, trainer.tokenizer, rows, verify_fn=verify, max_new_tokens=40)
 
 
-def train(config: DPOConfig | None = None, **overrides):
-    """Train from a config (the CLI's entry point): train, save the final model, report. Returns the trainer."""
+def train(config: DPOConfig | None = None, *, eval_at_end: bool = False, **overrides):
+    """Train from a config (the CLI's entry point): train, save the final model, report. Returns the trainer.
+    eval_at_end: evaluate the eval set after the last step even with eval_strategy='no'."""
     from preftune.trainer import DPOTrainer
 
     config = config if config is not None else DPOConfig(**overrides)
     trainer = DPOTrainer(args=config)
+    trainer.eval_at_end = eval_at_end
     trainer.train()
     out = trainer.save_model()
     if trainer.accelerator.is_main_process:

@@ -65,7 +65,8 @@ class DPOTrainer(TrainLoop):
             for split in (self.train_split, self.eval_split):
                 if split is not None and (msg := report_skips(split, args.output_dir)):
                     logger.warning(msg)
-        self._ref_model_arg = ref_model
+        # a ref model given in code, else the config's ref_model_name_or_path (LoRA runs too), else the default
+        self._ref_model_arg = ref_model if ref_model is not None else args.ref_model_name_or_path
         self.reference = None
         self._eval_reference_table = None
 
@@ -173,11 +174,14 @@ class DPOTrainer(TrainLoop):
             return self._precomputed_reference(self._ref_model_arg, train_indices=subset)
         return self._live_reference(sync)
 
-    def _load_reference(self, src, *, init_kwargs=None):
+    def _load_reference(self, src):
+        """The reference model from a path or hub id, loaded like the policy (ref_model_init_kwargs first)."""
         from preftune import models
 
         args = self.args
-        return models.load_model(src, dtype=args.dtype, bf16=args.bf16, fp16=args.fp16, model_init_kwargs=init_kwargs,
+        return models.load_model(models.resolve_model_path(src, cache_dir=args.cache_dir), dtype=args.dtype,
+                                 bf16=args.bf16, fp16=args.fp16,
+                                 model_init_kwargs=args.ref_model_init_kwargs or args.model_init_kwargs,
                                  trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
 
     def _live_reference(self, sync=None):
@@ -185,15 +189,14 @@ class DPOTrainer(TrainLoop):
         from preftune import models
         from preftune.reference import make_reference
 
-        args, ref_model = self.args, self._ref_model_arg
+        ref_model = self._ref_model_arg
         if ref_model is None and not self.is_peft:
-            src = args.ref_model_name_or_path or self.model_path
-            if not src:  # a model object built in code: copy it
+            if not self.model_path:  # a model object built in code: copy it
                 import copy
 
                 ref_model = copy.deepcopy(self.accelerator.unwrap_model(self.model))
             else:
-                ref_model = self._load_reference(src, init_kwargs=args.ref_model_init_kwargs or args.model_init_kwargs)
+                ref_model = self._load_reference(self.model_path)
         elif isinstance(ref_model, (str, os.PathLike)):
             ref_model = self._load_reference(ref_model)
         if ref_model is not None:
@@ -224,9 +227,7 @@ class DPOTrainer(TrainLoop):
 
         args = self.args
         if isinstance(ref_model, (str, os.PathLike)):
-            from preftune import models
-
-            ref_model = models.load_model(ref_model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+            ref_model = self._load_reference(ref_model)
         tables = {}
         splits = [("train", self.train_split)] + ([("eval", self.eval_split)] if self.eval_split is not None else [])
         source = self._reference_for_precompute(ref_model)
@@ -249,6 +250,7 @@ class DPOTrainer(TrainLoop):
                 pad_to_multiple_of=self.pad_multiple,
                 accelerator=self.accelerator,
                 chunk_size=args.logps_chunk_size,
+                **self.objective.reference_kwargs,
             )
         self._eval_reference_table = CachedReference(tables["eval"]) if "eval" in tables else None
         del source, ref_model  # the reference model is freed: only the (N, 2) tables stay
@@ -273,5 +275,6 @@ class DPOTrainer(TrainLoop):
             max_completion_length=args.max_completion_length,
             truncation_mode=args.truncation_mode,
             chat_template=self.tokenizer.chat_template,
+            ld_alpha=args.ld_alpha,
         )
 

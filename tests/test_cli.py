@@ -126,3 +126,31 @@ def test_trl_fields_preftune_refuses_name_the_alternative(capsys):
     assert "'padding_value' is not a DPOConfig field" in err and "tokenizer.pad_token" in err
     assert cli.main(["train", "--generate_during_eval", "true"]) == 1
     assert "preftune eval" in capsys.readouterr().err
+
+
+def _eval_steps(out) -> list[int]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if "eval_loss" in r]
+
+
+def test_eval_dataset_on_the_command_line_is_evaluated_at_the_end(workdir, tmp_path):
+    """--eval_dataset without --eval_strategy: evaluated after the last step; --eval_strategy no: never."""
+    base = ["train", "--model_name_or_path", str(workdir / "model"), "--dataset_name", str(workdir / "train.jsonl"),
+            "--eval_dataset", str(workdir / "eval.jsonl"), "--max_steps", "2", "--max_length", "160",
+            "--per_device_train_batch_size", "2", "--save_strategy", "no", "--report_to", "none",
+            "--cache_dir", str(workdir / "cache")]
+    assert cli.main([*base, "--output_dir", str(tmp_path / "end")]) == 0
+    assert _eval_steps(tmp_path / "end") == [2]
+    assert cli.main([*base, "--output_dir", str(tmp_path / "no"), "--eval_strategy", "no"]) == 0
+    assert _eval_steps(tmp_path / "no") == []
+    assert cli.main([*base, "--output_dir", str(tmp_path / "start"), "--eval_on_start", "true",
+                     "--eval_strategy", "steps", "--eval_steps", "1"]) == 0
+    assert _eval_steps(tmp_path / "start") == [0, 1, 2]
+
+
+def test_disable_tqdm_hides_the_progress_bar(workdir, tmp_path, capsys):
+    argv = ["train", "--config", str(workdir / "run.yaml"), "--output_dir", str(tmp_path / "bar")]
+    assert cli.main(argv) == 0
+    assert "dpo: 100%" in capsys.readouterr().err
+    assert cli.main([*argv[:-1], str(tmp_path / "nobar"), "--disable_tqdm", "true"]) == 0
+    assert "dpo:" not in capsys.readouterr().err

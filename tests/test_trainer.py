@@ -494,3 +494,38 @@ def test_gpu_shape_defaults_resolve_and_rounded_rows_train_the_same(tmp_path):
         for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), key
     assert_same_weights(weights(a), weights(b), atol=1e-5)
+
+
+def test_eval_set_without_eval_strategy_is_unused_and_said_so(tmp_path, caplog):
+    """The Python API keeps TRL's meaning of eval_strategy='no' (no evaluation) and warns once."""
+    caplog.set_level(logging.WARNING, logger="preftune")
+    trainer = make_trainer(tmp_path, eval_rows=conversational_rows(4, "eval"), max_steps=2)
+    trainer.train()
+    lines = (Path(trainer.args.output_dir) / "metrics.jsonl").read_text().splitlines()
+    assert not any("eval_loss" in json.loads(x) for x in lines)
+    assert caplog.text.count("it is not used during training") == 1
+    caplog.clear()
+    on_start = make_trainer(tmp_path, eval_rows=conversational_rows(4, "eval"), max_steps=1, name="start",
+                            eval_on_start=True)
+    on_start.train()
+    rows = [json.loads(x) for x in (Path(on_start.args.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0]  # before the first step only
+    assert "not used during training" not in caplog.text
+
+
+def test_ref_model_name_or_path_is_the_reference_of_a_lora_run(tmp_path):
+    """A LoRA run with ref_model_name_or_path compares against that model, not the adapters-off policy."""
+    from preftune.reference import AdapterDisabledReference, FrozenModelReference
+
+    ref_dir = tmp_path / "ref"
+    tiny_model(VOCAB, seed=7).save_pretrained(ref_dir)
+    trainer = make_trainer(tmp_path, max_steps=1, peft_config=_lora(), ref_model_name_or_path=str(ref_dir))
+    trainer.train()
+    assert isinstance(trainer.reference, FrozenModelReference)
+    want = tiny_model(VOCAB, seed=7).state_dict()
+    got = trainer.reference.model.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    plain = make_trainer(tmp_path, max_steps=1, peft_config=_lora(), name="plain")
+    plain.train()
+    assert isinstance(plain.reference, AdapterDisabledReference)
+    assert train_rows(trainer)[0]["rewards/margins"] != train_rows(plain)[0]["rewards/margins"]

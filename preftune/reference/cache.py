@@ -225,13 +225,17 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def reference_cache_key(*, model_id: str, model_fingerprint: str, tokenizer_fingerprint: str,
                         data_fingerprint: str, max_length: int | None, max_prompt_length: int | None,
                         max_completion_length: int | None, truncation_mode: str, chat_template: str | None,
-                        extra: dict | None = None) -> str:  # fmt: skip
-    """sha256 over everything that changes the reference numbers (plus the cache format version)."""
+                        extra: dict | None = None, ld_alpha: float | None = None) -> str:  # fmt: skip
+    """sha256 over everything that changes the reference numbers (plus the cache format version).
+    ld_alpha (LD-DPO: the table holds the weighted sums) enters the key only when set, so a table of
+    plain sums keeps its key."""
     fields = dict(format=CACHE_FORMAT, model_id=model_id, model_fingerprint=model_fingerprint,
                   tokenizer_fingerprint=tokenizer_fingerprint, data_fingerprint=data_fingerprint,
                   max_length=max_length, max_prompt_length=max_prompt_length,
                   max_completion_length=max_completion_length, truncation_mode=truncation_mode,
                   chat_template=chat_template, extra=extra or {})  # fmt: skip
+    if ld_alpha is not None:
+        fields["ld_alpha"] = float(ld_alpha)
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -12,6 +12,7 @@ Every source returns a ``preftune.logps.ResponseLogps`` computed without autogra
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import weakref
@@ -122,13 +123,19 @@ def _grad_free(model: nn.Module):
     return torch.no_grad() if sharded else torch.inference_mode()
 
 
-def forward_logps(model: nn.Module, batch: dict, **logps_kwargs):
-    """``model_logps(model, batch, **logps_kwargs)`` in eval mode, without autograd (:func:`_grad_free`)."""
-    from preftune.logps import model_logps
+def forward_logps(model: nn.Module, batch: dict, *, ld_alpha: float | None = None, **logps_kwargs):
+    """``model_logps(model, batch, **logps_kwargs)`` in eval mode, without autograd (:func:`_grad_free`).
+    With ``ld_alpha`` (LD-DPO) the responses' length-desensitized sums stand in for the plain sums
+    (``chosen_logps``/``rejected_logps``), so every reference source and the cache hold what the loss uses."""
+    from preftune.logps import model_logps, model_pair_logps
 
     device = next(model.parameters()).device
     with eval_mode(model), _grad_free(model):
-        out = model_logps(model, _to_device(batch, device), **logps_kwargs)
+        if ld_alpha is None:
+            out = model_logps(model, _to_device(batch, device), **logps_kwargs)
+        else:
+            out = model_pair_logps(model, _to_device(batch, device), ld_alpha=ld_alpha, **logps_kwargs)
+            out = dataclasses.replace(out, chosen_logps=out.ld_chosen_logps, rejected_logps=out.ld_rejected_logps)
     return _detached(out)
 
 
