@@ -51,6 +51,12 @@ class DPOConfig(TrainConfig):
     """Everything one DPO run needs. See ``preftune train --help`` for every field with its default."""
 
     # TRL's DPOConfig fields that preftune does not take, with what to use instead (plus TrainConfig's).
+    ACCEPTED_IGNORED: ClassVar[dict[str, str]] = {
+        **TrainConfig.ACCEPTED_IGNORED,
+        "use_logits_to_keep": "preftune always computes logits for completion tokens only",
+        "use_liger_loss": "preftune's own chunked head never builds the full logits; the Liger kernel is not used",
+    }
+    VALIDATED_ONLY: ClassVar[tuple[str, ...]] = (*TrainConfig.VALIDATED_ONLY, "label_pad_token_id", "padding_free")
     REFUSED: ClassVar[dict[str, str]] = {
         **TrainConfig.REFUSED,
         "generate_during_eval": "preftune does not generate during training; `preftune eval` scores generations "

@@ -21,6 +21,7 @@ import difflib
 import functools
 import inspect
 import json
+import logging
 import math
 import os
 import types
@@ -29,6 +30,9 @@ from typing import Any, ClassVar, Optional, Union, get_args, get_origin, get_typ
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+
+
+logger = logging.getLogger("preftune")
 
 
 class ConfigError(ValueError):
@@ -115,6 +119,17 @@ class TrainConfig:
                         "preftune does not talk to a model hub; upload output_dir yourself"),
         "tools": "tool-calling chat templates are not supported",
     }
+    # Fields accepted so that configs written for TRL / TrainingArguments load, which change nothing in preftune:
+    # each says why. Set to anything but its default, a warning says so when the config is built. A subclass
+    # adds its own like REFUSED. Every other field is read by the code that trains (tests/test_config.py scans
+    # for it) or is one whose only accepted values are what preftune does (VALIDATED_ONLY; others are refused).
+    ACCEPTED_IGNORED: ClassVar[dict[str, str]] = {
+        "dataset_num_proc": "the data is tokenized in batched calls, which a fast tokenizer spreads over every "
+                            "core itself",
+        "remove_unused_columns": "preftune passes only the columns a training format names to the model, "
+                                 "whatever this says",
+    }
+    VALIDATED_ONLY: ClassVar[tuple[str, ...]] = ("push_to_hub",)
     ALIASES: ClassVar[dict[str, str]] = {"model": "model_name_or_path", "dataset": "dataset_name"}
     GROUP_TITLES: ClassVar[dict[str, str]] = {
         "run": "run and model", "lora": "LoRA adapters", "data": "data", "batch": "batching and memory",
@@ -320,6 +335,14 @@ class TrainConfig:
             errors += choice_errors
         if errors:
             raise ConfigError(errors)
+        self._warn_ignored()
+
+    def _warn_ignored(self) -> None:
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, why in type(self).ACCEPTED_IGNORED.items():
+            value = getattr(self, name)
+            if value != defaults[name]:
+                logger.warning("%s=%r is accepted for compatibility and changes nothing: %s", name, value, why)
 
     def _before_coercion(self) -> None:
         """Spellings other tooling passes that the types do not read; a subclass extends it."""

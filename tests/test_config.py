@@ -8,6 +8,8 @@ import json
 import math
 from typing import ClassVar
 
+import logging
+
 import pytest
 import yaml
 
@@ -368,7 +370,7 @@ def _to_argv(d: dict) -> list[str]:
 def test_cli_round_trip_every_field():
     c = _nondefault_config()
     parsed, extras = DPOConfig.parse_cli(_to_argv(c.to_dict()))
-    assert parsed == c and vars(extras) == {}
+    assert parsed == c and set(vars(extras)) == {"fields_set"} and extras.fields_set == set(c.to_dict())
 
 
 def test_cli_flags_override_yaml_override_defaults(tmp_path):
@@ -677,3 +679,63 @@ def test_a_new_loss_parameter_is_one_declaration(monkeypatch):
         fresh.DPOConfig(loss_type="toy", toy_margin=9)
     assert fresh.DPOConfig.parse_cli(["--loss_type", "toy", "--toy_margin", "1"])[0].toy_margin == 1.0
     assert "toy_margin" not in {f.name for f in dataclasses.fields(DPOConfig)}
+
+
+# ---- every accepted field is read ---------------------------------------------------------------------------
+def _package_sources(skip=("config.py", "config_base.py")) -> str:
+    import pathlib
+
+    import preftune
+
+    root = pathlib.Path(preftune.__file__).parent
+    return "\n".join(p.read_text() for p in sorted(root.rglob("*.py")) if p.name not in skip)
+
+
+def _reads(name: str, text: str) -> bool:
+    """An attribute read (`args.name`), a getattr / dict key ("name"), or a keyword of the same name."""
+    import re
+
+    return re.search(rf"\.{name}\b|[\"']{name}[\"']", text) is not None
+
+
+@pytest.mark.parametrize("cls_path", ["preftune.config_base.TrainConfig", "preftune.config.DPOConfig"])
+def test_every_field_is_read_outside_the_config_or_listed_as_ignored(cls_path):
+    """A field the training code never reads would look right and do nothing. Each field must be read by the
+    package outside the config modules (directly, through the loss registry's readers, or inside a config
+    method the package calls), or be on the class's documented ACCEPTED_IGNORED list (which warns when set)
+    or VALIDATED_ONLY list (every accepted value is what preftune does)."""
+    import importlib
+    import inspect
+    import re
+    from dataclasses import fields
+
+    from preftune.losses import config_params
+
+    module, name = cls_path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    text = _package_sources()
+    called = set(re.findall(r"\bargs\.(\w+)\(|\bconfig\.(\w+)\(|\bcfg\.(\w+)\(", text))
+    methods = {m for group in called for m in group if m and callable(getattr(cls, m, None))}
+    via_methods = "\n".join(inspect.getsource(getattr(cls, m)) for m in methods)
+    loss_fields = set(config_params()) if issubclass(cls, DPOConfig) else set()
+    unread = [f.name for f in fields(cls)
+              if not (_reads(f.name, text) or _reads(f.name, via_methods) or f.name in loss_fields
+                      or f.name in cls.ACCEPTED_IGNORED or f.name in cls.VALIDATED_ONLY)]
+    assert unread == [], f"{cls.__name__} fields nothing reads: {unread}; wire them, or list them in ACCEPTED_IGNORED"
+    for listed in (*cls.ACCEPTED_IGNORED, *cls.VALIDATED_ONLY):
+        assert listed in {f.name for f in fields(cls)}, listed
+
+
+def test_the_scan_catches_an_unread_field():
+    """The scan's own probe: a made-up field name is not found in the package."""
+    assert not _reads("zz_never_read_field", _package_sources())
+    assert _reads("max_grad_norm", _package_sources())
+
+
+def test_accepted_but_ignored_fields_warn_when_set(caplog):
+    caplog.set_level(logging.WARNING, logger="preftune")
+    DPOConfig(output_dir="x")
+    assert "changes nothing" not in caplog.text
+    DPOConfig(output_dir="x", use_liger_loss=True, dataset_num_proc=4)
+    assert "use_liger_loss=True is accepted for compatibility and changes nothing" in caplog.text
+    assert "dataset_num_proc=4 is accepted" in caplog.text

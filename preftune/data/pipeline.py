@@ -37,7 +37,7 @@ class PreparedSplit:
 def _demo_rows(split: str, args) -> list[dict]:
     from preftune.data.demo import demo_dataset
 
-    n = getattr(args, f"demo_{split}_size", None)
+    n = {"train": getattr(args, "demo_train_size", None), "eval": getattr(args, "demo_eval_size", None)}[split]
     return demo_dataset(split=split, n=n, seed=0)
 
 
