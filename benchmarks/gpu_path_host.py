@@ -46,7 +46,7 @@ def main(argv=None) -> int:
 
     if kernels.triton is None or not kernels.INTERPRETED:
         raise SystemExit("needs Triton, imported after TRITON_INTERPRET=1 (run this script as its own process)")
-    kernels.INTERPRET_ON_CPU = True
+    kernels._interpreter_on_cpu = lambda: True  # CPU tensors take the interpreted kernels
     for name in _KERNELS:
         setattr(kernels, name, _NoLaunch())
     torch.set_num_threads(1)

@@ -13,12 +13,11 @@ import sys
 
 __version__ = "0.1.0"
 
-# Transparent huge pages for PyTorch's large CPU tensors (>= 2 MB): a training step frees and
-# re-allocates hundreds of MB of activations and gradients, and on 4 KB pages the kernel zeroes
-# them one fault at a time (a fresh (49152, 576) float32 gradient: 32 ms on 4 KB pages, 7-15 ms
-# on huge pages, on the 2-core benchmark machine). PyTorch reads this variable at its first such
-# allocation, so it takes effect when preftune is imported before the model is loaded. Set
-# THP_MEM_ALLOC_ENABLE=0 to opt out; it changes no value, only page size.
+# A process-wide effect of `import preftune` (docs/internals.md, "Process-wide effects", lists them all
+# with their opt-outs): transparent huge pages for PyTorch's large CPU tensors (>= 2 MB), which a
+# training step frees and re-allocates by the hundred MB, so the kernel faults in 2 MB pages instead of
+# 4 KB ones (docs/benchmarks.md). PyTorch reads the variable once, at its first CPU allocation, so it is
+# set here, before the model is loaded. THP_MEM_ALLOC_ENABLE=0 opts out; it changes no value.
 if sys.platform.startswith("linux"):
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 

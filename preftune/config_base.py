@@ -194,6 +194,13 @@ class TrainConfig:
                                          "execution plan per new shape (0.5-1 s each, measured on an H200), so "
                                          "None = on when row lengths are rounded (pad_to_multiple_of > 1), else "
                                          "off (flash or memory-efficient attention).", group="batch", extra=True)
+    sdpa_grouped_kv: Optional[bool] = _f(
+        None, "Pass grouped key/value heads to SDPA as they are (enable_gqa) instead of repeating them to every "
+        "query head: no repeated K/V copies kept for backward, same values. transformers reads this only from "
+        "the environment, so preftune sets TRANSFORMERS_SDPA_FORCE_GQA during training and evaluation and "
+        "restores it after. None = on CPU, and on a GPU where cuDNN attention takes them with a mask (a "
+        "TRANSFORMERS_SDPA_FORCE_GQA you set stands); True = always (on a GPU without that, SDPA's math "
+        "kernel); False = transformers' own rule (repeated when there is a mask).", group="batch", extra=True)
     logps_chunk_size: Optional[int] = _f(None, "Completion tokens per chunk of the output head (memory vs speed). "
                                          "None = 1024, halved until a chunk's float32 logits fit 512 MiB "
                                          "(512 for a 152k vocabulary).", group="batch", extra=True)
@@ -210,6 +217,11 @@ class TrainConfig:
                               "bfloat16 (no float32 copy), and with fused_layers each RMSNorm and SwiGLU product as "
                               "one kernel forward and one backward instead of 2-10 eager elementwise kernels (same "
                               "formulas; results within a bfloat16 rounding).", group="batch", extra=True)
+    tied_embedding_grad: bool = _f(True, "Where the input embedding shares its weight with the output head (tied "
+                                   "embeddings, e.g. SmolLM2, Qwen2-0.5B), its backward adds its rows into the "
+                                   "head's gradient of that weight instead of making a zero-filled (vocab, hidden) "
+                                   "gradient of its own for autograd to add (same values, one such buffer less at "
+                                   "backward's peak). False = autograd's own path.", group="batch", extra=True)
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.", group="batch")
     gradient_checkpointing_kwargs: Optional[dict] = _f(None, "Keyword arguments (JSON) for "
                                                        "gradient_checkpointing_enable.", group="batch")

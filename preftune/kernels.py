@@ -20,7 +20,8 @@ Each kernel rounds where the eager ops round (to the activation dtype after silu
 weight product, ...), so results equal the eager ones up to the order of float32 sums and the
 exp/rsqrt approximations: within one bfloat16 rounding (``tests/test_kernels.py`` holds them to
 the eager modules). The kernels run on CUDA tensors; the tests run them on CPU tensors in Triton's
-interpreter (``TRITON_INTERPRET=1`` from ``tests/conftest.py``, plus ``INTERPRET_ON_CPU``). ``usable``
+interpreter (``TRITON_INTERPRET=1`` from ``tests/conftest.py``; their fixture patches
+``_interpreter_on_cpu``). ``usable``
 says whether they apply; everything else falls back to the eager ops.
 """
 
@@ -40,10 +41,15 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 # Under Triton's interpreter (TRITON_INTERPRET=1 before triton is first imported) kernels run on the
-# host, one program at a time: GPU tensors never take them then, CPU tensors only when a test sets
-# INTERPRET_ON_CPU.
+# host, one program at a time: GPU tensors never take them then, CPU tensors only where
+# _interpreter_on_cpu says so.
 INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
-INTERPRET_ON_CPU = False
+
+
+def _interpreter_on_cpu() -> bool:
+    """Whether CPU tensors take the kernels under Triton's interpreter: never in a run (the eager ops
+    are far faster there); the kernels' tests patch this to True to check the kernel code on CPU."""
+    return False
 
 
 # The norm kernels hold one row in registers: wider rows (no known model) keep the eager ops.
@@ -52,7 +58,7 @@ MAX_NORM_WIDTH = 32768
 
 def usable(*tensors: torch.Tensor) -> bool:
     """True when the kernels can run on these tensors: Triton is installed and every tensor is a
-    plain CUDA tensor, not a tensor subclass such as DTensor (see INTERPRET_ON_CPU for the tests).
+    plain CUDA tensor, not a tensor subclass such as DTensor (see ``_interpreter_on_cpu`` for the tests).
     Waits for a running ``warm_up_async`` first."""
     if _warming is not None:
         wait_warm_up()
@@ -60,7 +66,7 @@ def usable(*tensors: torch.Tensor) -> bool:
 
 
 def _usable_now(*tensors: torch.Tensor) -> bool:
-    if triton is None or (INTERPRETED and not INTERPRET_ON_CPU):
+    if triton is None or (INTERPRETED and not _interpreter_on_cpu()):
         return False
     device = "cpu" if INTERPRETED else "cuda"
     return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == device for t in tensors)
@@ -76,10 +82,9 @@ def warm_up_async(device: torch.device | str, dtype: torch.dtype = torch.bfloat1
     """Start Triton's one-time set-up and the kernels' compiles in a background thread, so that they
     overlap the caller's work (model loading, tokenizing) instead of stalling the first forward.
 
-    The first kernel a process launches pays Triton's set-up: on an H100 with every kernel already in
-    Triton's disk cache, 0.66 s for the first kernel and ~4 ms for each one after it (much of it
-    hashing Triton's own 400 MB library for cache keys, which releases the GIL); with an empty cache,
-    0.1-1.1 s more per kernel to compile. The widths given compile the variants a model of those
+    The first kernel a process launches pays Triton's set-up, and each kernel its compile where Triton's
+    disk cache lacks it (most of a second each; docs/benchmarks.md, "the job's fixed costs"); the set-up
+    hashes Triton's own library, which releases the GIL. The widths given compile the variants a model of those
     widths runs (SwiGLU's and the head's forward and backward, the norm's forward, the rotary embedding
     both ways for ``heads`` = (query heads, key/value heads, head dim)); without them only
     the set-up runs. Returns whether a thread started (tensors on ``device`` can take the kernels). A

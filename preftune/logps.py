@@ -512,25 +512,31 @@ def _attention_mask_for(mask, attn_impl: str, dtype: torch.dtype):
     )
 
 
-# transformers' SDPA integration reads this on every call: "1" passes grouped key/value heads to SDPA
-# with enable_gqa instead of repeating them to every query head first.
+# transformers' SDPA integration (``use_gqa_in_sdpa``) reads this on every call, and only this: its
+# attention function takes no per-call argument for it. "1" passes grouped key/value heads to SDPA with
+# enable_gqa instead of repeating them to every query head first; "0" (its default) leaves the choice to
+# transformers, which repeats them whenever there is a mask.
 _FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
 
 
 @contextlib.contextmanager
-def _grouped_kv():
-    """SDPA gets grouped key/value heads as they are (enable_gqa): no (R, heads, T, D) copies of K and
-    V per layer kept for backward and no sum over the copies in backward; on CPU, and on a GPU where
-    cuDNN's kernel takes them with a mask (``_cudnn_takes_grouped_kv``; measured: docs/benchmarks.md).
-    Same math. A value the user set is left alone."""
-    if _FORCE_GQA in os.environ:
+def _grouped_kv(on: bool, *, keep_user_value: bool = False):
+    """Inside: ``TRANSFORMERS_SDPA_FORCE_GQA`` is "1" (``on``: SDPA gets grouped key/value heads as they
+    are, enable_gqa: no (R, heads, T, D) copies of K and V per layer kept for backward and no sum over the
+    copies in backward; same math) or "0" (transformers' own rule); after, it is as it was. With
+    ``keep_user_value`` a value already in the environment is left alone."""
+    before = os.environ.get(_FORCE_GQA)
+    if keep_user_value and before is not None:
         yield
         return
-    os.environ[_FORCE_GQA] = "1"
+    os.environ[_FORCE_GQA] = "1" if on else "0"
     try:
         yield
     finally:
-        os.environ.pop(_FORCE_GQA, None)
+        if before is None:
+            os.environ.pop(_FORCE_GQA, None)
+        else:
+            os.environ[_FORCE_GQA] = before
 
 
 @functools.cache
@@ -549,28 +555,45 @@ def _cudnn_takes_grouped_kv(device_index: int, heads: tuple[int, int, int], dtyp
 
 
 def attention_kernels(device: torch.device, cudnn: bool = False, heads: tuple[int, int, int] | None = None,
-                      dtype: torch.dtype = torch.bfloat16):
+                      dtype: torch.dtype = torch.bfloat16, *, grouped_kv: bool | None = None):
     """Context for the forwards (and so the backwards) of a run. On a GPU without ``cudnn``, SDPA may
     use flash, memory-efficient or math attention but not cuDNN's: cuDNN builds an execution plan,
     costly (docs/benchmarks.md), for every new (batch, length) shape, and a DPO run meets a new length
-    in most batches. Grouped K/V heads go to SDPA as they are
-    (``_grouped_kv``) on CPU, and on a GPU with ``cudnn`` where cuDNN takes them for the model's
-    ``heads`` = (query heads, K/V heads, head dim) in ``dtype``; the other GPU kernels with a mask do
-    not, so there they stay repeated."""
+    in most batches.
+
+    grouped_kv (the config's ``sdpa_grouped_kv``): whether grouped K/V heads go to SDPA as they are
+    (``_grouped_kv``; transformers reads that from the process's environment only, so it is set inside
+    this context and restored after: docs/internals.md, "Process-wide effects"). None = automatic: on
+    CPU, and on a GPU with ``cudnn`` where cuDNN takes them for the model's ``heads`` = (query heads,
+    K/V heads, head dim) in ``dtype`` (the other GPU kernels do not take them with a mask, so there they
+    stay repeated); a ``TRANSFORMERS_SDPA_FORCE_GQA`` the user set stands. True / False: on / off
+    whatever the device (True on a GPU whose kernels do not take them: SDPA's math kernel)."""
     device = torch.device(device)
-    if device.type == "cpu":
-        return _grouped_kv()
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    if cudnn:
+    if grouped_kv is not None:
+        choice = _grouped_kv(bool(grouped_kv))
+    elif device.type == "cpu":
+        choice = _grouped_kv(True, keep_user_value=True)
+    elif device.type == "cuda" and cudnn:
         grouped = heads is not None and heads[1] < heads[0] and torch.backends.cuda.cudnn_sdp_enabled()
         if grouped:
             index = device.index if device.index is not None else torch.cuda.current_device()
             grouped = _cudnn_takes_grouped_kv(index, tuple(heads), dtype)
-        return _grouped_kv() if grouped else contextlib.nullcontext()
+        choice = _grouped_kv(True, keep_user_value=True) if grouped else contextlib.nullcontext()
+    else:
+        choice = contextlib.nullcontext()
+    if device.type != "cuda" or cudnn:
+        return choice
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    return _entered(choice, sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]))
+
+
+@contextlib.contextmanager
+def _entered(*contexts):
+    with contextlib.ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context)
+        yield
 
 
 def _final_hidden(model, base, inputs: dict) -> torch.Tensor:
@@ -605,22 +628,34 @@ def auto_chunk_size(vocab_size: int) -> int:
     return chunk
 
 
-# False (PREFTUNE_TIED_EMBEDDING_GRAD=0): the input embedding of a tied weight gets its own (V, H)
-# gradient, as autograd does; for A/B runs and as a way out should a model's embedding misbehave
-TIED_EMBEDDING_GRAD = os.environ.get("PREFTUNE_TIED_EMBEDDING_GRAD", "1") != "0"
-
 TRITON_HEAD = "_preftune_triton_head"  # attribute on the output head module: run it with the Triton kernels
+# attribute on the output head module; False: an input embedding tied to it takes autograd's own path
+TIED_EMBEDDING_GRAD = "_preftune_tied_embedding_grad"
+
+
+def _mark_head(model: torch.nn.Module, attr: str, on: bool) -> bool:
+    get = getattr(_unwrap(model), "get_output_embeddings", None)
+    head = get() if get is not None else None
+    if head is None:
+        return False
+    setattr(head, attr, bool(on))
+    return True
 
 
 def use_triton_head(model: torch.nn.Module, on: bool = True) -> bool:
     """Mark ``model``'s output head for ``model_logps``' Triton kernels (where they apply: CUDA tensors,
     Triton installed). Returns whether the model has a head to mark."""
-    get = getattr(_unwrap(model), "get_output_embeddings", None)
-    head = get() if get is not None else None
-    if head is None:
-        return False
-    setattr(head, TRITON_HEAD, bool(on))
-    return True
+    return _mark_head(model, TRITON_HEAD, on)
+
+
+def use_tied_embedding_grad(model: torch.nn.Module, on: bool = True) -> bool:
+    """How ``model_logps`` makes the gradient of an input embedding that shares its weight with
+    ``model``'s output head (the config's ``tied_embedding_grad``). On, as for a model never marked:
+    the embedding's backward adds its rows into the head's gradient of the shared weight
+    (``_TiedEmbedding``; where ``_tied_embedding`` says it applies). Off: the embedding gets a
+    zero-filled (V, H) gradient of its own, which autograd adds into the head's at the end of backward.
+    Same values. Returns whether the model has a head to mark."""
+    return _mark_head(model, TIED_EMBEDDING_GRAD, on)
 
 
 def _with_temperature(scale: float | None, softcap: float | None, temperature: float | None):
@@ -679,7 +714,8 @@ def model_token_logps(model, batch: dict, *, chunk_size: int | None = None, temp
     # a plain Linear head, also when FSDP2 has swapped its class (FSDPLinear keeps Linear.forward);
     # calling a sharded head module chunk by chunk would free the final norm's gathered weight
     plain = isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward
-    embed = _tied_embedding(base, head) if plain and TIED_EMBEDDING_GRAD and torch.is_grad_enabled() else None
+    tie = plain and getattr(head, TIED_EMBEDDING_GRAD, True) and torch.is_grad_enabled()  # use_tied_embedding_grad
+    embed = _tied_embedding(base, head) if tie else None
     tied = _TiedSlot() if embed is not None else None
     with forward, recompute, rope, _tied_lookup(embed, tied):
         hidden = _final_hidden(model, base, inputs)  # (R, T, H)

@@ -1,25 +1,20 @@
 """Where a training run's bytes come from: glibc malloc settings on CPU, optimizer state up front.
 
-``tune_malloc``, for CPU runs on Linux:
-
-A step allocates and frees hundreds of activation and gradient tensors, most of 2-32 MB, and a few of
-80-120 MB (the output head's logits and the (V, H) gradient for a 49k vocabulary). glibc's default
-adapts its mmap threshold and trims the heap top, and with huge pages for tensors of 2 MB and up
-(``THP_MEM_ALLOC_ENABLE``, see ``preftune/__init__.py``) these kept going back to the kernel and
-faulting in again, zeroed, at their next allocation: on the 2-core benchmark machine ``a * b`` for
-two (4, 165, 1536) float32 tensors took 1.8 ms instead of 0.07 ms once reused, and a fresh
-(49152, 576) zero-fill 119 ms. With the threshold fixed at 256 MiB and the heap top given back only
-past 2 GiB free, every tensor below 256 MiB is reused from the heap: the short benchmark shape went
-from ~2k minor page faults per steady step (threshold 32 MiB) to ~30, and from 3.5-3.8 s to 3.3-3.4 s
-a step, for a 55 MB higher peak RSS (3.30 GB); larger tensors are still mapped on demand with huge
-pages and returned when freed. Values do not change, only where the bytes come from.
-Set ``PREFTUNE_MALLOC_TUNING=0`` to leave malloc alone.
+``tune_malloc``, called where a CPU training run starts (``TrainLoop.__init__``), on Linux with glibc:
+a process-wide malloc setting, one of the effects listed in docs/internals.md ("Process-wide effects";
+``PREFTUNE_MALLOC_TUNING=0`` leaves malloc alone). A step allocates and frees hundreds of activation
+and gradient tensors of 2-120 MB; glibc's default adapts its mmap threshold and trims the heap top, so
+with huge pages for tensors of 2 MB and up (``THP_MEM_ALLOC_ENABLE``, set by ``import preftune``) they
+kept going back to the kernel and faulting in again, zeroed, at their next allocation. With the
+threshold fixed at 256 MiB and the heap top given back only past 2 GiB free, every tensor below 256 MiB
+is reused from the heap; larger ones are still mapped on demand and returned when freed. Values do not
+change, only where the bytes come from (the measurements: docs/benchmarks.md, "glibc malloc").
 
 ``init_adamw_state``: torch's AdamW creates its two moment buffers at the first ``step()``, after
 the first backward freed its activations, so the persistent buffers land in the holes those left
 and the second step's activations need fresh memory around them. Created before the first
-forward, they sit below every transient allocation (the benchmark's short shape on CPU: peak RSS
-3.35 GB instead of 3.46). The state is the one ``step()`` would create, so the run is the same.
+forward, they sit below every transient allocation (a lower peak RSS: docs/benchmarks.md, "AdamW state
+before the first forward"). The state is the one ``step()`` would create, so the run is the same.
 """
 
 from __future__ import annotations

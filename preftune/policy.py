@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from preftune import kernels
-from preftune.logps import _unwrap, use_triton_head
+from preftune.logps import _unwrap, use_tied_embedding_grad, use_triton_head
 
 logger = logging.getLogger("preftune")
 
@@ -93,10 +93,18 @@ def _adapt(model, args, peft_config, device: torch.device):
         if args.recompute_mlp and not counts.get("mlp_recompute"):
             logger.warning("recompute_mlp=True, but none of the %d SwiGLU MLPs has three plain projections "
                            "(LoRA-adapted ones keep theirs): nothing is recomputed", counts["mlp"])
-    use_triton_head(model, args.triton_kernels)
+    mark_head(model, args)
     if args.triton_kernels and device.type == "cuda":
         warm_up_kernels(model, device)
     return model
+
+
+def mark_head(model, args) -> None:
+    """The config's choices that ``model_logps`` reads from a model's output head: the Triton kernels
+    (``triton_kernels``) and the tied input embedding's gradient (``tied_embedding_grad``). For the
+    policy and for a separate reference model alike."""
+    use_triton_head(model, args.triton_kernels)
+    use_tied_embedding_grad(model, args.tied_embedding_grad)
 
 
 def warm_up_kernels(model, device: torch.device) -> None:
@@ -105,7 +113,7 @@ def warm_up_kernels(model, device: torch.device) -> None:
     base = _unwrap(model)
     config = getattr(base, "config", None)
     get_head = getattr(base, "get_output_embeddings", None)
-    head = get_head() if get_head is not None else None  # marked by use_triton_head just before
+    head = get_head() if get_head is not None else None  # marked by mark_head just before
     param = next(base.parameters(), None)
     kernels.warm_up_async(
         device,

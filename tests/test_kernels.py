@@ -31,7 +31,7 @@ def kern(monkeypatch):
     if not ON_GPU:
         if not kernels.INTERPRETED:
             pytest.skip("no GPU, and Triton was imported without TRITON_INTERPRET=1 (tests/conftest.py sets it)")
-        monkeypatch.setattr(kernels, "INTERPRET_ON_CPU", True)
+        monkeypatch.setattr(kernels, "_interpreter_on_cpu", lambda: True)
     return kernels, "cuda" if ON_GPU else "cpu"
 
 
@@ -364,10 +364,18 @@ def test_warm_up_calls_queue_and_a_failure_stays_in_the_thread(kern, monkeypatch
     assert sum("no compiler" in r.getMessage() for r in caplog.records) == 2
 
 
+def test_cpu_tensors_take_the_kernels_only_under_the_tests_fixture():
+    """Outside the ``kern`` fixture, even under Triton's interpreter, CPU tensors keep the eager ops."""
+    import preftune.kernels as kernels
+
+    assert kernels._interpreter_on_cpu() is False
+    assert not kernels.usable(torch.zeros(4))
+
+
 def test_warm_up_is_a_no_op_where_the_kernels_do_not_run(monkeypatch):
     import preftune.kernels as kernels
 
-    monkeypatch.setattr(kernels, "INTERPRET_ON_CPU", False)
+    monkeypatch.setattr(kernels, "_interpreter_on_cpu", lambda: False)
     if not ON_GPU:
         assert not kernels.warm_up_async("cpu") and kernels._warming is None
     assert not kernels.warm_up_async("meta")

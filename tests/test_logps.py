@@ -333,6 +333,30 @@ def test_gpu_grouped_kv_only_where_cudnn_takes_them(monkeypatch):
         assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "0"
 
 
+@pytest.mark.parametrize("user", [None, "0", "1"])
+def test_sdpa_grouped_kv_set_explicitly_holds_on_every_device_and_is_restored(monkeypatch, user):
+    """sdpa_grouped_kv=True / False sets TRANSFORMERS_SDPA_FORCE_GQA to "1" / "0" inside the context,
+    on CPU and on a GPU with or without cuDNN, over a value the user set; after, it is as before."""
+    import preftune.logps as L
+
+    monkeypatch.setattr(L, "_cudnn_takes_grouped_kv", lambda index, heads, dtype: True)
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: True)
+    if user is None:
+        monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA", raising=False)
+    else:
+        monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", user)
+    for device, cudnn in ((torch.device("cpu"), False), (torch.device("cuda", 0), True),
+                          (torch.device("cuda", 0), False)):
+        for grouped, want in ((True, "1"), (False, "0")):
+            with L.attention_kernels(device, cudnn, (14, 2, 64), grouped_kv=grouped):
+                assert os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA") == want, (device, cudnn, grouped)
+            assert os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA") == user
+        with L.attention_kernels(device, cudnn, (14, 2, 64)):  # automatic: the user's value stands
+            if user is not None:
+                assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == user
+        assert os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA") == user
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_gpu_cudnn_grouped_kv_heads_give_the_repeated_heads_values():
     """Where cuDNN takes grouped K/V heads with the prefix mask: the same log-probs and gradients as the
@@ -400,7 +424,12 @@ def test_cpu_attention_runs_on_grouped_kv_heads_with_the_same_values(model):
         with attention_kernels(torch.device("cpu")):
             grouped = run()
         assert {s[2] for s in seen} == {True} and {s[1] for s in seen} == {model.config.num_key_value_heads}
+        seen.clear()
+        with attention_kernels(torch.device("cpu"), grouped_kv=False):  # sdpa_grouped_kv=False: repeated
+            repeated = run()
+        assert {s[2] for s in seen} == {False} and {s[1] for s in seen} == {model.config.num_attention_heads}
     assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
+    assert torch.equal(repeated[0].chosen_logps, plain[0].chosen_logps)
     torch.testing.assert_close(grouped[0].chosen_logps, plain[0].chosen_logps, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grouped[0].rejected_logps, plain[0].rejected_logps, rtol=1e-5, atol=1e-5)
     for name, g in plain[1].items():
@@ -544,9 +573,14 @@ def test_tied_embedding_adds_its_rows_into_the_head_gradient(layout, device, mon
     feats = [dict(f, prompt_ids=[0, *f["prompt_ids"]]) for f in FEATS]  # the pad id inside a prompt too
     batch = collate(feats, layout=layout, pad_token_id=0, pad_to_multiple_of=8)
     runs = {}
+    applied = []
+    real = lp._TiedEmbedding.apply
+    monkeypatch.setattr(lp._TiedEmbedding, "apply", lambda *a: applied.append(1) or real(*a))
     for on in (False, True):
-        monkeypatch.setattr(lp, "TIED_EMBEDDING_GRAD", on)
+        assert lp.use_tied_embedding_grad(tied, on)
+        applied.clear()
         out = model_logps(tied, batch, chunk_size=4)
+        assert bool(applied) is on  # off: the embedding's own forward, autograd's own (V, H) gradient
         logps = torch.cat([out.chosen_logps, out.rejected_logps])
         tied.zero_grad()
         with _BigTensors(embed.weight.shape) as big:
@@ -560,6 +594,30 @@ def test_tied_embedding_adds_its_rows_into_the_head_gradient(layout, device, mon
     # the pad row holds the head's part only on both paths (the dense one zeroes padding_idx), bit for bit
     assert torch.equal(grads["model.embed_tokens.weight"][0], ref_grads["model.embed_tokens.weight"][0])
     assert got_big == 1 and ref_big >= 2
+
+
+def test_tied_embedding_grad_is_chosen_per_model_by_the_config(monkeypatch):
+    """``tied_embedding_grad`` reaches model_logps through the model's head (policy.mark_head, which the
+    policy's set-up calls); a model never marked takes the tied path."""
+    from preftune import logps as lp
+    from preftune.config import DPOConfig
+    from preftune.policy import _adapt, mark_head
+
+    applied = []
+    real = lp._TiedEmbedding.apply
+    monkeypatch.setattr(lp._TiedEmbedding, "apply", lambda *a: applied.append(1) or real(*a))
+    batch = collate(FEATS, layout="prefix", pad_token_id=0)
+    for marked in (None, True, False):
+        tied = tiny_model(V, seed=5, tie_word_embeddings=True)
+        if marked is not None:
+            _adapt(tied, DPOConfig(tied_embedding_grad=marked, fused_layers=False), None, torch.device("cpu"))
+        applied.clear()
+        model_logps(tied, batch)
+        assert bool(applied) is (marked is not False), marked
+    ref = tiny_model(V, seed=5, tie_word_embeddings=True)
+    mark_head(ref, DPOConfig(tied_embedding_grad=False, triton_kernels=False))
+    head = ref.get_output_embeddings()
+    assert getattr(head, lp.TIED_EMBEDDING_GRAD) is False and getattr(head, lp.TRITON_HEAD) is False
 
 
 def test_tied_embedding_path_is_left_where_it_does_not_apply():
