@@ -609,7 +609,8 @@ class TrainLoop:
         if dtype is None:
             dtype = next(base.parameters()).dtype
         return attention_kernels(self.accelerator.device, self.cudnn_attention,
-                                 attention_heads(getattr(base, "config", None)), dtype)
+                                 attention_heads(getattr(base, "config", None)), dtype,
+                                 grouped_kv=self.args.sdpa_grouped_kv)
 
     def save_model(self, output_dir: str | os.PathLike | None = None):
         """Save the model (or adapter) and tokenizer in Hugging Face format, atomically."""

@@ -20,8 +20,8 @@ from preftune.config import DPOConfig
 from preftune.data.batching import collate
 from preftune.data.pipeline import prepare_one, prepare_splits, report_skips
 from preftune.dpo import DPOObjective, evaluate_pairs
-from preftune.logps import use_triton_head
 from preftune.loop import NonFiniteError, TrainLoop, resolve_layout, resolve_shapes
+from preftune.policy import mark_head
 
 logger = logging.getLogger("preftune")
 
@@ -208,7 +208,7 @@ class DPOTrainer(TrainLoop):
         """Frozen and placed like the policy: sharded under FSDP / ZeRO-3, plain on the device otherwise."""
         from preftune.reference import prepare_reference_model
 
-        use_triton_head(ref_model, self.args.triton_kernels)
+        mark_head(ref_model, self.args)
         return prepare_reference_model(ref_model, self.accelerator, micro_batch=self.args.per_device_train_batch_size,
                                        accumulation=self.args.gradient_accumulation_steps)
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 from typing import ClassVar
-
-import logging
 
 import pytest
 import yaml
