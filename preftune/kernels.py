@@ -76,10 +76,9 @@ def warm_up_async(device: torch.device | str, dtype: torch.dtype = torch.bfloat1
     """Start Triton's one-time set-up and the kernels' compiles in a background thread, so that they
     overlap the caller's work (model loading, tokenizing) instead of stalling the first forward.
 
-    The first kernel a process launches pays Triton's set-up: on an H100 with every kernel already in
-    Triton's disk cache, 0.66 s for the first kernel and ~4 ms for each one after it (much of it
-    hashing Triton's own 400 MB library for cache keys, which releases the GIL); with an empty cache,
-    0.1-1.1 s more per kernel to compile. The widths given compile the variants a model of those
+    The first kernel a process launches pays Triton's set-up (much of it hashing Triton's own library
+    for cache keys, which releases the GIL), and with an empty disk cache each kernel its compile: times
+    in docs/benchmarks.md ("the job's fixed costs"). The widths given compile the variants a model of those
     widths runs (SwiGLU's and the head's forward and backward, the norm's forward, the rotary embedding
     both ways for ``heads`` = (query heads, key/value heads, head dim)); without them only
     the set-up runs. Returns whether a thread started (tensors on ``device`` can take the kernels). A

@@ -6,20 +6,18 @@ A step allocates and frees hundreds of activation and gradient tensors, most of 
 80-120 MB (the output head's logits and the (V, H) gradient for a 49k vocabulary). glibc's default
 adapts its mmap threshold and trims the heap top, and with huge pages for tensors of 2 MB and up
 (``THP_MEM_ALLOC_ENABLE``, see ``preftune/__init__.py``) these kept going back to the kernel and
-faulting in again, zeroed, at their next allocation: on the 2-core benchmark machine ``a * b`` for
-two (4, 165, 1536) float32 tensors took 1.8 ms instead of 0.07 ms once reused, and a fresh
-(49152, 576) zero-fill 119 ms. With the threshold fixed at 256 MiB and the heap top given back only
-past 2 GiB free, every tensor below 256 MiB is reused from the heap: the short benchmark shape went
-from ~2k minor page faults per steady step (threshold 32 MiB) to ~30, and from 3.5-3.8 s to 3.3-3.4 s
-a step, for a 55 MB higher peak RSS (3.30 GB); larger tensors are still mapped on demand with huge
-pages and returned when freed. Values do not change, only where the bytes come from.
+faulting in again, zeroed, at their next allocation. With the threshold fixed at 256 MiB and the heap
+top given back only past 2 GiB free, every tensor below 256 MiB is reused from the heap: far fewer page
+faults and faster steps for a slightly higher peak (docs/benchmarks.md, "glibc malloc"); larger tensors
+are still mapped on demand with huge pages and returned when freed. Values do not change, only where
+the bytes come from.
 Set ``PREFTUNE_MALLOC_TUNING=0`` to leave malloc alone.
 
 ``init_adamw_state``: torch's AdamW creates its two moment buffers at the first ``step()``, after
 the first backward freed its activations, so the persistent buffers land in the holes those left
 and the second step's activations need fresh memory around them. Created before the first
-forward, they sit below every transient allocation (the benchmark's short shape on CPU: peak RSS
-3.35 GB instead of 3.46). The state is the one ``step()`` would create, so the run is the same.
+forward, they sit below every transient allocation, which lowers the peak (docs/benchmarks.md). The
+state is the one ``step()`` would create, so the run is the same.
 """
 
 from __future__ import annotations
@@ -105,8 +103,8 @@ class StepInBackward:
     fused AdamW reads on the device (no host sync) and then leaves the parameters and their state
     alone. A non-finite loss skips every update; a gradient that turns non-finite partway through
     backward skips its bucket and those after it, and ``updated()`` counts the parameters already
-    stepped. Buckets, not single parameters: one ``step()`` per parameter cost 0.2-0.35 s a step for
-    SmolLM2-135M on the 2-core CPU (272 calls), against 0.07 s for the whole plain step.
+    stepped. Buckets, not single parameters: one ``step()`` per parameter cost several times the whole
+    plain step (docs/benchmarks.md, optim_in_backward).
     """
 
     BUCKET_BYTES = 64 * 2**20
