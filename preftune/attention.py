@@ -134,8 +134,8 @@ def _register() -> None:
 
 
 def _checkpointing(model) -> bool:
-    """Whether gradient checkpointing is on. transformers' property walks every module (~0.6 ms for a
-    24-layer model here, more with LoRA's modules) and model_logps asks on every forward: a decoder's
+    """Whether gradient checkpointing is on. transformers' property walks every module (more with LoRA's
+    modules; docs/benchmarks.md, host overhead) and model_logps asks on every forward: a decoder's
     layer list is read instead where it carries the flag transformers sets on each layer."""
     get_decoder = getattr(model, "get_decoder", None)
     layers = getattr(get_decoder(), "layers", None) if callable(get_decoder) else None

@@ -573,8 +573,8 @@ def _dropout_p(drop: nn.Module) -> float | None:
 
 
 def _is_lora_linear(module: nn.Module) -> bool:
-    # a LoRA layer exists only once peft is imported: no import here for models without one
-    # (importing peft took 0.3 s of a trainer's construction on a 2-core CPU); the class is looked up
+    # a LoRA layer exists only once peft is imported: no import here for models without one (importing
+    # peft is a visible share of a trainer's construction, docs/benchmarks.md); the class is looked up
     # once, as the fused MLP asks this of its down_proj in every forward
     return "peft" in sys.modules and type(module) is _lora_linear_class()
 

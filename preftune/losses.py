@@ -6,8 +6,13 @@ completions under the policy (pc, pr) and the reference (rc, rr), and the comple
 
     c = pc - rc,  r = pr - rr                 log-ratios of chosen / rejected         (eq. 6.9, 6.10)
     delta = s(c) - s(r)                       s = the f-divergence transform (s(x) = x for reverse KL)
-    z = beta * delta                          the DPO logit; h = c - r                (eq. 6.1)
+    z = beta * delta                          the DPO logit (PairTerms.z); h = c - r  (eq. 6.1)
     eps = label_smoothing
+
+The exponential f-divergences make z overflow long before c and r do (forward KL at beta 0.1: c = -17,
+r = 36.8 gives z = -2.4e6, c = -100 gives -2.7e42). `divergence_delta` and the losses built on it are
+exact, value and gradient, wherever z and the loss are representable, and finite beyond (see
+`_divergence_loss`).
 
 A loss is registered with `@register(name, ...)`, which records what it needs (a reference model,
 lengths, the whole batch, the chosen NLL) and its hyper-parameters with their defaults and ranges, so the
@@ -17,6 +22,7 @@ entry point; everything is computed in float32 whatever the input dtype (float64
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -26,12 +32,13 @@ import torch.nn.functional as F
 
 __all__ = [
     "LOSSES", "GLOBAL_PARAMS", "F_DIVERGENCES", "LossSpec", "LossOutput", "Param", "PairTerms",
-    "register", "preference_loss", "loss_params", "describe_losses", "divergence_delta",
-    "canonical_divergence", "resolve_loss_names", "config_params", "param_readers", "ld_dpo_logps", "wpo_weights", "log_sum_sq_probs",
+    "register", "preference_loss", "loss_params", "describe_losses", "divergence_delta", "divergence_z",
+    "canonical_divergence", "resolve_loss_names", "config_params", "param_readers", "ld_dpo_logps", "wpo_weights",
+    "log_sum_sq_probs",
 ]
 
-EXP_CLAMP = 40.0  # exponents are clamped to +-EXP_CLAMP: e^80 (two factors) still fits float32 (max ~e^88)
-DELTA_MAX = 1e30  # |delta| bound, so beta * delta and the losses built on it stay finite
+DIRECT_EXP = 40.0  # e^(a r) * expm1(a (c - r)) is evaluated as written while both |exponents| <= this
+FAR = 2.0 ** 64    # a |z| where every registered divergence loss is affine in |z| to the last bit
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,8 +91,10 @@ class PairTerms:
     rr: torch.Tensor
     nc: torch.Tensor | None      # completion token counts as float32, >= 1
     nr: torch.Tensor | None
-    delta: torch.Tensor          # s(c) - s(r) under the chosen f-divergence
+    z: torch.Tensor | None       # beta * (s(c) - s(r)) under the chosen f-divergence (see divergence_z)
     chosen_nll: torch.Tensor | None
+    log_abs_z: torch.Tensor | None = None  # float64 log|z|, differentiable where z != 0
+    z_over: torch.Tensor | None = None     # bool: |z| is past the largest finite value (z is then +-max)
 
     @property
     def c(self) -> torch.Tensor:
@@ -171,6 +180,108 @@ def canonical_divergence(kind) -> str:
     return key
 
 
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - e^x) for x <= 0 (-inf at 0), value and gradient accurate at both ends (Maechler 2012)."""
+    near = x > -math.log(2.0)
+    x_near = torch.where(near, x, torch.full_like(x, -1.0))
+    x_far = torch.where(near, torch.full_like(x, -1.0), x)
+    return torch.where(near, torch.log(-torch.expm1(x_near)), torch.log1p(-torch.exp(x_far)))
+
+
+def _log_abs_z(c: torch.Tensor, r: torch.Tensor, kind: str, a: float, beta: float) -> torch.Tensor:
+    """log|z| in float64 for float64 c, r, never overflowing, differentiable (exactly) where z != 0.
+
+    Exponential forms (a = alpha - 1 != 0), with m = max(a c, a r) and h = a (c - r):
+    |z| = beta |e^(a c) - e^(a r)| / |a| = e^(m + log beta - log|a|) (1 - e^-|h|),
+    so log|z| = m + log beta - log|a| + log1mexp(-|h|).
+    """
+    if kind == "js_divergence" or a == 0.0:
+        d = F.logsigmoid(c) - F.logsigmoid(r) if kind == "js_divergence" else c - r
+        return math.log(beta) + torch.log(torch.where(d == 0, torch.ones_like(d), d).abs())
+    h = a * (c - r)
+    up = h >= 0
+    m = torch.where(up, a * c, a * r)
+    neg_abs_h = torch.where(up, -h, h)
+    tail = _log1mexp(torch.where(neg_abs_h == 0, torch.full_like(h, -1.0), neg_abs_h))
+    return m + (math.log(beta) - math.log(abs(a))) + torch.where(h == 0, torch.full_like(h, -math.inf), tail)
+
+
+class _ExpDivergenceZ(torch.autograd.Function):
+    """(z, over) with z = beta (e^(a c) - e^(a r)) / a (a != 0) for (B,) c, r; see divergence_z for the value,
+    +-max where it overflows (over). The gradient is beta e^(a c) and -beta e^(a r) from float64
+    exponentials, exact where representable (autograd through expm1 would form e^h as expm1(h) + 1 and
+    lose it to rounding for h << 0), and saturated at the dtype's largest finite value beyond."""
+
+    @staticmethod
+    def forward(ctx, c, r, a: float, beta: float):
+        ctx.save_for_backward(c, r)
+        ctx.a, ctx.beta = a, beta
+        ar, h = a * r, a * (c - r)
+        head = torch.exp(torch.clamp(ar, -DIRECT_EXP, DIRECT_EXP))
+        tail = torch.expm1(torch.clamp(h, -DIRECT_EXP, DIRECT_EXP))
+        direct = beta * (head * tail / a)
+        direct_ok = (ar.abs() <= DIRECT_EXP) & (h.abs() <= DIRECT_EXP) & torch.isfinite(direct)
+        log_abs = _log_abs_z(c.double(), r.double(), "alpha_divergence", a, beta)
+        top = math.log(torch.finfo(torch.float64).max) - 1.0  # past it, z is only needed as "over"
+        shifted = torch.sign(h.double()) * math.copysign(1.0, a) * torch.exp(log_abs.clamp_max(top))
+        z = torch.where(direct_ok, direct, shifted.to(c.dtype))
+        over = ~torch.isfinite(z)
+        ctx.mark_non_differentiable(over)
+        big = torch.finfo(c.dtype).max
+        return z.clamp(-big, big), over
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        c, r = ctx.saved_tensors
+        g = grad.double()
+        log_g = torch.log(g.abs()) + math.log(ctx.beta)  # -inf where grad is 0: exp gives 0, not 0 * inf
+        top = torch.finfo(c.dtype).max
+        grad_c = (torch.sign(g) * torch.exp(log_g + ctx.a * c.double())).clamp(-top, top)
+        grad_r = (-torch.sign(g) * torch.exp(log_g + ctx.a * r.double())).clamp(-top, top)
+        return grad_c.to(c.dtype), grad_r.to(r.dtype), None, None
+
+
+class _Widen(torch.autograd.Function):
+    """x -> float64 copy; the gradient returns in x's dtype, overflow saturated at its largest finite value."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.dtype = x.dtype
+        return x.to(torch.float64, copy=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        top = torch.finfo(ctx.dtype).max
+        return grad.clamp(-top, top).to(ctx.dtype)
+
+
+def divergence_z(c: torch.Tensor, r: torch.Tensor, kind: str = "reverse_kl", alpha: float = 0.5,
+                 beta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z = beta * (s(c) - s(r)) for (B,) log-ratios c, r; also float64 log|z| and the mask where |z|
+    overflows c's dtype. See `divergence_delta` for s.
+
+    z is exact (value and gradient) wherever it is representable. The exponential forms are evaluated as
+    beta * e^(a r) * expm1(a (c - r)) / a while both exponents are within +-DIRECT_EXP (bit for bit the
+    values this function always gave there), elsewhere as sign * exp(log|z|) in float64 rounded once;
+    their gradient is beta e^(a c), -beta e^(a r) in float64. Past the largest finite value z is +-max,
+    its gradient exact where representable and +-max where not (finite, nonzero, the way z grows).
+    (reverse_kl and js_divergence overflow only at |beta (c - r)| > max; there the gradient is that of
+    +-log|z|.)
+    """
+    kind = canonical_divergence(kind)
+    a = {"reverse_kl": 0.0, "js_divergence": 0.0, "forward_kl": -1.0}.get(kind, float(alpha) - 1.0)
+    log_abs = _log_abs_z(_Widen.apply(c), _Widen.apply(r), kind, a, beta)
+    if a != 0.0:
+        z, over = _ExpDivergenceZ.apply(c, r, a, beta)
+        return z, log_abs, over
+    z = beta * (F.logsigmoid(c) - F.logsigmoid(r)) if kind == "js_divergence" else beta * (c - r)
+    over = ~torch.isfinite(z)
+    with torch.no_grad():
+        sign = torch.sign(c - r).to(c.dtype)  # s is increasing, so z has the sign of c - r
+    at_top = sign * (torch.finfo(c.dtype).max + (log_abs - log_abs.detach()).to(c.dtype))
+    return torch.where(over, at_top, z), log_abs, over
+
+
 def divergence_delta(c: torch.Tensor, r: torch.Tensor, kind: str = "reverse_kl",
                      alpha: float = 0.5) -> torch.Tensor:
     """delta = s(c) - s(r) for (B,) log-ratios c, r (f-DPO, Wang et al. 2023).
@@ -181,20 +292,11 @@ def divergence_delta(c: torch.Tensor, r: torch.Tensor, kind: str = "reverse_kl",
     alpha_divergence  s(x) = exp((alpha - 1) x) / (alpha - 1);  alpha = 1 is reverse KL
 
     The exponential forms use s(c) - s(r) = e^(a r) * expm1(a (c - r)) / a with a = alpha - 1, which
-    is exact, tends to c - r as a -> 0 without cancellation, and has each exponent clamped to
-    +-EXP_CLAMP so extreme log-ratios give a large finite delta (further bounded by DELTA_MAX).
+    tends to c - r as a -> 0 without cancellation. Exact (value and gradient) wherever delta is
+    representable in c's dtype; beyond, +-the largest finite value with a finite, nonzero gradient of the
+    right sign (`divergence_z` at beta = 1).
     """
-    kind = canonical_divergence(kind)
-    if kind == "js_divergence":
-        return F.logsigmoid(c) - F.logsigmoid(r)
-    if kind == "forward_kl":
-        alpha = 0.0
-    if kind == "reverse_kl" or alpha == 1.0:
-        return c - r
-    a = float(alpha) - 1.0
-    head = torch.exp(torch.clamp(a * r, -EXP_CLAMP, EXP_CLAMP))
-    tail = torch.expm1(torch.clamp(a * (c - r), -EXP_CLAMP, EXP_CLAMP))
-    return torch.clamp(head * tail / a, -DELTA_MAX, DELTA_MAX)
+    return divergence_z(c, r, kind, alpha, 1.0)[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,7 +319,7 @@ SMOOTHING = Param(0.0, "eps, the probability that a preference label is flipped 
 def sigmoid_loss(t: PairTerms, *, beta: float, label_smoothing: float) -> torch.Tensor:
     """Standard DPO: -log sigmoid(beta * delta), eq. 6.1; with eps > 0 the conservative (cDPO) form
     -(1 - eps) log sigmoid(z) - eps log sigmoid(-z)."""
-    return _smoothed_logsigmoid(beta * t.delta, label_smoothing)
+    return _smoothed_logsigmoid(t.z, label_smoothing)
 
 
 @register("hinge", uses_divergence=True,
@@ -225,7 +327,7 @@ def sigmoid_loss(t: PairTerms, *, beta: float, label_smoothing: float) -> torch.
                                        doc="Margin delta at which the hinge (SLiC) loss reaches zero.")})
 def hinge_loss(t: PairTerms, *, beta: float, hinge_delta: float) -> torch.Tensor:
     """SLiC-HF hinge: max(0, hinge_delta - beta * delta)."""
-    return torch.relu(hinge_delta - beta * t.delta)
+    return torch.relu(hinge_delta - t.z)
 
 
 @register("ipo", needs_lengths=True)
@@ -238,7 +340,7 @@ def ipo_loss(t: PairTerms, *, beta: float) -> torch.Tensor:
           params={"label_smoothing": _eps("label noise rate eps of robust DPO, < 0.5", high_open=True)})
 def robust_loss(t: PairTerms, *, beta: float, label_smoothing: float) -> torch.Tensor:
     """Robust DPO: [-(1 - eps) log sigmoid(z) + eps log sigmoid(-z)] / (1 - 2 eps), 0 <= eps < 0.5."""
-    eps, z = label_smoothing, beta * t.delta
+    eps, z = label_smoothing, t.z
     return (-(1.0 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
 
 
@@ -248,7 +350,7 @@ def exo_pair_loss(t: PairTerms, *, beta: float, label_smoothing: float) -> torch
     """EXO (pairwise): KL(q || (1 - eps, eps)) = q log(q / (1 - eps)) + (1 - q) log((1 - q) / eps),
     q = sigmoid(beta * delta); eps = 1e-3 when label_smoothing is 0. Logs via logsigmoid."""
     eps = label_smoothing if label_smoothing > 0 else 1e-3
-    z = beta * t.delta
+    z = t.z
     log_q, log_1mq = F.logsigmoid(z), F.logsigmoid(-z)
     q = torch.sigmoid(z)
     return q * (log_q - math.log1p(-eps)) + (1.0 - q) * (log_1mq - math.log(eps))
@@ -297,7 +399,7 @@ def apo_zero_loss(t: PairTerms, *, beta: float) -> torch.Tensor:
 @register("apo_down", uses_divergence=True)
 def apo_down_loss(t: PairTerms, *, beta: float) -> torch.Tensor:
     """APO-down: sigmoid(beta c) + (1 - sigmoid(beta * delta)): lower both, rejected more."""
-    return torch.sigmoid(beta * t.c) + (1.0 - torch.sigmoid(beta * t.delta))
+    return torch.sigmoid(beta * t.c) + (1.0 - torch.sigmoid(t.z))
 
 
 @register("discopop", uses_divergence=True,
@@ -305,10 +407,14 @@ def apo_down_loss(t: PairTerms, *, beta: float) -> torch.Tensor:
                                         doc="Temperature of the discopop loss.")})
 def discopop_loss(t: PairTerms, *, beta: float, discopop_tau: float) -> torch.Tensor:
     """DiscoPOP / LRML: z = beta delta, m = sigmoid(z / tau): (1 - m)(-log sigmoid z) + m exp(-z)
-    (the exponent is clamped to EXP_CLAMP)."""
-    z = beta * t.delta
+    (m exp(-z) as written while -z <= DIRECT_EXP, beyond as exp(log sigmoid(z / tau) - z), which does not
+    overflow while the product does not)."""
+    z = t.z
     m = torch.sigmoid(z / discopop_tau)
-    return (1.0 - m) * -F.logsigmoid(z) + m * torch.exp(torch.clamp(-z, max=EXP_CLAMP))
+    far = -z > DIRECT_EXP
+    weighted_exp = torch.where(far, torch.exp(torch.where(far, F.logsigmoid(z / discopop_tau) - z, 0.0)),
+                               m * torch.exp(torch.clamp(-z, max=DIRECT_EXP)))
+    return (1.0 - m) * -F.logsigmoid(z) + weighted_exp
 
 
 @register("sigmoid_norm", needs_lengths=True)
@@ -335,6 +441,45 @@ def simpo_loss(t: PairTerms, *, beta: float, simpo_gamma: float, label_smoothing
 def sft_loss(t: PairTerms, *, beta: float) -> torch.Tensor:
     """NLL of the chosen response (mean per token): the SFT term, for combinations such as MPO."""
     return t.chosen_nll
+
+
+def _divergence_loss(fn, t: PairTerms, beta: float, own: dict) -> torch.Tensor:
+    """fn's (B,) losses on z = beta * delta, exact (value and gradient) wherever z and the loss are
+    representable; finite, monotone in z and with a nonzero gradient of the right sign beyond.
+
+    Where |z| overflows or the loss does, the loss is read off its asymptote: at |z| >= FAR every
+    registered divergence loss is affine in |z| (k |z| + b; the exponentially small terms are below the
+    last bit), so two far points give k, and the loss is k |z| = sign(k) exp(log|k| + log|z|) in float64,
+    or b where k = 0 (a saturating side). Where that overflows too (the true loss is past the largest
+    finite value) the loss is +-max with the gradient k dz (saturated at +-max where it overflows: see
+    divergence_z). The points are evaluated with no gradient first, so no overflowing branch can put a
+    NaN into the backward pass. A mean over several losses at +-max overflows; each one is finite.
+    """
+    dtype = t.z.dtype
+    with torch.no_grad():
+        bad = t.z_over | ~torch.isfinite(fn(t, beta=beta, **own))
+        sgn = torch.sign(t.z)
+        far1 = fn(dataclasses.replace(t, z=sgn * FAR), beta=beta, **own)
+        far2 = fn(dataclasses.replace(t, z=sgn * (2.0 * FAR)), beta=beta, **own)
+        flat = (far1 == far2) & torch.isfinite(far1)
+        slope = (far2 - far1) / FAR
+        sloped = torch.isfinite(slope) & (slope != 0)
+        runs_to = torch.sign(torch.where(torch.isfinite(slope), slope, far1))
+        # the asymptote's slope in z; a loss growing faster than |z| (discopop, tau > 1) gets the largest
+        big_slope = runs_to * torch.finfo(dtype).max
+        dloss_dz = sgn * torch.where(sloped, slope, torch.where(torch.isfinite(slope), runs_to, big_slope))
+        slope = torch.where(sloped, slope, torch.ones_like(slope)).double()
+        log_along = torch.log(slope.abs()) + torch.where(bad, t.log_abs_z, torch.zeros_like(t.log_abs_z))
+        fits = sloped & torch.isfinite(torch.exp(log_along).to(dtype))
+    zero = torch.zeros_like(t.z)
+    near = fn(dataclasses.replace(t, z=torch.where(bad, zero, t.z)), beta=beta, **own)
+    flat_value = fn(dataclasses.replace(t, z=torch.where(bad & flat, sgn * FAR, zero)), beta=beta, **own)
+    log_abs_z = torch.where(bad, t.log_abs_z, torch.zeros_like(t.log_abs_z))
+    log_along = torch.where(fits, torch.log(slope.abs()) + log_abs_z, torch.zeros_like(log_abs_z))
+    along = (torch.sign(slope) * torch.exp(log_along)).to(dtype)
+    at_top = runs_to * torch.finfo(dtype).max + dloss_dz * (t.z - t.z.detach())
+    beyond = torch.where(flat, flat_value, torch.where(fits, along, at_top))
+    return torch.where(bad, beyond, near)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -418,7 +563,7 @@ def preference_loss(name, *, policy_chosen_logps: torch.Tensor, policy_rejected_
         raise ValueError(f"loss_weights has {len(weights_k)} entries for {len(names)} losses {names}; "
                          "give one weight per loss_type entry")
     terms = _pair_terms(specs, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                        chosen_lengths, rejected_lengths, params, kind, alpha)
+                        chosen_lengths, rejected_lengths, params, kind, alpha, beta)
     if terms.chosen_nll is None and rpo_alpha is not None:
         raise ValueError("rpo_alpha needs chosen_nll=(B,), the mean per-token NLL of the chosen response "
                          "(ResponseLogps.chosen_nll); pass it or unset rpo_alpha")
@@ -427,7 +572,10 @@ def preference_loss(name, *, policy_chosen_logps: torch.Tensor, policy_rejected_
     components, total = {}, torch.zeros_like(terms.pc)
     for spec, w in zip(specs, weights_k):
         own = {k: p.check(k, params.get(k, p.default), f"loss {spec.name!r}") for k, p in spec.params.items()}
-        components[spec.name] = spec.fn(terms, beta=beta, **own)
+        if spec.uses_divergence:
+            components[spec.name] = _divergence_loss(spec.fn, terms, beta, own)
+        else:
+            components[spec.name] = spec.fn(terms, beta=beta, **own)
         total = total + w * components[spec.name]
     if pair_w is not None:
         total = total * pair_w
@@ -440,7 +588,7 @@ def preference_loss(name, *, policy_chosen_logps: torch.Tensor, policy_rejected_
     return LossOutput(total, chosen_r.detach(), rejected_r.detach(), pair_losses.mean(), pair_losses, components)
 
 
-def _pair_terms(specs, pc, pr, rc, rr, n_c, n_r, params, kind, alpha) -> PairTerms:
+def _pair_terms(specs, pc, pr, rc, rr, n_c, n_r, params, kind, alpha, beta) -> PairTerms:
     """Validate the (B,) inputs against what the losses need and build their float32 PairTerms."""
     pc = _as_float(pc, "policy_chosen_logps", None)
     if pc is None or pc.dim() != 1:
@@ -468,8 +616,10 @@ def _pair_terms(specs, pc, pr, rc, rr, n_c, n_r, params, kind, alpha) -> PairTer
     if nll is None and any(s.needs_nll for s in specs):
         raise ValueError(f"loss {[s.name for s in specs if s.needs_nll]} needs chosen_nll=(B,), the mean "
                          "per-token NLL of the chosen response (ResponseLogps.chosen_nll)")
-    delta = divergence_delta(pc - rc, pr - rr, kind, alpha) if any(s.uses_divergence for s in specs) else None
-    return PairTerms(pc, pr, rc, rr, nc, nr, delta, nll)
+    if not any(s.uses_divergence for s in specs):
+        return PairTerms(pc, pr, rc, rr, nc, nr, None, nll)
+    z, log_abs_z, over = divergence_z(pc - rc, pr - rr, kind, alpha, beta)
+    return PairTerms(pc, pr, rc, rr, nc, nr, z, nll, log_abs_z, over)
 
 
 # --------------------------------------------------------------------------------------------------

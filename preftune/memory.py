@@ -100,8 +100,8 @@ class StepInBackward:
     fused AdamW reads on the device (no host sync) and then leaves the parameters and their state
     alone. A non-finite loss skips every update; a gradient that turns non-finite partway through
     backward skips its bucket and those after it, and ``updated()`` counts the parameters already
-    stepped. Buckets, not single parameters: one ``step()`` per parameter cost 0.2-0.35 s a step for
-    SmolLM2-135M on the 2-core CPU (272 calls), against 0.07 s for the whole plain step.
+    stepped. Buckets, not single parameters: one ``step()`` per parameter cost several times the whole
+    plain step (docs/benchmarks.md, optim_in_backward).
     """
 
     BUCKET_BYTES = 64 * 2**20

@@ -242,8 +242,8 @@ def resolve_dtype(dtype: str | torch.dtype | None = "auto", *, bf16: bool = Fals
 
     "auto" (or None): float32 on CPU and other non-CUDA devices, bfloat16 on a CUDA GPU that
     supports it, float32 on older GPUs. The precision switches ``bf16`` / ``fp16`` ask for that
-    dtype and fall back to float32 with a warning where it is slow or unsupported (bf16 runs about
-    300 times slower than fp32 on this kind of CPU). An explicit ``dtype`` is honored (with a
+    dtype and fall back to float32 with a warning where it is slow or unsupported (a CPU without fast
+    bfloat16 kernels: docs/benchmarks.md). An explicit ``dtype`` is honored (with a
     warning on CPU) and must not contradict the switches.
     """
     if bf16 and fp16:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.masking_utils import find_packed_sequence_indices
 
-from preftune.data.batching import IGNORE_INDEX, collate, pair_num_tokens, token_budget_batches
+from preftune.data.batching import IGNORE_INDEX, collate
 
 PAD = 0
 FEATS = [
@@ -130,19 +130,6 @@ def test_layouts_agree_on_what_is_predicted(raw, multiple):
         else:  # each predicting query may attend its own position, and rejected never sees chosen
             mask = b["attention_mask"][:, 0]
             assert mask.view(-1, T)[b["positions"], b["positions"] % T].all()
-
-
-def test_token_budget_batches():
-    feats = [{"prompt_ids": [1] * (1 + i % 5), "chosen_ids": [2] * (1 + i % 3), "rejected_ids": [3], "index": i} for i in range(40)]
-    batches = token_budget_batches(feats, 30, seed=1, window=16)
-    assert sorted(i for b in batches for i in b) == list(range(40))
-    assert all(sum(pair_num_tokens(feats[i]) for i in b) <= 30 for b in batches)
-    assert batches == token_budget_batches(feats, 30, seed=1, window=16)
-    assert batches != token_budget_batches(feats, 30, seed=2, window=16)
-    greedy = token_budget_batches(feats, 30, shuffle=False, window=40)
-    assert len(greedy) <= len(batches)  # one big sorted window packs at least as tightly
-    with pytest.raises(ValueError, match="pair 4 .* raise max_tokens"):
-        token_budget_batches(feats, 11)
 
 
 def test_prefix_mask_is_built_on_the_requested_device():

@@ -545,3 +545,241 @@ def test_log_sum_sq_probs_and_wpo_weights_match_loop():
     for i in range(B):
         want = math.exp(mean_adjusted(logits_c, tgt_c, mask_c, i) + mean_adjusted(logits_r, tgt_r, mask_r, i))
         assert float(w[i]) == pytest.approx(want, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# f-divergences at extreme log-ratios: exact where representable, finite beyond
+# ------------------------------------------------------------------------------------------------
+def test_forward_kl_past_exponent_40_worked_example():
+    # Hand computation, beta = 0.1, forward KL s(x) = -e^-x, c = -17, r = 36.8 (a(c - r) = 53.8):
+    #   delta = -e^17 + e^-36.8 = -24154952.7535753 + 1.04e-16 = -24154952.7535753
+    #   z = 0.1 * delta = -2415495.27535753
+    #   loss = -log sigmoid(z) = -z + log1p(e^z) = 2415495.27535753   (the old clamp at 40 gave about 2.5)
+    #   dloss/dc = -sigmoid(-z) * 0.1 * e^17 = -2415495.27535753
+    #   dloss/dr = +sigmoid(-z) * 0.1 * e^-36.8 = 1.0422e-17            (the old clamp gave dloss/dc = 0)
+    c = torch.tensor([-17.0], requires_grad=True)
+    r = torch.tensor([36.8], requires_grad=True)
+    zero = torch.zeros(1)
+    out = preference_loss("sigmoid", policy_chosen_logps=c, policy_rejected_logps=r, ref_chosen_logps=zero,
+                          ref_rejected_logps=zero, beta=0.1, f_divergence_type="forward_kl")
+    r32 = float(r.detach())  # 36.8 rounded to float32
+    z = 0.1 * (-math.exp(17.0) + math.exp(-r32))
+    assert z == pytest.approx(-2415495.27535753, rel=1e-12)
+    want = -z + math.log1p(math.exp(z))
+    assert out.losses.item() == pytest.approx(want, rel=1e-7) and out.losses.item() == pytest.approx(2.415e6, rel=1e-3)
+    grad_c, grad_r = torch.autograd.grad(out.losses.sum(), [c, r])
+    assert grad_c.item() == pytest.approx(-0.1 * math.exp(17.0), rel=1e-7)
+    assert grad_r.item() == pytest.approx(0.1 * math.exp(-r32), rel=1e-6) and grad_r.item() > 0
+
+
+def _exp_or_inf(x: float) -> float:
+    return math.exp(x) if x < 709.78 else math.inf
+
+
+def _softplus(x: float) -> float:
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x))) if math.isfinite(x) else max(x, 0.0)
+
+
+def _sig(x: float) -> float:
+    return math.exp(-_softplus(-x))
+
+
+def twin_z(c: float, r: float, kind: str, a: float, beta: float):
+    """z = beta (s(c) - s(r)) and dz/dc, dz/dr in float64, written out; +-inf past float64."""
+    if kind == "reverse_kl":
+        return beta * (c - r), beta, -beta
+    if kind == "js_divergence":
+        return beta * (_softplus(-r) - _softplus(-c)), beta * _sig(-c), -beta * _sig(-r)
+    # s(x) = e^(a x) / a: with m = max(a c, a r), e^(a c) - e^(a r) = e^m (e^(a c - m) - e^(a r - m))
+    h = a * (c - r)
+    m = max(a * c, a * r)
+    g = -math.expm1(-h) if h >= 0 else math.expm1(h)
+    z = 0.0 if g == 0 else beta / a * _exp_or_inf(m) * g
+    return z, beta * _exp_or_inf(a * c), -beta * _exp_or_inf(a * r)
+
+
+def twin_loss(name: str, z: float, prm: dict):
+    """(loss, dloss/dz, terms of dloss/dz) in float64 for a finite z, written out from each loss's
+    definition; the terms give the rounding a float computation of dloss/dz cannot avoid."""
+    eps = prm.get("label_smoothing", 0.0)
+    if name == "sigmoid":
+        terms = [-(1 - eps) * _sig(-z), eps * _sig(z)]
+        return (1 - eps) * _softplus(-z) + eps * _softplus(z), sum(terms), terms
+    if name == "hinge":
+        hd = prm.get("hinge_delta", 1.0)
+        return max(0.0, hd - z), (-1.0 if hd - z > 0 else 0.0), [1.0]
+    if name == "robust":
+        terms = [-(1 - eps) * _sig(-z) / (1 - 2 * eps), -eps * _sig(z) / (1 - 2 * eps)]
+        return ((1 - eps) * _softplus(-z) - eps * _softplus(z)) / (1 - 2 * eps), sum(terms), terms
+    if name == "discopop":
+        tau = prm["discopop_tau"]
+        m, dm = _sig(z / tau), _sig(z / tau) * _sig(-z / tau) / tau
+        weighted = _exp_or_inf(-_softplus(-z / tau) - z)  # m e^-z
+        terms = [-dm * _softplus(-z), -(1 - m) * _sig(-z), weighted * _sig(-z / tau) / tau, -weighted]
+        return (1 - m) * _softplus(-z) + weighted, sum(terms), terms
+    raise KeyError(name)
+
+
+SWEEP_CASES = [("sigmoid", {}), ("sigmoid", {"label_smoothing": 0.2}), ("hinge", {}),
+               ("robust", {"label_smoothing": 0.2}), ("discopop", {"discopop_tau": 0.05}),
+               ("discopop", {"discopop_tau": 2.0})]
+SWEEP_KINDS = [("forward_kl", 0.5, -1.0), ("alpha_divergence", 0.5, -0.5), ("alpha_divergence", 3.0, 2.0),
+               ("alpha_divergence", -1.0, -2.0), ("reverse_kl", 0.5, 0.0), ("js_divergence", 0.5, 0.0)]
+SWEEP_H = [0.0, 1e-3, 0.7, 5.0, 20.0, 39.0, 41.0, 60.0, 80.0, 85.0, 88.0, 89.0, 90.0, 91.5, 92.5, 95.0, 100.0,
+           300.0, 700.0, 705.0, 712.0, 1000.0]
+
+
+def _sweep_inputs(a: float, dtype):
+    """c, r in dtype with a(c - r) = +-h for h in SWEEP_H and a r in {-50, 0, 30}; log-ratios +-h for a = 0."""
+    cs, rs = [], []
+    for ar in (-50.0, 0.0, 30.0):
+        for h in SWEEP_H:
+            for sign in (1.0, -1.0):
+                if a == 0.0:
+                    cs.append(ar + sign * h / 2)
+                    rs.append(ar - sign * h / 2)
+                else:
+                    rs.append(ar / a)
+                    cs.append(ar / a + sign * h / a)
+    return torch.tensor(cs, dtype=dtype), torch.tensor(rs, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind,alpha,a", SWEEP_KINDS)
+@pytest.mark.parametrize("name,prm", SWEEP_CASES)
+def test_divergence_losses_exact_where_representable_and_finite_beyond(name, prm, kind, alpha, a, dtype):
+    """Against the float64 twin over |a(c - r)| from 0 to 1000, both signs: value and both gradients agree
+    wherever the exact ones are representable in dtype (to float rounding, the tolerance scaled by the
+    condition |z L'(z)|); beyond, everything is finite and the gradient is nonzero with the twin's sign."""
+    beta = 0.1
+    c, r = _sweep_inputs(a, dtype)
+    c.requires_grad_(True)
+    r.requires_grad_(True)
+    zero = torch.zeros_like(c)
+    out = preference_loss(name, policy_chosen_logps=c, policy_rejected_logps=r, ref_chosen_logps=zero,
+                          ref_rejected_logps=zero, beta=beta, f_divergence_type=kind, f_alpha_divergence_coef=alpha,
+                          **prm)
+    grad_c, grad_r = torch.autograd.grad(out.losses.sum(), [c, r])
+    assert torch.isfinite(out.losses).all() and torch.isfinite(grad_c).all() and torch.isfinite(grad_r).all()
+    top, rtol = torch.finfo(dtype).max, (2e-6 if dtype == torch.float32 else 1e-12)
+    tiny = 1e-37 if dtype == torch.float32 else 1e-300
+    checked_exact = checked_beyond = 0
+    for i, (ci, ri) in enumerate(zip(floats(c), floats(r))):
+        z, dz_dc, dz_dr = twin_z(ci, ri, kind, a, beta)
+        z_clipped = max(-1e300, min(1e300, z))
+        loss, dloss, terms = twin_loss(name, z_clipped, prm)
+        want = [loss, dloss * dz_dc if dloss else 0.0, dloss * dz_dr if dloss else 0.0]
+        got = [out.losses[i].item(), grad_c[i].item(), grad_r[i].item()]
+        if all(math.isfinite(w) and abs(w) <= top for w in want) and abs(z) <= 1e300:
+            value_cond = 1.0 + abs(z * dloss) / max(abs(loss), tiny)
+            grad_cond = 1.0 + abs(z) + sum(abs(x) for x in terms) / max(abs(dloss), tiny)
+            for g_, w, cond in zip(got, want, (value_cond, grad_cond, grad_cond)):
+                assert g_ == pytest.approx(w, rel=rtol * cond, abs=tiny), (i, ci, ri, z, got, want)
+            checked_exact += 1
+        else:  # a gradient the twin finds nonzero (finite or past float64) is nonzero with its sign
+            for g_, w in zip(got[1:], want[1:]):
+                if w != 0 and not math.isnan(w):
+                    assert g_ != 0 and math.copysign(1.0, g_) == math.copysign(1.0, w), (i, ci, ri, z, got, want)
+            if abs(want[0]) > top:
+                assert abs(got[0]) >= top * (1 - 1e-6) and math.copysign(1.0, got[0]) == math.copysign(1.0, want[0])
+            checked_beyond += 1
+    assert checked_exact > 0
+    if kind not in ("reverse_kl", "js_divergence"):
+        assert checked_beyond > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind,alpha,a", SWEEP_KINDS)
+def test_divergence_delta_exact_where_representable(kind, alpha, a, dtype):
+    c, r = _sweep_inputs(a, dtype)
+    c.requires_grad_(True)
+    r.requires_grad_(True)
+    delta = divergence_delta(c, r, kind, alpha)
+    grad_c, grad_r = torch.autograd.grad(delta.sum(), [c, r])
+    assert torch.isfinite(delta).all() and torch.isfinite(grad_c).all() and torch.isfinite(grad_r).all()
+    top, rtol = torch.finfo(dtype).max, (1e-6 if dtype == torch.float32 else 1e-12)
+    tiny = 1e-37 if dtype == torch.float32 else 1e-300
+    for i, (ci, ri) in enumerate(zip(floats(c), floats(r))):
+        want = twin_z(ci, ri, kind, a, 1.0)
+        got = (delta[i].item(), grad_c[i].item(), grad_r[i].item())
+        # js is log sigmoid(c) - log sigmoid(r): exact to the rounding of its two terms
+        terms = _softplus(-ci) + _softplus(-ri) if kind == "js_divergence" else 0.0
+        for g_, w in zip(got, want):
+            if abs(w) <= top:
+                assert g_ == pytest.approx(w, rel=rtol, abs=tiny + rtol * terms), (i, ci, ri, got, want)
+            else:  # past the largest finite value: +-max, gradient finite and nonzero with the sign
+                assert math.isfinite(g_) and g_ != 0 and math.copysign(1.0, g_) == math.copysign(1.0, w)
+
+
+def _previous_delta(c, r, kind, alpha):
+    """delta as the previous implementation computed it: exponents clamped at +-40, |delta| at 1e30."""
+    if kind == "js_divergence":
+        return torch.nn.functional.logsigmoid(c) - torch.nn.functional.logsigmoid(r)
+    a = -1.0 if kind == "forward_kl" else alpha - 1.0
+    if kind == "reverse_kl" or a == 0.0:
+        return c - r
+    head = torch.exp(torch.clamp(a * r, -40.0, 40.0))
+    tail = torch.expm1(torch.clamp(a * (c - r), -40.0, 40.0))
+    return torch.clamp(head * tail / a, -1e30, 1e30)
+
+
+def _previous_loss(name, z, prm):
+    logsig = torch.nn.functional.logsigmoid
+    eps = prm.get("label_smoothing", 0.0)
+    if name == "sigmoid":
+        return -(1.0 - eps) * logsig(z) - eps * logsig(-z)
+    if name == "hinge":
+        return torch.relu(1.0 - z)
+    if name == "robust":
+        return (-(1.0 - eps) * logsig(z) + eps * logsig(-z)) / (1.0 - 2.0 * eps)
+    if name == "discopop":
+        m = torch.sigmoid(z / prm["discopop_tau"])
+        return (1.0 - m) * -logsig(z) + m * torch.exp(torch.clamp(-z, max=40.0))
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind,alpha,a", SWEEP_KINDS)
+@pytest.mark.parametrize("name,prm", SWEEP_CASES)
+def test_ordinary_values_unchanged_bit_for_bit(name, prm, kind, alpha, a, dtype):
+    """Where the previous clamps were inactive (|a r|, |a(c - r)| <= 40, |delta| <= 1e30, discopop's -z <= 40) the values are the
+    same bits as before. (The gradients are not: they now come from float64 exponentials, which the sweep
+    above checks against the twin; the previous ones lost e^(a (c - r)) to rounding for a (c - r) << 0.)"""
+    g = torch.Generator().manual_seed(11)
+    r = (torch.rand(4000, generator=g, dtype=torch.float64) * 80 - 40).to(dtype)
+    c = (r.double() + torch.rand(4000, generator=g, dtype=torch.float64) * 80 - 40).to(dtype)
+    if a != 0.0:  # keep a r and a (c - r) inside [-40, 40]
+        r, c = r / max(1.0, abs(a)), r / max(1.0, abs(a)) + (c - r) / max(1.0, abs(a))
+    keep = _previous_delta(c, r, kind, alpha).abs() < 1e30
+    if name == "discopop":  # and its own clamp, exp(min(-z, 40)), inactive
+        keep &= -0.1 * _previous_delta(c, r, kind, alpha) <= 40.0
+    c, r = c[keep], r[keep]
+    assert len(c) > 1000
+    beta = 0.1
+    zero = torch.zeros_like(c)
+    delta = _previous_delta(c, r, kind, alpha)
+    got = preference_loss(name, policy_chosen_logps=c, policy_rejected_logps=r, ref_chosen_logps=zero,
+                          ref_rejected_logps=zero, beta=beta, f_divergence_type=kind, f_alpha_divergence_coef=alpha,
+                          **prm).losses
+    assert torch.equal(got, _previous_loss(name, beta * delta, prm))
+    assert torch.equal(divergence_delta(c, r, kind, alpha), delta)
+
+
+@pytest.mark.parametrize("name", [n for n, s in LOSSES.items() if s.uses_divergence])
+@pytest.mark.parametrize("kind", ["forward_kl", "alpha_divergence"])
+def test_gradient_nonzero_far_past_float32(name, kind):
+    """|a(c - r)| up to 1e4: losses and gradients finite; where the loss grows without bound (every
+    divergence loss as z -> -inf except the saturating exo_pair and apo_down) the gradient still pushes
+    the chosen log-ratio up and the rejected one down."""
+    h = torch.tensor([100.0, 300.0, 1000.0, 1e4])
+    c = (-h).requires_grad_(True)
+    r = torch.zeros_like(h).requires_grad_(True)
+    zero = torch.zeros_like(c)
+    out = preference_loss(name, policy_chosen_logps=c, policy_rejected_logps=r, ref_chosen_logps=zero,
+                          ref_rejected_logps=zero, beta=0.1, f_divergence_type=kind, f_alpha_divergence_coef=0.5,
+                          discopop_tau=2.0)
+    grad_c, grad_r = torch.autograd.grad(out.losses.sum(), [c, r])
+    assert torch.isfinite(out.losses).all() and torch.isfinite(grad_c).all() and torch.isfinite(grad_r).all()
+    if name not in ("exo_pair", "apo_down"):
+        assert (grad_c < 0).all() and (grad_r > 0).all(), (grad_c, grad_r)
+        assert (out.losses[1:] >= out.losses[:-1]).all()  # monotone in c - r

@@ -41,7 +41,7 @@ def check_mode(request, monkeypatch):
 def poison(monkeypatch, bad_pairs, *, mode="loss"):
     """Make the policy's log-probs of `bad_pairs` non-finite: NaN in the forward ("loss"), or a finite
     forward whose gradient is NaN ("gradient": sqrt(0 * x) is 0 with derivative inf * 0)."""
-    real = dpo.model_logps
+    real = dpo.model_pair_logps
     bad = torch.tensor(sorted(bad_pairs), dtype=torch.long)
 
     def model_logps(model, batch, **kw):
@@ -54,7 +54,7 @@ def poison(monkeypatch, bad_pairs, *, mode="loss"):
             chosen[hit] = chosen[hit] + torch.sqrt(chosen[hit] * 0.0)
         return dataclasses.replace(out, chosen_logps=chosen)
 
-    monkeypatch.setattr(dpo, "model_logps", model_logps)
+    monkeypatch.setattr(dpo, "model_pair_logps", model_logps)
 
 
 def record_weights(monkeypatch):

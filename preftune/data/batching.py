@@ -29,7 +29,6 @@ responses, numbered chosen of pair i -> i, rejected of pair i -> B + i (docs/CON
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -218,8 +217,8 @@ def _varlen_prefix(P: list[int], C: list[int], R: list[int], device) -> VarlenPr
 
 def _prefix_mask(rows: list, T: int, device: torch.device | str | None = None) -> torch.Tensor:
     """(R, 1, T, T) bool, True = query may attend key, built on ``device`` (default CPU) from the
-    (R, T) part ids: building it took 90 ms of a 97 ms collate on this 2-core CPU for 8 pairs of
-    ~1360 tokens, time a GPU would sit idle; on the GPU it is a few kernels.
+    (R, T) part ids. On the CPU it was most of a collate, with the GPU idle (docs/benchmarks.md); on the
+    GPU it is a few kernels.
 
     Key k is visible to query q iff k <= q (row offsets), both are real tokens, and k is in the
     prompt or in q's own part (chosen sees prompt+chosen, rejected sees prompt+rejected). Every
@@ -238,49 +237,3 @@ def _prefix_mask(rows: list, T: int, device: torch.device | str | None = None) -
     mask = causal & (q >= 0) & ((k == 0) | (k == q))
     mask |= torch.eye(T, dtype=torch.bool, device=part.device)
     return mask[:, None]  # (R, 1, T, T)
-
-
-def token_budget_batches(
-    features: Sequence[dict],
-    max_tokens: int,
-    *,
-    layout: str = "packed",
-    seed: int = 0,
-    window: int = 256,
-    shuffle: bool = True,
-) -> list[list[int]]:
-    """Group pair indices into batches whose tokens (``pair_num_tokens``) sum to <= max_tokens.
-
-    The pairs are shuffled with ``seed``, cut into windows of ``window`` pairs, sorted by
-    length (longest first) inside each window and filled greedily, so batches hold pairs of
-    similar length; the batch order is then shuffled with the same seed. Deterministic for a
-    given seed. Returns lists of indices into ``features``.
-    """
-    if max_tokens < 1:
-        raise ValueError(f"token_budget_batches: max_tokens must be >= 1, got {max_tokens}.")
-    sizes = [pair_num_tokens(f, layout) for f in features]
-    for i, n in enumerate(sizes):
-        if n > max_tokens:
-            raise ValueError(
-                f"token_budget_batches: pair {i} (index={features[i].get('index')}) has {n} tokens, "
-                f"more than max_tokens={max_tokens}; raise max_tokens or lower max_length."
-            )
-    rng = random.Random(seed)
-    order = list(range(len(features)))
-    if shuffle:
-        rng.shuffle(order)
-    batches: list[list[int]] = []
-    current: list[int] = []
-    used = 0
-    for w in range(0, len(order), window):
-        for i in sorted(order[w : w + window], key=lambda j: -sizes[j]):
-            if used + sizes[i] > max_tokens:
-                batches.append(current)
-                current, used = [], 0
-            current.append(i)
-            used += sizes[i]
-    if current:
-        batches.append(current)
-    if shuffle:
-        rng.shuffle(batches)
-    return batches

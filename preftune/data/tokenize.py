@@ -107,8 +107,8 @@ class _Encoder:
     def encode_ahead(self, texts) -> None:
         """Encode ``texts`` in one batched tokenizer call, for the ``plain`` calls that follow; forgets
         what was encoded ahead before. A fast tokenizer encodes a batch on all cores and without the
-        GIL: 240 pairs of ~1400 tokens took 0.81 s one text per call on a 2-core CPU (722 calls), 0.23 s
-        in one call. The ids are the same as one call per text."""
+        GIL, several times faster than one call per text (docs/benchmarks.md, construction). The ids are
+        the same as one call per text."""
         todo = list(dict.fromkeys(texts))
         self._known = dict(zip(todo, self.tok(todo, add_special_tokens=False)["input_ids"])) if todo else {}
 
