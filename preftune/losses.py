@@ -278,8 +278,10 @@ def divergence_z(c: torch.Tensor, r: torch.Tensor, kind: str = "reverse_kl", alp
     over = ~torch.isfinite(z)
     with torch.no_grad():
         sign = torch.sign(c - r).to(c.dtype)  # s is increasing, so z has the sign of c - r
-    at_top = sign * (torch.finfo(c.dtype).max + (log_abs - log_abs.detach()).to(c.dtype))
-    return torch.where(over, at_top, z), log_abs, over
+    # the gradient of +-log|z| past the top; an infinite c - r (a log-prob of -inf) gets +-max with none
+    slope = torch.where(torch.isfinite(log_abs), log_abs - log_abs.detach(), torch.zeros_like(log_abs))
+    at_top = sign * (torch.finfo(c.dtype).max + slope.to(c.dtype))
+    return torch.where(over & ~torch.isnan(z), at_top, z), log_abs, over  # NaN stays NaN (sign(NaN) is 0)
 
 
 def divergence_delta(c: torch.Tensor, r: torch.Tensor, kind: str = "reverse_kl",
@@ -479,7 +481,8 @@ def _divergence_loss(fn, t: PairTerms, beta: float, own: dict) -> torch.Tensor:
     along = (torch.sign(slope) * torch.exp(log_along)).to(dtype)
     at_top = runs_to * torch.finfo(dtype).max + dloss_dz * (t.z - t.z.detach())
     beyond = torch.where(flat, flat_value, torch.where(fits, along, at_top))
-    return torch.where(bad, beyond, near)
+    # a NaN log-prob stays NaN (loss and gradient), so the trainer's non-finite guard sees it and names the pair
+    return torch.where(torch.isnan(t.z), t.z, torch.where(bad, beyond, near))
 
 
 # --------------------------------------------------------------------------------------------------

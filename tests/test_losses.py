@@ -783,3 +783,17 @@ def test_gradient_nonzero_far_past_float32(name, kind):
     if name not in ("exo_pair", "apo_down"):
         assert (grad_c < 0).all() and (grad_r > 0).all(), (grad_c, grad_r)
         assert (out.losses[1:] >= out.losses[:-1]).all()  # monotone in c - r
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])
+@pytest.mark.parametrize("name", [n for n, s in LOSSES.items() if s.uses_divergence])
+def test_a_nan_log_prob_gives_a_nan_loss_not_a_finite_one(name, kind):
+    """The overflow handling must not turn a NaN input into a finite loss: the trainer's non-finite guard
+    names the pair only if its loss is NaN. The other pairs are untouched."""
+    c = torch.tensor([float("nan"), -1.0], requires_grad=True)
+    zeros = torch.zeros(2)
+    out = preference_loss(name, policy_chosen_logps=c, policy_rejected_logps=torch.full((2,), -2.0),
+                          ref_chosen_logps=zeros, ref_rejected_logps=zeros, beta=0.1, f_divergence_type=kind)
+    assert torch.isnan(out.losses[0]) and torch.isfinite(out.losses[1])
+    out.losses[1].backward()
+    assert torch.isfinite(c.grad[1])

@@ -104,7 +104,7 @@ def test_truncation_drops_are_counted_and_never_nan(tmp_path, caplog):
     rows = standard_rows(8)
     rows[1]["prompt"] = rows[5]["prompt"] = "x" * 300  # longer than max_length on its own
     caplog.set_level(logging.WARNING, logger="preftune")
-    trainer = make_trainer(tmp_path, rows, max_length=128, max_prompt_length=None)
+    trainer = make_trainer(tmp_path, rows, max_length=128, max_prompt_length=None, truncation_mode="keep_start")
     assert len(trainer.train_split) == 6
     assert dict(trainer.train_split.features.dropped) == {"prompt_too_long": 2}
     assert "dropped by truncation: prompt_too_long=2" in caplog.text
@@ -119,7 +119,7 @@ def test_all_pairs_dropped_is_an_error_naming_the_limit(tmp_path):
     for r in rows:
         r["prompt"] = "y" * 200
     with pytest.raises(ValueError, match="no usable preference pair.*max_length"):
-        make_trainer(tmp_path, rows, max_length=32, max_prompt_length=None)
+        make_trainer(tmp_path, rows, max_length=32, max_prompt_length=None, truncation_mode="keep_start")
 
 
 # ----------------------------------------------------------------------------------- prompt masking
