@@ -62,9 +62,9 @@ def record_weights(monkeypatch):
     weights = []
     real = tr.DPOTrainer._optimizer_step
 
-    def step(self, micro, plan, window):
+    def step(self, *args, **kw):
         weights.append([p.detach().clone() for p in self.model.parameters()])
-        return real(self, micro, plan, window)
+        return real(self, *args, **kw)
 
     monkeypatch.setattr(tr.DPOTrainer, "_optimizer_step", step)
     return weights
