@@ -353,9 +353,12 @@ class TrainLoop:
         epoch = state.samples_seen // run.epoch_samples
         step_in_epoch = (state.samples_seen // plan.global_batch) % plan.steps_per_epoch
         micro = plan.micro_batches(plan.permutation(epoch), step_in_epoch, acc.process_index)
-        host = (run.loader.batches(epoch, step_in_epoch, run.total_steps - state.global_step)
-                if run.loader is not None else None)
-        step_loss, step_samples, step_tokens, sample_losses = self._optimizer_step(micro, plan, window.metrics, host)
+        if run.loader is None:
+            out = self._optimizer_step(micro, plan, window.metrics)
+        else:  # the same micro-batches, collated ahead by the loader's workers
+            host = run.loader.batches(epoch, step_in_epoch, run.total_steps - state.global_step)
+            out = self._optimizer_step(micro, plan, window.metrics, host=host)
+        step_loss, step_samples, step_tokens, sample_losses = out
         finite = self._apply_update(run, step_loss, sample_losses)
         state.global_step += 1
         state.samples_seen += plan.global_batch

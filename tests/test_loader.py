@@ -119,7 +119,7 @@ def test_workers_feed_what_the_loop_plans(tmp_path, monkeypatch):
     def record(self, micro, plan, metrics, host=None):
         assert host is not None and len(host) == len(micro)
         seen.append(([h["pair_index"].tolist() for h in host], micro))
-        return real(self, micro, plan, metrics, host)
+        return real(self, micro, plan, metrics, host=host)
 
     monkeypatch.setattr(loop.TrainLoop, "_optimizer_step", record)
     train(tmp_path / "run", dataloader_num_workers=2)

@@ -62,9 +62,9 @@ def record_weights(monkeypatch):
     weights = []
     real = tr.DPOTrainer._optimizer_step
 
-    def step(self, *args, **kw):
+    def step(self, micro, plan, window):
         weights.append([p.detach().clone() for p in self.model.parameters()])
-        return real(self, *args, **kw)
+        return real(self, micro, plan, window)
 
     monkeypatch.setattr(tr.DPOTrainer, "_optimizer_step", step)
     return weights
