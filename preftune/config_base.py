@@ -152,7 +152,10 @@ class TrainConfig:
     dataset_name: Optional[str] = _f(None, "Training data: a .jsonl/.json/.parquet/.csv file, a directory, or a "
                                      "cached hub dataset (alias --dataset). None = the bundled demo tasks.",
                                      group="data", extra=True)
-    dataset_config: Optional[str] = _f(None, "Configuration name of a hub dataset.", group="data", extra=True)
+    dataset_config: Optional[str] = _f(None, "Configuration (subset) name of dataset_name, as in "
+                                       "datasets.load_dataset(dataset_name, dataset_config): for a hub dataset, or a "
+                                       "dataset folder whose README.md lists `configs:`; also for an eval_dataset "
+                                       "that is a hub name. Refused for a local file.", group="data", extra=True)
     dataset_split: str = _f("train", "Split of dataset_name used for training.", group="data", extra=True)
     eval_dataset: Optional[Union[float, str]] = _f(
         None, "Evaluation data: a file, a split name of dataset_name, or a fraction in (0, 1) held out from "
