@@ -167,7 +167,10 @@ class TrainConfig:
     dataset_name: Optional[str] = _f(None, "Training data: a .jsonl/.json/.parquet/.csv file, a directory, or a "
                                      "cached hub dataset (alias --dataset). None = the bundled demo tasks.",
                                      group="data", extra=True)
-    dataset_config: Optional[str] = _f(None, "Configuration name of a hub dataset.", group="data", extra=True)
+    dataset_config: Optional[str] = _f(None, "Configuration (subset) name of dataset_name, as in "
+                                       "datasets.load_dataset(dataset_name, dataset_config): for a hub dataset, or a "
+                                       "dataset folder whose README.md lists `configs:`; also for an eval_dataset "
+                                       "that is a hub name. Refused for a local file.", group="data", extra=True)
     dataset_split: str = _f("train", "Split of dataset_name used for training.", group="data", extra=True)
     eval_dataset: Optional[Union[float, str]] = _f(
         None, "Evaluation data: a file, a split name of dataset_name, or a fraction in (0, 1) held out from "
@@ -228,7 +231,18 @@ class TrainConfig:
     bf16: Optional[bool] = _f(None, "bfloat16 mixed precision. None = on for a GPU that supports it, off on "
                               "CPU (where bfloat16 is very slow).", group="batch")
     fp16: bool = _f(False, "float16 mixed precision with loss scaling.", group="batch")
-    dataloader_num_workers: int = _f(0, "Worker processes of the data loader.", group="batch")
+    dataloader_num_workers: int = _f(0, "Worker processes that collate the coming training micro-batches ahead "
+                                     "(a torch DataLoader; same batches in the same order). 0 = each micro-batch "
+                                     "is collated in the training process when it is due.", group="batch")
+    dataloader_prefetch_factor: Optional[int] = _f(None, "Micro-batches each data loader worker collates ahead. "
+                                                   "None = torch's default, 2; needs dataloader_num_workers > 0.",
+                                                   group="batch")
+    dataloader_pin_memory: bool = _f(True, "Collated micro-batches go to page-locked host memory (faster, "
+                                     "asynchronous copies to a GPU). Applies with dataloader_num_workers > 0 on a "
+                                     "GPU; with 0 workers batches are built on the device directly.", group="batch")
+    dataloader_persistent_workers: bool = _f(False, "Keep the data loader's worker processes from one epoch to "
+                                             "the next instead of starting them again; needs "
+                                             "dataloader_num_workers > 0.", group="batch")
     use_cpu: bool = _f(False, "Train on CPU even when a GPU is present.", group="batch")
     max_nonfinite_steps: int = _f(10, "Stop after this many consecutive steps with a non-finite loss or "
                                   "gradient (each is skipped).", group="loss", extra=True)
@@ -380,6 +394,11 @@ class TrainConfig:
         for name in ("pad_to_multiple_of", "logps_chunk_size", "dataset_num_proc", "save_total_limit"):
             k.need(getattr(c, name) is None or getattr(c, name) >= 1, name, "must be None or an integer >= 1")
         k.need(c.dataloader_num_workers >= 0, "dataloader_num_workers", "must be >= 0")
+        k.need(c.dataloader_prefetch_factor is None or c.dataloader_prefetch_factor >= 1, "dataloader_prefetch_factor",
+               "must be None or an integer >= 1")
+        for name in ("dataloader_prefetch_factor", "dataloader_persistent_workers"):
+            k.need(not getattr(c, name) or c.dataloader_num_workers > 0, name,
+                   "applies to data loader worker processes only: set dataloader_num_workers > 0, or unset it")
         k.need(c.max_steps == -1 or c.max_steps >= 1, "max_steps", "must be -1 (use num_train_epochs) or >= 1")
         k.number("learning_rate", 0)
         k.number("weight_decay", 0)

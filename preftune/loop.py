@@ -11,6 +11,11 @@ and supplies its data, its per-sample losses and metrics, and its evaluation:
 - ``_num_train_samples()``: how many samples one epoch holds;
 - ``_sample_losses(indices)``: (per-sample losses (B,), metric tensors, tokens, sample ids) of one
   micro-batch, with the graph for backward;
+- ``_host_collate()``: a function from a micro-batch's sample indices to its host batch (CPU tensors,
+  no model), and ``_batch_losses(host_batch)``: what ``_sample_losses`` returns, from such a batch. With
+  ``dataloader_num_workers > 0`` the loop collates the coming micro-batches ahead in worker processes
+  with the first (`preftune.data.loader`) and trains on them with the second; with 0 it calls
+  ``_sample_losses`` (by default the two in turn);
 - ``_before_train()``, ``_after_good_step(step, policy)``, ``_host_acts_after_good_steps()``;
 - ``evaluate()`` and ``_progress_fields(row)``.
 """
@@ -31,6 +36,7 @@ import torch
 
 from preftune import checkpoint as ckpt
 from preftune import kernels
+from preftune.data.loader import MicroBatchLoader
 from preftune.data.pipeline import StepPlan
 from preftune.logps import _unwrap, attention_kernels
 from preftune.memory import StepInBackward, init_adamw_state, tune_malloc
@@ -116,6 +122,7 @@ class _Run:
     defer: bool
     settle_every: int
     policy: torch.nn.Module
+    loader: MicroBatchLoader | None = None  # dataloader_num_workers > 0: micro-batches collated ahead
     pending: list = field(default_factory=list)
     last_logged: dict = field(default_factory=dict)
 
@@ -164,6 +171,16 @@ class TrainLoop:
 
     def _sample_losses(self, indices: list[int]):
         """(losses (B,), metrics {name: 0-dim tensor}, tokens, sample ids (B,) on the host) of one micro-batch."""
+        return self._batch_losses(self._host_collate()(indices))
+
+    def _host_collate(self):
+        """A function: sample indices of one training micro-batch -> its host batch (a dict of CPU tensors and
+        plain values). It runs in data loader worker processes, so it must not touch the model or a GPU."""
+        raise NotImplementedError(
+            f"{type(self).__name__} collates no batches outside the training loop; set dataloader_num_workers=0")
+
+    def _batch_losses(self, host_batch: dict):
+        """What `_sample_losses` returns, from a batch made by `_host_collate`'s function."""
         raise NotImplementedError
 
     def evaluate(self, eval_dataset=None) -> dict:
@@ -255,6 +272,7 @@ class TrainLoop:
         trackers = self._trackers(out_dir)
         inner = getattr(optimizer, "optimizer", optimizer)
         return _Run(plan=plan, total_steps=total_steps, optimizer=optimizer, scheduler=scheduler, state=state,
+                    loader=self._micro_batch_loader(plan),
                     metrics_path=metrics_path, trackers=trackers, log_every=log_every, eval_every=eval_every,
                     save_every=save_every, defer=self._defers_nonfinite_checks(inner),
                     # deferred: the host reads the steps' finiteness at most this many steps late, and at every
@@ -271,6 +289,20 @@ class TrainLoop:
         state = ckpt.load_checkpoint(path, self, self.accelerator)
         logger.info("resumed from %s at step %d", path, state.global_step)
         return state
+
+    def _micro_batch_loader(self, plan: StepPlan) -> MicroBatchLoader | None:
+        """``dataloader_num_workers > 0``: this process's micro-batches collated ahead in that many worker
+        processes (shut down however the run ends); 0: None, the loop collates each micro-batch itself."""
+        args = self.args
+        if args.dataloader_num_workers <= 0:
+            return None
+        loader = MicroBatchLoader(
+            plan, self.accelerator.process_index, self._host_collate(), num_workers=args.dataloader_num_workers,
+            prefetch_factor=args.dataloader_prefetch_factor,
+            pin_memory=bool(args.dataloader_pin_memory) and self.accelerator.device.type == "cuda",
+            persistent_workers=bool(args.dataloader_persistent_workers), seed=plan.seed)
+        self._closing.callback(loader.close)
+        return loader
 
     def _trackers(self, out_dir: Path):
         if not self.accelerator.is_main_process:
@@ -321,7 +353,12 @@ class TrainLoop:
         epoch = state.samples_seen // run.epoch_samples
         step_in_epoch = (state.samples_seen // plan.global_batch) % plan.steps_per_epoch
         micro = plan.micro_batches(plan.permutation(epoch), step_in_epoch, acc.process_index)
-        step_loss, step_samples, step_tokens, sample_losses = self._optimizer_step(micro, plan, window.metrics)
+        if run.loader is None:
+            out = self._optimizer_step(micro, plan, window.metrics)
+        else:  # the same micro-batches, collated ahead by the loader's workers
+            host = run.loader.batches(epoch, step_in_epoch, run.total_steps - state.global_step)
+            out = self._optimizer_step(micro, plan, window.metrics, host=host)
+        step_loss, step_samples, step_tokens, sample_losses = out
         finite = self._apply_update(run, step_loss, sample_losses)
         state.global_step += 1
         state.samples_seen += plan.global_batch
@@ -437,10 +474,12 @@ class TrainLoop:
         return run.last_logged
 
     # --- one optimizer step --------------------------------------------------------------------------
-    def _optimizer_step(self, micro: list[list[int]], plan: StepPlan, metrics: MetricAccumulator):
+    def _optimizer_step(self, micro: list[list[int]], plan: StepPlan, metrics: MetricAccumulator,
+                        host: list[dict] | None = None):
         """Forward and backward over this process's K micro-batches; returns (loss, samples, tokens, per-sample
-        losses). The per-sample losses, (losses, sample ids) per micro-batch, stay on the device: they are read
-        only when the step turns out non-finite, so the step has no host sync of its own."""
+        losses). ``host``: the micro-batches already collated (by the data loader's workers), else each is
+        collated here. The per-sample losses, (losses, sample ids) per micro-batch, stay on the device: they are
+        read only when the step turns out non-finite, so the step has no host sync of its own."""
         acc = self.accelerator
         scale = 1.0 / plan.global_batch * acc.num_processes  # DDP averages gradients over processes
         total = torch.zeros((), device=acc.device)
@@ -450,7 +489,10 @@ class TrainLoop:
             sync = k == len(micro) - 1
             ctx = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
             with ctx, acc.autocast():
-                losses, batch_metrics, tokens, ids = self._sample_losses(indices)
+                if host is None:
+                    losses, batch_metrics, tokens, ids = self._sample_losses(indices)
+                else:
+                    losses, batch_metrics, tokens, ids = self._batch_losses(host[k])
                 loss = losses.sum() * scale
                 if self._in_backward is not None:
                     self._in_backward.begin(loss)

@@ -8,6 +8,7 @@ the policy with its adapters off, or a precomputed cache), the loss from the reg
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from preftune.config import DPOConfig
-from preftune.data.batching import collate
+from preftune.data.batching import VarlenPrefix, collate
 from preftune.data.pipeline import prepare_one, prepare_splits, report_skips
 from preftune.dpo import DPOObjective, evaluate_pairs
 from preftune.loop import NonFiniteError, TrainLoop, resolve_layout, resolve_shapes
@@ -26,6 +27,11 @@ from preftune.policy import mark_head
 logger = logging.getLogger("preftune")
 
 __all__ = ["DPOTrainer", "NonFiniteError", "resolve_layout", "resolve_shapes"]
+
+
+def _collate_pairs(features, indices: list[int], **kw) -> dict:
+    """One training micro-batch on the host: the pairs at `indices`, collated (CPU tensors)."""
+    return collate([features[i] for i in indices], **kw)
 
 
 class DPOTrainer(TrainLoop):
@@ -82,10 +88,20 @@ class DPOTrainer(TrainLoop):
             self.reference = self._build_reference()
 
     def _sample_losses(self, indices: list[int]):
-        host = self._collate(self._features(self.train_split, indices))
-        batch = self._to_device(host)
+        return self._batch_losses(self._collate(self._features(self.train_split, indices)))
+
+    def _host_collate(self):
+        # a picklable function of the features alone (not of the trainer): data loader workers inherit or
+        # receive it once, and build CPU tensors only
+        return functools.partial(_collate_pairs, self.train_split.features, layout=self.layout,
+                                 pad_token_id=self.tokenizer.pad_token_id, pad_to_multiple_of=self.pad_multiple)
+
+    def _batch_losses(self, host_batch: dict):
+        dev = self.accelerator.device
+        batch = {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v.to(dev) if isinstance(v, VarlenPrefix)
+                     else v) for k, v in host_batch.items()}
         per_pair, metrics = self._pair_losses(batch, self.reference)
-        return per_pair, metrics, batch["num_tokens"], host["pair_index"]  # ids stay on the host
+        return per_pair, metrics, batch["num_tokens"], host_batch["pair_index"]  # ids stay on the host
 
     def _after_good_step(self, step: int, policy: torch.nn.Module) -> None:
         if self.reference is not None:

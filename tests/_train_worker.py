@@ -104,12 +104,12 @@ def install_hooks() -> None:
 
     orig_step = tr.DPOTrainer._optimizer_step
 
-    def _optimizer_step(self, micro, plan, window):
+    def _optimizer_step(self, micro, plan, window, **kw):
         counter["step"] += 1
         if order_file:
             with open(order_file, "a") as f:
                 f.write(json.dumps({"step": counter["step"], "pairs": micro}) + "\n")
-        out = orig_step(self, micro, plan, window)
+        out = orig_step(self, micro, plan, window, **kw)
         if where == "step" and counter["step"] == at:
             _die()
         if sleep:

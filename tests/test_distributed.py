@@ -126,6 +126,8 @@ def runs(tmp_path_factory):
          "out": str(tmp / "two.json")},
         {"config": _config(two_lora, tmp / "cache2", per_device_train_batch_size=2, gradient_accumulation_steps=1,
                            **LORA), "out": str(tmp / "two_lora.json")},
+        {"config": _config(tmp / "two_workers", tmp / "cache2", per_device_train_batch_size=2,
+                           gradient_accumulation_steps=1, dataloader_num_workers=2), "out": str(tmp / "two_workers.json")},
         {"config": _config(tmp / "two_drop", tmp / "cache2", per_device_train_batch_size=2,
                            gradient_accumulation_steps=1, **dict(LORA, lora_dropout=0.3)),
          "out": str(tmp / "two_drop.json")},
@@ -162,6 +164,14 @@ def test_two_processes_match_one_process_with_accumulation(runs):
     rows2, rows1 = _rows(runs["two"]), _rows(runs["one"])
     assert [r["step"] for r in rows1 if "loss" in r] == [1, 2, 3]
     _assert_rows_close(rows2, rows1)
+
+
+def test_two_processes_with_loader_workers_train_each_process_on_its_own_micro_batches(runs):
+    """dataloader_num_workers=2 under 2 processes: each rank's workers collate that rank's micro-batches, so
+    the run is the one whose ranks collate in the loop, bit for bit."""
+    w, w0 = _weights(runs["tmp"] / "two_workers"), _weights(runs["two"])
+    assert w.keys() == w0.keys() and all(torch.equal(w[k], w0[k]) for k in w)
+    _assert_rows_close(_rows(runs["tmp"] / "two_workers"), _rows(runs["two"]), rel=0)
 
 
 def test_tied_embeddings_two_processes_match_one_process(runs):

@@ -349,3 +349,67 @@ def test_split_common_prefix_matches_brute_force(c, r):
     got = split_common_prefix(c, r)
     assert got == slow_split(c, r)
     assert got[0] + got[1] == c and got[0] + got[2] == r
+
+
+# ----------------------------------------------------------------------------- dataset_config
+
+
+def dataset_folder(root):
+    """A local dataset laid out like a hub repository with two configurations (README.md `configs:`)."""
+    files = {"en/train.jsonl": [("hi", "good", "bad"), ("yo", "fine", "worse")],
+             "fr/train.jsonl": [("salut", "bon", "mauvais")],
+             "fr/test.jsonl": [("test", "oui", "non")]}
+    for name, triples_ in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        write_rows(root / name, [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in triples_], "jsonl")
+    (root / "README.md").write_text(
+        "---\nconfigs:\n"
+        "- config_name: en\n  data_files:\n  - split: train\n    path: en/train.jsonl\n"
+        "- config_name: fr\n  data_files:\n  - split: train\n    path: fr/train.jsonl\n"
+        "  - split: test\n    path: fr/test.jsonl\n---\n")
+    return root
+
+
+@pytest.fixture
+def local_datasets_cache(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
+def test_dataset_config_picks_a_configuration_of_a_dataset_folder(tmp_path, local_datasets_cache):
+    folder = dataset_folder(tmp_path / "prefs")
+    assert triples(normalize(load_rows(folder, config="en"))) == [("hi", "good", "bad"), ("yo", "fine", "worse")]
+    assert triples(normalize(load_rows(str(folder), config="fr"))) == [("salut", "bon", "mauvais")]
+    assert triples(normalize(load_rows(folder, config="fr", split="test"))) == [("test", "oui", "non")]
+    with pytest.raises(DataError, match="no configuration dataset_config='de'.*'en', 'fr'"):
+        load_rows(folder, config="de")
+
+
+def test_dataset_config_reaches_load_dataset_for_a_hub_name(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_hub(path, split=None, **kw):
+        calls.append((path, split, kw))
+        return datasets.Dataset.from_list([{"prompt": "p", "chosen": "c", "rejected": "r"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    load_rows("someone/prefs", config="en")
+    load_rows("someone/prefs")
+    assert calls == [("someone/prefs", "train", {"name": "en"}), ("someone/prefs", "train", {})]
+
+
+def test_dataset_config_is_refused_where_there_are_no_configurations(tmp_path):
+    rows = FORMATS["standard"][0]
+    path = write_rows(tmp_path / "d.jsonl", rows, "jsonl")
+    with pytest.raises(DataError, match=f"dataset_config='en': {path} is a local file.*unset dataset_config"):
+        load_rows(path, config="en")
+    with pytest.raises(DataError, match="dataset_config='en': the data is a list in memory"):
+        load_rows(rows, config="en")
+    import datasets
+
+    with pytest.raises(DataError, match="dataset_config='en': the data is a Dataset in memory"):
+        load_rows(datasets.Dataset.from_list(rows), config="en")

@@ -125,3 +125,50 @@ def test_step_plan_epoch_covers_each_pair_once():
     perm = plan.permutation(0)
     seen = [i for s in range(plan.steps_per_epoch) for mb in plan.micro_batches(perm, s, 0) for i in mb]
     assert sorted(seen) == list(range(12))
+
+
+# ------------------------------------------------------------------------------------ dataset_config
+
+
+def test_dataset_config_selects_the_configuration_for_train_and_eval(tmp_path, monkeypatch):
+    import datasets
+    from test_formats import dataset_folder
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    folder = dataset_folder(tmp_path / "prefs")
+    train, ev = prepare_splits(args(dataset_name=str(folder), dataset_config="fr", eval_dataset="test"),
+                               tiny_tokenizer())
+    assert [p.prompt for p in train.rows] == ["salut"] and [p.prompt for p in ev.rows] == ["test"]
+    train, ev = prepare_splits(args(dataset_name=str(folder), dataset_config="en"), tiny_tokenizer())
+    assert [p.prompt for p in train.rows] == ["hi", "yo"] and ev is None
+    # without dataset_config the folder is read as a folder of files, as before
+    train, _ = prepare_splits(args(dataset_name=str(folder / "en")), tiny_tokenizer())
+    assert len(train) == 2
+
+
+def test_dataset_config_goes_to_an_eval_hub_name_but_not_to_a_local_eval_file(tmp_path, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_hub(path, split=None, **kw):
+        calls.append((path, split, kw.get("name")))
+        return datasets.Dataset.from_list(rows(3, 10 if "eval" in path else 0))
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    prepare_splits(args(dataset_name="someone/prefs", dataset_config="en", eval_dataset="someone/eval-prefs"),
+                   tiny_tokenizer())
+    assert calls == [("someone/prefs", "train", "en"), ("someone/eval-prefs", "train", "en")]
+    path = tmp_path / "e.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows(2, 50)))
+    _, ev = prepare_splits(args(dataset_name="someone/prefs", dataset_config="en", eval_dataset=str(path)),
+                           tiny_tokenizer())
+    assert len(ev) == 2 and calls[-1] == ("someone/prefs", "train", "en")
+
+
+def test_dataset_config_is_refused_without_a_dataset(tmp_path):
+    with pytest.raises(ValueError, match="dataset_config='en' .*no dataset_name is set.*unset dataset_config"):
+        prepare_splits(args(dataset_config="en"), tiny_tokenizer())
+    with pytest.raises(ValueError, match="dataset_config='en': the data is a list in memory"):
+        prepare_splits(args(dataset_config="en"), tiny_tokenizer(), rows(4))

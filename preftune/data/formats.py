@@ -80,23 +80,28 @@ class NormalizedData:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_rows(source, *, split: str | None = None, bad_rows: str = "error"):
+def load_rows(source, *, split: str | None = None, bad_rows: str = "error", config: str | None = None):
     """Read preference rows from `source`; returns a `datasets.Dataset` or a list of dicts.
 
     `split` selects the split of a `DatasetDict` or hub dataset (default "train"); it is ignored
     for files, directories and lists. With bad_rows="skip", unreadable JSONL lines are recorded in
-    the returned `RowList.skipped` instead of raising.
+    the returned `RowList.skipped` instead of raising. `config` (the config field ``dataset_config``)
+    names a configuration of a hub dataset, or of a local dataset folder laid out like one (a
+    README.md whose YAML header lists ``configs:``); both are then read by ``datasets.load_dataset(source,
+    config, split=split)``. A file or in-memory data has no configurations: a `config` is refused there.
     """
     _check_bad_rows(bad_rows)
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_dir():
-            return _read_dir(path, bad_rows)
+            return _read_dir(path, bad_rows) if config is None else _load_hub(str(source), split, config)
         if path.is_file():
+            _refuse_config(config, f"{path} is a local file")
             return _read_file(path, bad_rows)
         if path.suffix.lower() in FILE_FORMATS:
             raise DataError(f"{path}: no such file; check the path (relative to {Path.cwd()})")
-        return _load_hub(str(source), split)
+        return _load_hub(str(source), split, config)
+    _refuse_config(config, f"the data is a {type(source).__name__} in memory")
     if isinstance(source, (list, tuple)):
         return list(source)
     import datasets
@@ -123,13 +128,28 @@ def _pick_split(dd, split: str | None, name: str):
     return dd[split]
 
 
-def _load_hub(name: str, split: str | None):
+def _refuse_config(config: str | None, what: str) -> None:
+    if config is not None:
+        raise DataError(
+            f"dataset_config={config!r}: {what}, which has no configurations (they belong to hub datasets and to "
+            "dataset folders whose README.md lists `configs:`); unset dataset_config")
+
+
+def _load_hub(name: str, split: str | None, config: str | None = None):
     import datasets
 
     try:
-        return datasets.load_dataset(name, split=split or "train")
+        kw = {"name": config} if config is not None else {}
+        return datasets.load_dataset(name, split=split or "train", **kw)
     except ValueError as e:
-        if "split" in str(e).lower():
+        text = str(e)
+        if config is not None and "BuilderConfig" in text:
+            raise DataError(f"dataset {name!r} has no configuration dataset_config={config!r} ({text}); set "
+                            "dataset_config to one of its configurations") from e
+        if config is None and "Config name is missing" in text:
+            raise DataError(f"dataset {name!r} has several configurations: set dataset_config to one of them "
+                            f"({text})") from e
+        if "split" in text.lower():
             raise DataError(f"hub dataset {name!r}: {e}; pass one of its splits") from e
         raise DataError(f"hub dataset {name!r} could not be loaded: {e}") from e
     except Exception as e:  # network, missing dataset, offline mode

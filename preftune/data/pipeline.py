@@ -69,12 +69,19 @@ def _is_fraction(text: str) -> bool:
     return not Path(text).exists()
 
 
-def _load(source, split: str | None, args):
+def _load(source, split: str | None, args, config: str | None = None):
     if isinstance(source, tuple) and source[0] == "demo":
         return _demo_rows(source[1], args), f"demo:{source[1]}"
-    rows = load_rows(source, split=split, bad_rows=getattr(args, "bad_rows", "error"))
+    rows = load_rows(source, split=split, bad_rows=getattr(args, "bad_rows", "error"), config=config)
     name = str(source) if isinstance(source, (str, Path)) else type(source).__name__
+    if config is not None:
+        name += f" ({config})"
     return rows, name
+
+
+def _is_hub_name(source) -> bool:
+    """A string that names no local file or folder: a dataset of the hub (or its cache)."""
+    return isinstance(source, str) and not Path(source).exists()
 
 
 def _tokenize(name, rows, origin, tokenizer, args) -> PreparedSplit:
@@ -106,7 +113,11 @@ def prepare_splits(args, tokenizer, train_dataset=None, eval_dataset=None):
     else:
         train_src, fraction = train_dataset, None
     split = getattr(args, "dataset_split", None) or "train"
-    rows, origin = _load(train_src, split, args)
+    config = getattr(args, "dataset_config", None)
+    if config is not None and isinstance(train_src, tuple):
+        raise ValueError(f"dataset_config={config!r} names a configuration of dataset_name, but no dataset_name is set "
+                         "(the bundled demo data has no configurations); set dataset_name or unset dataset_config")
+    rows, origin = _load(train_src, split, args, config)
     if fraction:
         rows = list(rows)
         gen = torch.Generator().manual_seed(int(args.seed))
@@ -117,9 +128,10 @@ def prepare_splits(args, tokenizer, train_dataset=None, eval_dataset=None):
         eval_split = _tokenize("eval", eval_rows, f"{origin} (held-out {fraction:g})", tokenizer, args)
     elif eval_dataset is not None:
         if _is_split_name(eval_dataset, train_src):
-            eval_rows, eval_origin = _load(train_src, eval_dataset, args)
-        else:
-            eval_rows, eval_origin = _load(eval_dataset, "test" if _is_dict_like(eval_dataset) else None, args)
+            eval_rows, eval_origin = _load(train_src, eval_dataset, args, config)
+        else:  # a hub dataset of its own takes the same configuration; local files have none
+            eval_rows, eval_origin = _load(eval_dataset, "test" if _is_dict_like(eval_dataset) else None, args,
+                                           config if _is_hub_name(eval_dataset) else None)
         eval_split = _tokenize("eval", eval_rows, eval_origin, tokenizer, args)
     else:
         eval_split = None
