@@ -247,14 +247,14 @@ class TrainLoop:
         plan, total_steps = self._plan()
         if plan.steps_per_epoch == 0:
             raise ValueError(
-                f"the training set has {plan.num_pairs} {self.sample_name}, fewer than one global batch of "
+                f"the training set has {plan.num_samples} {self.sample_name}, fewer than one global batch of "
                 f"{plan.global_batch} (per_device_train_batch_size x processes x gradient_accumulation_steps); "
                 "lower them or add data")
         self._warn_unused_eval()
         self._before_train()
         warmup = args.num_warmup_steps(total_steps)
         log_every, eval_every, save_every = (args.interval(n, total_steps) for n in ("logging_steps", "eval_steps", "save_steps"))
-        logger.info("%d training %s; %s; %d optimizer steps (%d per epoch); warm-up %d steps", plan.num_pairs,
+        logger.info("%d training %s; %s; %d optimizer steps (%d per epoch); warm-up %d steps", plan.num_samples,
                     self.sample_name, args.describe_batch(acc.num_processes), total_steps, plan.steps_per_epoch, warmup)
         optimizer = self._make_optimizer()
         scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,

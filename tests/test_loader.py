@@ -53,7 +53,7 @@ def assert_same_run(a, b) -> None:
 
 
 def test_sampler_yields_each_process_its_own_micro_batches_in_step_order():
-    plan = StepPlan(num_pairs=40, micro_batch=2, num_processes=2, accumulation=3, seed=5)  # 3 steps per epoch
+    plan = StepPlan(num_samples=40, micro_batch=2, num_processes=2, accumulation=3, seed=5)  # 3 steps per epoch
     for rank in (0, 1):
         sampler = StepBatchSampler(plan, rank)
         sampler.set_range(epoch=1, start=1, stop=3)

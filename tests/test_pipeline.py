@@ -100,15 +100,15 @@ def test_nothing_left_names_the_split_and_the_fix():
 
 
 def test_step_plan_sizes():
-    plan = StepPlan(num_pairs=50, micro_batch=2, num_processes=3, accumulation=4, seed=0)
+    plan = StepPlan(num_samples=50, micro_batch=2, num_processes=3, accumulation=4, seed=0)
     assert plan.global_batch == 24 and plan.steps_per_epoch == 2  # eq. 6.13, tail of 2 left out
     assert plan.total_steps(1.5, -1) == 3 and plan.total_steps(3, 7) == 7
 
 
 def test_step_plan_same_global_batches_for_any_split():
     """2 processes x K=1 and 1 process x K=2 (same micro-batch) train on the same pairs per step."""
-    a = StepPlan(num_pairs=17, micro_batch=2, num_processes=1, accumulation=2, seed=5)
-    b = StepPlan(num_pairs=17, micro_batch=2, num_processes=2, accumulation=1, seed=5)
+    a = StepPlan(num_samples=17, micro_batch=2, num_processes=1, accumulation=2, seed=5)
+    b = StepPlan(num_samples=17, micro_batch=2, num_processes=2, accumulation=1, seed=5)
     for epoch in range(2):
         perm = a.permutation(epoch)
         assert perm == b.permutation(epoch) and sorted(perm) == list(range(17))
@@ -121,7 +121,7 @@ def test_step_plan_same_global_batches_for_any_split():
 
 
 def test_step_plan_epoch_covers_each_pair_once():
-    plan = StepPlan(num_pairs=12, micro_batch=3, num_processes=1, accumulation=2, seed=1)
+    plan = StepPlan(num_samples=12, micro_batch=3, num_processes=1, accumulation=2, seed=1)
     perm = plan.permutation(0)
     seen = [i for s in range(plan.steps_per_epoch) for mb in plan.micro_batches(perm, s, 0) for i in mb]
     assert sorted(seen) == list(range(12))

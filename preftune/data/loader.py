@@ -85,7 +85,7 @@ class MicroBatchLoader:
         # the loader's own generator: drawing worker seeds must not consume the global torch RNG, which
         # dropout and the checkpoint's saved RNG state depend on
         generator = torch.Generator().manual_seed(int(seed))
-        self.loader = DataLoader(_Indices(plan.num_pairs), batch_sampler=self.sampler, collate_fn=collate_fn,
+        self.loader = DataLoader(_Indices(plan.num_samples), batch_sampler=self.sampler, collate_fn=collate_fn,
                                  num_workers=num_workers, prefetch_factor=prefetch_factor, pin_memory=pin_memory,
                                  persistent_workers=persistent_workers, multiprocessing_context=start_method(),
                                  generator=generator)

@@ -176,16 +176,16 @@ def report_skips(split: PreparedSplit, output_dir: str | Path | None) -> str | N
 
 @dataclass
 class StepPlan:
-    """Which pairs each process trains on at each optimizer step.
+    """Which samples (DPO: pairs) each process trains on at each optimizer step.
 
-    Each epoch is a fresh permutation of the pairs drawn from (seed, epoch). One optimizer step
-    consumes G = B_micro x N_procs x K_accum consecutive pairs of it (eq. 6.13); micro-batch k of
-    process r takes the slice [(k*N + r)*B, (k*N + r + 1)*B). The same seed and G give the same
-    global batches for any (N, K) split of G, which makes 2 processes x K=1 equal 1 process x K=2.
-    A tail of fewer than G pairs per epoch is left out (the permutation changes every epoch).
+    Each epoch is a fresh permutation of the samples drawn from (seed, epoch). One optimizer step
+    consumes G = B_micro x N_procs x K_accum consecutive samples of it; micro-batch k of process r
+    takes the slice [(k*N + r)*B, (k*N + r + 1)*B). The same seed and G give the same global batches
+    for any (N, K) split of G, which makes 2 processes x K=1 equal 1 process x K=2. A tail of fewer
+    than G samples per epoch is left out (the permutation changes every epoch).
     """
 
-    num_pairs: int
+    num_samples: int
     micro_batch: int
     num_processes: int
     accumulation: int
@@ -197,14 +197,14 @@ class StepPlan:
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.num_pairs // self.global_batch
+        return self.num_samples // self.global_batch
 
     def permutation(self, epoch: int) -> list[int]:
         gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + epoch)
-        return torch.randperm(self.num_pairs, generator=gen).tolist()
+        return torch.randperm(self.num_samples, generator=gen).tolist()
 
     def micro_batches(self, perm: list[int], step_in_epoch: int, rank: int) -> list[list[int]]:
-        """Pair indices of each of this process's K micro-batches for one optimizer step."""
+        """Sample indices of each of this process's K micro-batches for one optimizer step."""
         start = step_in_epoch * self.global_batch
         chunk = perm[start : start + self.global_batch]
         b, n = self.micro_batch, self.num_processes
