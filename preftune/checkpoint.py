@@ -23,6 +23,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
+HF_STATE = "trainer_state.json"  # transformers' TrainerState, as the HF Trainer writes it
+OWN_STATE = "preftune_state.json"  # TrainState: what exact resume needs (older checkpoints: in HF_STATE)
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -44,6 +46,15 @@ class TrainState:
             data.setdefault("samples_seen", data.pop("pairs_seen"))
         names = ("global_step", "samples_seen", "nonfinite_steps", "nonfinite_in_a_row", "metrics_lines", "log_window")
         return cls(**{k: data[k] for k in names if k in data})
+
+
+def read_states(path: Path) -> tuple[TrainState, dict | None]:
+    """(TrainState, the HF TrainerState's fields or None) of a checkpoint directory. A checkpoint written before
+    preftune kept the HF state holds its TrainState in trainer_state.json and no HF state (None)."""
+    path = Path(path)
+    if (path / OWN_STATE).is_file():
+        return TrainState.from_json(path / OWN_STATE), json.loads((path / HF_STATE).read_text())
+    return TrainState.from_json(path / HF_STATE), None
 
 
 def window_state(window, samples: int, tokens: int) -> dict:
@@ -179,7 +190,12 @@ def _set_rng_state(state: dict) -> None:
 
 def save_checkpoint(output_dir: Path, trainer, state: TrainState, accelerator, state_dict: dict | None = None,
                     optimizer_state: dict | None = None, rng_states: list[dict] | None = None) -> Path:  # fmt: skip
-    """Write `<output_dir>/checkpoint-<step>/` atomically; then apply `save_total_limit`.
+    """Write `<output_dir>/checkpoint-<step>/` atomically; then apply `save_total_limit` (never deleting the
+    best checkpoint, ``trainer.state.best_model_checkpoint``).
+
+    Two state files: ``trainer_state.json``, transformers' `TrainerState` (``trainer.state``, with its log
+    history, best metric and the state of `ExportableState` callbacks) exactly as the HF Trainer writes it, and
+    ``preftune_state.json``, preftune's `TrainState` (data position, non-finite counters, the unlogged window).
 
     state_dict: the full model state dict when parameters are sharded (FSDP, ZeRO-3), gathered by
     every rank with ``accelerator.get_state_dict`` before the main process calls this.
@@ -209,7 +225,11 @@ def save_checkpoint(output_dir: Path, trainer, state: TrainState, accelerator, s
             from safetensors.torch import save_file
 
             save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / "reference.safetensors"))
-        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
+        (tmp / OWN_STATE).write_text(json.dumps(asdict(state), indent=1))
+        hf_state = getattr(trainer, "state", None)
+        if hf_state is not None and hasattr(hf_state, "save_to_json"):
+            _note_best_checkpoint(hf_state, output_dir, state.global_step)
+            hf_state.save_to_json(str(tmp / HF_STATE))
         trainer.args.to_yaml(tmp / "config.yaml")
         (tmp / "versions.json").write_text(json.dumps(_versions(), indent=1))
         _fsync_tree(tmp)
@@ -226,8 +246,19 @@ def save_checkpoint(output_dir: Path, trainer, state: TrainState, accelerator, s
             "Free disk space or choose another output_dir, then resume with --resume_from_checkpoint latest"
         ) from e
     logger.info("saved checkpoint %s", final)
-    _rotate(output_dir, trainer.args.save_total_limit, keep=final)
+    best = getattr(getattr(trainer, "state", None), "best_model_checkpoint", None)
+    _rotate(output_dir, trainer.args.save_total_limit, keep=final, best=Path(best) if best else None)
     return final
+
+
+def _note_best_checkpoint(hf_state, output_dir: Path, step: int) -> None:
+    """As the HF Trainer: the best evaluation's step names the best checkpoint once that checkpoint exists (the
+    one being written counts)."""
+    best = getattr(hf_state, "best_global_step", None)
+    if best:
+        folder = Path(output_dir) / f"checkpoint-{best}"
+        if best == step or (folder / MARKER).is_file():
+            hf_state.best_model_checkpoint = str(folder)
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -242,10 +273,13 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _rotate(output_dir: Path, limit: int | None, keep: Path) -> None:
+def _rotate(output_dir: Path, limit: int | None, keep: Path, best: Path | None = None) -> None:
     if not limit or limit <= 0:
         return
     ckpts = list_checkpoints(output_dir)
+    if best is not None and best in ckpts:  # the best one is kept beside the newest `limit` (as the HF Trainer)
+        ckpts.remove(best)
+        limit = max(1, limit - 1) if limit > 1 else limit
     for old in ckpts[: max(0, len(ckpts) - limit)]:
         if old != keep:
             shutil.rmtree(old, ignore_errors=True)
@@ -270,7 +304,15 @@ def resolve_checkpoint(output_dir: Path, spec) -> Path:
 
 
 def load_checkpoint(path: Path, trainer, accelerator) -> TrainState:
-    """Restore weights, optimizer, scheduler, RNG and reference state from `path`."""
+    """Restore weights, optimizer, scheduler, RNG and reference state from `path`; returns its TrainState
+    (`read_states` gives the HF TrainerState beside it)."""
+
+    load_model_weights(path, trainer, accelerator)
+    return _load_optimizer_rng_reference(path, trainer, accelerator)
+
+
+def load_model_weights(path: Path, trainer, accelerator) -> None:
+    """Load a checkpoint's model (or adapter) weights into ``trainer.model`` (sharded under FSDP)."""
     from safetensors.torch import load_file
 
     model = accelerator.unwrap_model(trainer.model)
@@ -291,6 +333,11 @@ def load_checkpoint(path: Path, trainer, accelerator) -> TrainState:
         else:
             missing, unexpected = model.load_state_dict(sd, strict=False)
             _check_keys(model, missing, unexpected, path)
+
+
+def _load_optimizer_rng_reference(path: Path, trainer, accelerator) -> TrainState:
+    from safetensors.torch import load_file
+
     optimizer_state = torch.load(Path(path) / "optimizer.pt", map_location="cpu", weights_only=True)
     if _is_fsdp(accelerator):
         _load_sharded_optimizer(trainer, optimizer_state, path)
@@ -301,7 +348,7 @@ def load_checkpoint(path: Path, trainer, accelerator) -> TrainState:
     ref_file = Path(path) / "reference.safetensors"
     if ref_file.is_file():
         _load_reference_state(trainer.reference, load_file(str(ref_file)))
-    return TrainState.from_json(Path(path) / "trainer_state.json")
+    return read_states(path)[0]
 
 
 def _check_keys(model, missing, unexpected, path) -> None:

@@ -383,6 +383,10 @@ class TrainConfig:
             self.report_to = ["none"]
         if self.eval_strategy == "steps" and self.eval_steps is None:
             self.eval_steps = self.logging_steps
+        if self.load_best_model_at_end and self.metric_for_best_model is None:
+            self.metric_for_best_model = "loss"
+        if self.greater_is_better is None and self.metric_for_best_model is not None:
+            self.greater_is_better = not self.metric_for_best_model.endswith("loss")
 
     def checks(self) -> list[tuple[str, str]]:
         """Range and combination checks on the coerced fields: (field, message) pairs. A subclass returns
@@ -426,6 +430,18 @@ class TrainConfig:
         if c.report_to != ["none"] and "none" in c.report_to:
             k.add("report_to", f"report_to={c.report_to!r}: 'none' cannot be combined with other sinks")
         self._check_precision_and_memory(k)
+        if c.load_best_model_at_end:  # as TrainingArguments: the best evaluation must have its checkpoint
+            if c.eval_strategy != c.save_strategy:
+                k.add("load_best_model_at_end", f"load_best_model_at_end=True needs the save and eval strategies to "
+                      f"match, but eval_strategy={c.eval_strategy!r} and save_strategy={c.save_strategy!r}")
+            elif c.eval_strategy == "steps" and c.eval_steps and (c.save_steps < 1) == (c.eval_steps < 1) and \
+                    round(c.save_steps * 1_000_000) % round(c.eval_steps * 1_000_000):
+                k.add("load_best_model_at_end", f"load_best_model_at_end=True needs save_steps ({c.save_steps}) to be "
+                      f"a round multiple of eval_steps ({c.eval_steps})")
+            elif c.eval_strategy == "steps" and c.eval_steps and (c.save_steps < 1) != (c.eval_steps < 1):
+                k.add("load_best_model_at_end", f"load_best_model_at_end=True needs save_steps ({c.save_steps}) to be a "
+                      f"multiple of eval_steps ({c.eval_steps}), which mixing a fraction and a step count cannot "
+                      "guarantee; give both the same way")
         return k.errors
 
     def _check_precision_and_memory(self, k: Checks) -> None:
@@ -564,6 +580,14 @@ class TrainConfig:
         origins.update({k: f"--{k}" for k in values})
         extras.fields_set = frozenset(merged)  # what defaults, the YAML or a flag named (the rest: field defaults)
         return cls.from_dict(merged, origins=origins), extras
+
+    # ---- best model (the HF Trainer's fields; EarlyStoppingCallback reads them) ------------------------
+    load_best_model_at_end: bool = _f(False, "Load the best checkpoint (by metric_for_best_model) into the model "
+                                      "at the end of training; needs eval_strategy = save_strategy.", group="log")
+    metric_for_best_model: Optional[str] = _f(None, "Eval metric that ranks checkpoints (eval_ prefix optional); "
+                                              "None = 'loss' when load_best_model_at_end.", group="log")
+    greater_is_better: Optional[bool] = _f(None, "Whether a larger metric_for_best_model is better; None = not "
+                                           "when the metric's name ends in 'loss'.", group="log")
 
 
 # ---- helpers: keys ---------------------------------------------------------------------------------------

@@ -17,6 +17,11 @@ from preftune.logps import model_pair_logps
 from preftune.losses import LOSSES, loss_params, preference_loss, resolve_loss_names
 from preftune.metrics import MetricAccumulator, preference_metrics
 
+# what `evaluate_pairs(..., predictions=True)` gives per pair, column by column: the policy's log-probs of the
+# chosen and rejected responses (summed over their tokens, as the loss uses them), and the loss's implicit
+# rewards of each (for DPO beta * (policy - reference) log-probs)
+PREDICTION_COLUMNS = ("chosen_logps", "rejected_logps", "chosen_rewards", "rejected_rewards")
+
 
 @dataclass
 class DPOObjective:
@@ -44,8 +49,9 @@ class DPOObjective:
         """What a reference's ``logps`` (and the precompute) must be called with to match the policy's sums."""
         return {"ld_alpha": self.ld_alpha} if self.ld_alpha is not None else {}
 
-    def pair_losses(self, model, batch: dict, reference) -> tuple[torch.Tensor, dict]:
-        """Per-pair losses (B,) and metric tensors for one micro-batch."""
+    def pair_losses(self, model, batch: dict, reference, predictions: list | None = None) -> tuple[torch.Tensor, dict]:
+        """Per-pair losses (B,) and metric tensors for one micro-batch. ``predictions``: a list that gets the
+        batch's per-pair (B, 4) values (`PREDICTION_COLUMNS`), detached."""
         ref_c = ref_r = None
         if reference is not None:  # first: a live reference's forward then runs beside no policy activations
             ref = reference.logps(batch, **self.reference_kwargs)
@@ -68,12 +74,18 @@ class DPOObjective:
         )
         metrics = preference_metrics(out, chosen, rejected,
                                      chosen_nll=pol.chosen_nll if self.rpo else None)
+        if predictions is not None:
+            predictions.append(torch.stack([chosen, rejected, out.chosen_rewards, out.rejected_rewards], dim=1)
+                               .detach().float())
         return out.pair_losses, metrics
 
 
 def evaluate_pairs(objective: DPOObjective, model, reference, features, *, collate: Callable[[list], dict],
-                   batch_size: int, accelerator=None) -> dict:
+                   batch_size: int, accelerator=None, predictions: bool = False):
     """Implicit-reward metrics over tokenized pairs (means, prefixed `eval_`), in eval mode, without gradients.
+
+    ``predictions=True``: returns (metrics, values), values a float32 CPU tensor (N, 4) with a row per pair in
+    the order of `features` (`PREDICTION_COLUMNS`), gathered from every process.
 
     With an accelerator, every process takes a strided shard and runs the same number of forwards (DDP buffer
     syncs, FSDP/ZeRO-3 gathers are collectives): a process whose shard is shorter runs a filler batch that
@@ -83,6 +95,7 @@ def evaluate_pairs(objective: DPOObjective, model, reference, features, *, colla
     was_training = model.training
     model.eval()
     accum = MetricAccumulator()
+    kept: list | None = [] if predictions else None
     n = len(features)
     indices = list(range(rank, n, world))
     rounds = math.ceil(math.ceil(n / world) / batch_size)
@@ -91,7 +104,9 @@ def evaluate_pairs(objective: DPOObjective, model, reference, features, *, colla
             chunk = indices[j * batch_size : (j + 1) * batch_size]
             batch = collate([features[i] for i in (chunk or [0])])
             with autocast():
-                per_pair, metrics = objective.pair_losses(model, batch, reference)
+                per_pair, metrics = objective.pair_losses(model, batch, reference, predictions=kept)
+            if kept is not None:
+                kept[-1] = kept[-1][: len(chunk)].cpu()  # a filler batch keeps nothing
             row = {"loss": per_pair.mean(), **metrics}
             if not chunk:
                 row = {k: torch.zeros_like(v) for k, v in row.items()}
@@ -100,4 +115,16 @@ def evaluate_pairs(objective: DPOObjective, model, reference, features, *, colla
         model.train()
     if world > 1:
         accum.reduce(lambda t: accelerator.reduce(t, reduction="sum"))
-    return {f"eval_{k}": v for k, v in accum.compute().items()}
+    out = {f"eval_{k}": v for k, v in accum.compute().items()}
+    if kept is None:
+        return out
+    mine = torch.cat(kept) if kept else torch.zeros(0, len(PREDICTION_COLUMNS))
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        shards = gather_object([(rank, mine)])  # every process's rows: process r holds pairs r, r + world, ...
+        values = torch.zeros(n, len(PREDICTION_COLUMNS))
+        for r, rows in shards:
+            values[r::world] = rows
+        return out, values
+    return out, mine

@@ -17,7 +17,13 @@ and supplies its data, its per-sample losses and metrics, and its evaluation:
   with the first (`preftune.data.loader`) and trains on them with the second; with 0 it calls
   ``_sample_losses`` (by default the two in turn);
 - ``_before_train()``, ``_after_good_step(step, policy)``, ``_host_acts_after_good_steps()``;
-- ``evaluate()`` and ``_progress_fields(row)``.
+- ``_eval_metrics(eval_dataset)`` and ``_progress_fields(row)``.
+
+The loop keeps the HF Trainer's contract around it (`preftune.callbacks`): ``trainer.state`` is a
+`transformers.TrainerState` (its log history holds every logged row), ``callbacks`` are
+`transformers.TrainerCallback` objects called through transformers' `CallbackHandler` at the HF Trainer's
+points, and the `TrainerControl` flags they set are obeyed. preftune's own `TrainState`
+(``trainer.train_state``) stays what exact resume reads.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -36,6 +43,13 @@ import torch
 
 from preftune import checkpoint as ckpt
 from preftune import kernels
+from preftune.callbacks import (
+    history_row,
+    legacy_log_history,
+    make_callback_handler,
+    note_callback_states,
+    update_best_metric,
+)
 from preftune.data.loader import MicroBatchLoader
 from preftune.data.pipeline import StepPlan
 from preftune.logps import _unwrap, attention_kernels
@@ -125,6 +139,11 @@ class _Run:
     loader: MicroBatchLoader | None = None  # dataloader_num_workers > 0: micro-batches collated ahead
     pending: list = field(default_factory=list)
     last_logged: dict = field(default_factory=dict)
+    epoch_open: bool = False  # on_epoch_begin called, on_epoch_end not yet
+    start_time: float = field(default_factory=time.perf_counter)
+    start_step: int = 0
+    loss_sum: float = 0.0  # over the finite steps this call logged: train_loss = loss_sum / loss_steps
+    loss_steps: float = 0.0
 
     @property
     def epoch_samples(self) -> int:
@@ -142,11 +161,21 @@ class TrainLoop:
     sample_name = "samples"  # what one unit of the global batch is called in logs and messages
     progress_desc = "train"
 
-    def __init__(self, model, args, *, processing_class=None, peft_config=None, callbacks=None):
+    def __init__(self, model, args, *, processing_class=None, peft_config=None, callbacks=None,
+                 optimizers=(None, None)):
         from accelerate.utils import set_seed
+        from transformers import TrainerControl, TrainerState
 
         self.args = args
         self.accelerator = make_accelerator(args)
+        self.optimizer, self.lr_scheduler = self._check_optimizers(optimizers)
+        self.scheduler = self.lr_scheduler
+        self.state = TrainerState(is_local_process_zero=self.accelerator.is_local_main_process,
+                                  is_world_process_zero=self.accelerator.is_main_process)
+        self.control = TrainerControl()
+        self.train_state = ckpt.TrainState()  # preftune's own: what exact resume needs
+        self.callback_handler = make_callback_handler(callbacks, None, None)
+        self._run: _Run | None = None
         if self.accelerator.device.type == "cpu":
             tune_malloc()  # a process-wide malloc setting, made where a CPU training run starts
         elif args.triton_kernels:  # Triton's one-time set-up, beside loading the model and tokenizing
@@ -154,11 +183,11 @@ class TrainLoop:
         set_seed(int(args.seed))
         self.layout = resolve_layout(args.batch_layout)
         self.pad_multiple, self.cudnn_attention = resolve_shapes(args, self.accelerator.device)
-        self.callbacks = list(callbacks or [])
         policy = load_policy(model, args, processing_class=processing_class, peft_config=peft_config,
                              device=self.accelerator.device)
         self.model, self.tokenizer = policy.model, policy.tokenizer
         self.processing_class = self.tokenizer
+        self.callback_handler.model, self.callback_handler.processing_class = self.model, self.tokenizer
         self.model_id, self.model_path, self.is_peft = policy.model_id, policy.model_path, policy.is_peft
         self._in_backward: StepInBackward | None = None  # optim_in_backward's hooks, during train()
         self.eval_at_end = False  # evaluate after the last step even with eval_strategy='no'
@@ -183,7 +212,8 @@ class TrainLoop:
         """What `_sample_losses` returns, from a batch made by `_host_collate`'s function."""
         raise NotImplementedError
 
-    def evaluate(self, eval_dataset=None) -> dict:
+    def _eval_metrics(self, eval_dataset=None) -> dict:
+        """The evaluation's metrics, prefixed ``eval_`` (logging and callbacks are the loop's)."""
         raise NotImplementedError
 
     def _has_eval(self) -> bool:
@@ -218,23 +248,32 @@ class TrainLoop:
         return sorted(plan.permutation(0)[: total * plan.global_batch])
 
     # --- train ----------------------------------------------------------------------------------------
-    def train(self, resume_from_checkpoint=None):
-        """Run the training loop; returns the last logged train metrics."""
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """Run the training loop; returns a `transformers.trainer_utils.TrainOutput` (global_step, training_loss:
+        the mean loss of this call's steps, metrics: train_runtime, train_samples_per_second,
+        train_steps_per_second, total_flos, train_loss, epoch), as the HF Trainer does."""
+        if kwargs:
+            raise TypeError(f"train() got unexpected arguments {sorted(kwargs)}; it takes resume_from_checkpoint")
         # the progress bar and trackers are closed however the run ends (a NonFiniteError too), so a
         # failed run flushes its trackers and leaves no bar to be printed at interpreter exit
-        with self._attention_kernels(), contextlib.ExitStack() as self._closing:
-            run = self._start(resume_from_checkpoint)
-            self._initial_eval(run)
-            bar = self._progress_bar(run)
-            window = self._open_window(run)
-            self.model.train()
-            while run.state.global_step < run.total_steps:
-                window = self._train_step(run, window)
-                bar.update(1)
-                if run.last_logged.get("step") == run.state.global_step:
-                    bar.set_postfix(**self._progress_fields(run.last_logged))
-            bar.close()
-            return self._finish(run)
+        try:
+            with self._attention_kernels(), contextlib.ExitStack() as self._closing:
+                self._run = run = self._start(resume_from_checkpoint)
+                self._begin_state(run)
+                self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
+                self._initial_eval(run)
+                bar = self._progress_bar(run)
+                window = self._open_window(run)
+                self.model.train()
+                while run.state.global_step < run.total_steps and not self.control.should_training_stop:
+                    window = self._train_step(run, window)
+                    bar.update(1)
+                    if run.last_logged.get("step") == run.state.global_step:
+                        bar.set_postfix(**self._progress_fields(run.last_logged))
+                bar.close()
+                return self._finish(run)
+        finally:
+            self._run = None
 
     def _start(self, resume_from_checkpoint) -> _Run:
         from transformers import get_scheduler
@@ -256,12 +295,16 @@ class TrainLoop:
         log_every, eval_every, save_every = (args.interval(n, total_steps) for n in ("logging_steps", "eval_steps", "save_steps"))
         logger.info("%d training %s; %s; %d optimizer steps (%d per epoch); warm-up %d steps", plan.num_samples,
                     self.sample_name, args.describe_batch(acc.num_processes), total_steps, plan.steps_per_epoch, warmup)
-        optimizer = self._make_optimizer()
-        scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                                  num_training_steps=total_steps,
-                                  scheduler_specific_kwargs=args.lr_scheduler_kwargs or None)
+        given_optimizer, given_scheduler = getattr(self, "_given_optimizers", (None, None))
+        optimizer = given_optimizer if given_optimizer is not None else self._make_optimizer()
+        scheduler = given_scheduler if given_scheduler is not None else get_scheduler(
+            args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+            scheduler_specific_kwargs=args.lr_scheduler_kwargs or None)
         self.model, optimizer = acc.prepare(self.model, optimizer)
         self.optimizer, self.scheduler = optimizer, scheduler
+        self.lr_scheduler = scheduler
+        handler = self.callback_handler
+        handler.model, handler.optimizer, handler.lr_scheduler = self.model, optimizer, scheduler
         # once, not per step: unwrapping and listing the parameters each walk every module
         self._clip_params = [p for p in self.model.parameters() if p.requires_grad]
         state = self._resume_or_init(resume_from_checkpoint, optimizer, out_dir)
@@ -281,14 +324,38 @@ class TrainLoop:
                     policy=acc.unwrap_model(self.model))
 
     def _resume_or_init(self, resume_from_checkpoint, optimizer, out_dir: Path) -> ckpt.TrainState:
+        from transformers import TrainerState
+
         resume = resume_from_checkpoint if resume_from_checkpoint is not None else self.args.resume_from_checkpoint
+        acc = self.accelerator
+        self.state = TrainerState(is_local_process_zero=acc.is_local_main_process,
+                                  is_world_process_zero=acc.is_main_process)
         if not resume:
             init_adamw_state(optimizer)
             return ckpt.TrainState()
         path = ckpt.resolve_checkpoint(out_dir, resume)
         state = ckpt.load_checkpoint(path, self, self.accelerator)
+        _, saved = ckpt.read_states(path)
+        if saved is not None:
+            self.state = TrainerState(**saved)
+        else:  # a checkpoint from before preftune kept the HF state: its log history is in metrics.jsonl
+            self.state.global_step = state.global_step
+            self.state.log_history = legacy_log_history(out_dir / "metrics.jsonl", state.metrics_lines)
+        self.state.is_local_process_zero, self.state.is_world_process_zero = (acc.is_local_main_process,
+                                                                              acc.is_main_process)
         logger.info("resumed from %s at step %d", path, state.global_step)
         return state
+
+    def _begin_state(self, run: _Run) -> None:
+        """The HF TrainerState's view of this run, as the HF Trainer fills it at the start of train()."""
+        args, st = self.args, self.state
+        st.global_step, st.epoch = run.state.global_step, self._epoch(run)
+        st.max_steps, st.num_train_epochs = run.total_steps, math.ceil(run.total_steps / run.plan.steps_per_epoch)
+        st.logging_steps, st.save_steps = run.log_every, run.save_every
+        st.eval_steps = run.eval_every
+        st.train_batch_size = args.per_device_train_batch_size
+        run.start_step = run.state.global_step
+        self.train_state = run.state
 
     def _micro_batch_loader(self, plan: StepPlan) -> MicroBatchLoader | None:
         """``dataloader_num_workers > 0``: this process's micro-batches collated ahead in that many worker
@@ -318,7 +385,6 @@ class TrainLoop:
         """``eval_on_start``: one evaluation before the first step (not again on resume)."""
         if run.state.global_step == 0 and self._has_eval() and self.args.eval_on_start:
             self.initial_eval = self.evaluate()
-            self._log(run, {"step": 0, "epoch": 0.0, **self.initial_eval})
 
     def _eval_enabled(self) -> bool:
         """Whether the run evaluates during and at the end of training: an eval set and an eval_strategy,
@@ -349,7 +415,11 @@ class TrainLoop:
 
     def _train_step(self, run: _Run, window: _Window) -> _Window:
         """One optimizer step and the logging, evaluation and saving due after it; returns the window to go on with."""
-        state, plan, acc = run.state, run.plan, self.accelerator
+        state, plan, acc, handler = run.state, run.plan, self.accelerator, self.callback_handler
+        if not run.epoch_open:
+            run.epoch_open = True
+            self.control = handler.on_epoch_begin(self.args, self.state, self.control)
+        self.control = handler.on_step_begin(self.args, self.state, self.control)
         epoch = state.samples_seen // run.epoch_samples
         step_in_epoch = (state.samples_seen // plan.global_batch) % plan.steps_per_epoch
         micro = plan.micro_batches(plan.permutation(epoch), step_in_epoch, acc.process_index)
@@ -366,21 +436,53 @@ class TrainLoop:
             self._after_good_step(state.global_step, run.policy)
         window.samples += step_samples
         window.tokens += step_tokens
+        self.state.global_step, self.state.epoch = state.global_step, self._epoch(run)
+        self.control = handler.on_step_end(self.args, self.state, self.control)
         log_due, eval_due, save_due = self._due(run)
+        control = self.control
+        epoch_end = state.samples_seen % run.epoch_samples == 0 or state.global_step >= run.total_steps
+        # a callback's flags add to the run's cadence; a stop logs the steps not yet logged
+        log_due = log_due or control.should_log or control.should_training_stop
+        eval_due = eval_due or self._callback_wants_eval()
+        save_due = save_due or control.should_save
         if run.pending and (len(run.pending) >= run.settle_every or state.nonfinite_in_a_row or log_due or eval_due
                             or save_due):
             self._settle(run, window)
         if state.nonfinite_in_a_row >= self.args.max_nonfinite_steps:
             self._stop_nonfinite(run, window)
-        if log_due:
+        window = self._log_eval_save(run, window, log_due, eval_due, save_due)
+        if self.control.should_training_stop and run.last_logged.get("step") != state.global_step:
+            window = self._log_eval_save(run, window, True, False, False)  # stopped by on_evaluate / on_save
+        if epoch_end or self.control.should_training_stop:
+            run.epoch_open = False
+            self.control = handler.on_epoch_end(self.args, self.state, self.control)
+            c = self.control
+            if c.should_log or c.should_evaluate or c.should_save:
+                if run.pending:
+                    self._settle(run, window)
+                window = self._log_eval_save(run, window, c.should_log, self._callback_wants_eval(), c.should_save)
+        return window
+
+    def _callback_wants_eval(self) -> bool:
+        if self.control.should_evaluate and not self._has_eval():
+            raise ValueError("a callback set control.should_evaluate but this trainer has no eval_dataset; pass "
+                             "eval_dataset=... to the trainer, or do not set the flag")
+        return self.control.should_evaluate
+
+    def _log_eval_save(self, run: _Run, window: _Window, log_due: bool, eval_due: bool, save_due: bool) -> _Window:
+        """The logging, evaluation and saving due after a step (in the HF Trainer's order)."""
+        state = run.state
+        if log_due and run.last_logged.get("step") != state.global_step:
             self._log_window(run, window)
             window = self._open_window()
         if eval_due:
-            self._log(run, {"step": state.global_step, "epoch": self._epoch(run), **self._timed_eval()})
+            update_best_metric(self.args, self.state, self._timed_eval())
         if save_due:
             t_save = time.perf_counter()
             state.log_window = self._window_snapshot(window)
+            note_callback_states(self.state, self.callback_handler, self.control)
             self._save(state)
+            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
             window.paused += time.perf_counter() - t_save
         return window
 
@@ -391,6 +493,7 @@ class TrainLoop:
         stepped = self._in_backward is not None  # each parameter was updated inside backward
         grad_norm = self._in_backward.grad_norm() if stepped else self._clip()
         updated = self._in_backward.updated() if stepped else None
+        self.control = self.callback_handler.on_pre_optimizer_step(self.args, self.state, self.control)
         finite_t = torch.isfinite(torch.stack([step_loss.float(), grad_norm.float().to(step_loss.device)])).all()
         step = state.global_step + 1
         if run.defer:  # the fused AdamW skips a non-finite step on the device; the host learns of it later
@@ -405,6 +508,7 @@ class TrainLoop:
                 run.optimizer.step()
             self._count_step(state, finite, step, step_loss, grad_norm, sample_losses, updated)
             self._window_add_step(finite, step_loss, grad_norm)
+        self.control = self.callback_handler.on_optimizer_step(self.args, self.state, self.control)
         with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             run.scheduler.step()
@@ -460,18 +564,40 @@ class TrainLoop:
                "tokens_per_second": window.tokens * acc.num_processes / elapsed}
         if run.state.nonfinite_steps:
             row["nonfinite_steps"] = run.state.nonfinite_steps
+        if "loss" in row and "loss" in window.metrics._counts:  # for train()'s training_loss
+            steps = float(window.metrics._counts["loss"]) / acc.num_processes
+            run.loss_sum += row["loss"] * steps
+            run.loss_steps += steps
         self._log(run, row)
         run.last_logged = row
 
-    def _finish(self, run: _Run) -> dict:
+    def _finish(self, run: _Run):
+        from transformers.trainer_utils import TrainOutput
+
         vars(run.inner).pop("found_inf", None)  # later steps of this optimizer are not skipped
         if self._eval_enabled():
             self.final_eval = self.evaluate()
-            self._log(run, {"step": run.state.global_step, "epoch": self._epoch(run), **self.final_eval})
+            if update_best_metric(self.args, self.state, self.final_eval):
+                ckpt._note_best_checkpoint(self.state, Path(self.args.output_dir), run.state.global_step)
         if run.trackers is not None:
             run.trackers.close()
-        self.state = run.state
-        return run.last_logged
+        self.train_state = run.state
+        runtime = time.perf_counter() - run.start_time
+        steps = run.state.global_step - run.start_step
+        train_loss = run.loss_sum / run.loss_steps if run.loss_steps else float("nan")
+        metrics = {"train_runtime": round(runtime, 4),
+                   "train_samples_per_second": round(steps * run.plan.global_batch / runtime, 3),
+                   "train_steps_per_second": round(steps / runtime, 3),
+                   "total_flos": float(self.state.total_flos), "train_loss": train_loss}
+        self.log(metrics, write=False)  # the run's summary: log history and callbacks, not metrics.jsonl
+        metrics["epoch"] = self.state.epoch
+        if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
+            logger.info("loading the best model from %s (%s=%s)", self.state.best_model_checkpoint,
+                        self.args.metric_for_best_model, self.state.best_metric)
+            self.accelerator.wait_for_everyone()
+            ckpt.load_model_weights(Path(self.state.best_model_checkpoint), self, self.accelerator)
+        self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+        return TrainOutput(self.state.global_step, train_loss, metrics)
 
     # --- one optimizer step --------------------------------------------------------------------------
     def _optimizer_step(self, micro: list[list[int]], plan: StepPlan, metrics: MetricAccumulator,
@@ -595,6 +721,89 @@ class TrainLoop:
         logger.warning("non-finite %s at step %d: update skipped%s (%s %s)",
                        "gradient" if torch.isfinite(step_loss).item() else "loss", step, partial, self.sample_name, bad)
 
+    # --- the HF Trainer's public surface ---------------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """Evaluate (the algorithm's metrics, ``metric_key_prefix``-prefixed), log the metrics (log history,
+        callbacks' on_log, metrics.jsonl during training) and call the callbacks' on_evaluate, as the HF
+        Trainer does. ``ignore_keys`` is accepted for the HF signature (preftune's evaluation builds no model
+        outputs to ignore)."""
+        metrics = self._eval_metrics(eval_dataset)
+        if metric_key_prefix != "eval":
+            metrics = {f"{metric_key_prefix}_{k[len('eval_'):]}" if k.startswith("eval_") else k: v
+                       for k, v in metrics.items()}
+        self.log(dict(metrics))
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
+        return metrics
+
+    def log(self, logs: dict, start_time=None, *, write: bool = True) -> None:
+        """Log `logs` as the HF Trainer does: with ``epoch``, into ``state.log_history`` (plus ``step``) and to
+        the callbacks' on_log; during training also into metrics.jsonl and the trackers (``write``)."""
+        row = {"step": self.state.global_step, **({"epoch": self.state.epoch} if self.state.epoch is not None else {}),
+               **logs}
+        self._log(self._run if write else None, row)
+
+    def add_callback(self, callback) -> None:
+        """Add a `transformers.TrainerCallback` (an instance, or a class to instantiate)."""
+        from preftune.callbacks import _check_callback
+
+        _check_callback(callback)
+        self.callback_handler.add_callback(callback)
+
+    def pop_callback(self, callback):
+        """Remove a callback (an instance, or the first of a class) and return it; None when absent."""
+        return self.callback_handler.pop_callback(callback)
+
+    def remove_callback(self, callback) -> None:
+        """Remove a callback (an instance, or the first of a class)."""
+        self.callback_handler.remove_callback(callback)
+
+    def is_world_process_zero(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def is_local_process_zero(self) -> bool:
+        return self.accelerator.is_local_main_process
+
+    def log_metrics(self, split: str, metrics: dict) -> None:
+        """Print `metrics` formatted, on the main process (transformers' `Trainer.log_metrics`)."""
+        from transformers.trainer_pt_utils import log_metrics
+
+        log_metrics(self, split, metrics)
+
+    def save_metrics(self, split: str, metrics: dict, combined: bool = True) -> None:
+        """Write ``<split>_results.json`` (and update ``all_results.json``) in output_dir (transformers'
+        `Trainer.save_metrics`)."""
+        from transformers.trainer_pt_utils import save_metrics
+
+        Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+        save_metrics(self, split, metrics, combined)
+
+    def save_state(self) -> None:
+        """Write ``trainer.state`` to ``output_dir/trainer_state.json`` (transformers' `Trainer.save_state`)."""
+        from transformers.trainer_pt_utils import save_state
+
+        Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+        save_state(self)
+
+    def _check_optimizers(self, optimizers):
+        """``optimizers=(optimizer, scheduler)`` as the HF Trainer takes them: an optimizer given is used instead of
+        preftune's AdamW (its scheduler is then made from the config unless given too)."""
+        from accelerate.utils import DistributedType
+
+        if not isinstance(optimizers, (tuple, list)) or len(optimizers) != 2:
+            raise TypeError(f"optimizers must be a pair (optimizer, lr_scheduler), either may be None; got {optimizers!r}")
+        optimizer, scheduler = optimizers
+        if scheduler is not None and optimizer is None:
+            raise ValueError("optimizers=(None, scheduler): a scheduler steps the optimizer it was built on, and "
+                             "preftune builds its own optimizer; pass the optimizer too, or only an optimizer")
+        if optimizer is not None and self.accelerator.distributed_type == DistributedType.FSDP:
+            raise ValueError("optimizers=(optimizer, ...) is not allowed with FSDP: the optimizer must be built on "
+                             "the sharded parameters; drop it (preftune builds AdamW from the config)")
+        if optimizer is not None and self.args.optim_in_backward:
+            raise ValueError("optimizers=(optimizer, ...) with optim_in_backward=True: the in-backward update is "
+                             "preftune's own fused AdamW; set optim_in_backward=False")
+        self._given_optimizers = (optimizer, scheduler)
+        return optimizer, scheduler
+
     def _timed_eval(self) -> dict:
         """evaluate(), with its time left out of the training throughput."""
         t = time.perf_counter()
@@ -630,18 +839,20 @@ class TrainLoop:
                                  optimizer_state=optimizer_state, rng_states=rng_states)
         self.accelerator.wait_for_everyone()
 
-    def _log(self, run: _Run, row: dict):
-        if not self.accelerator.is_main_process:
-            return
+    def _log(self, run: _Run | None, row: dict):
+        """One logged row ({"step", "epoch", ...}): metrics.jsonl and the trackers (main process, during a run),
+        the HF log history and the callbacks' on_log (every process, as the HF Trainer)."""
         clean = {k: (float(v) if isinstance(v, (float, int)) and not isinstance(v, bool) else v) for k, v in row.items()}
         clean["step"] = int(row["step"])
-        with open(run.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(clean) + "\n")
-        if run.trackers is not None:
-            run.trackers.log({k: v for k, v in clean.items() if k != "step" and isinstance(v, (int, float))}, clean["step"])
-        for cb in self.callbacks:
-            if hasattr(cb, "on_log"):
-                cb.on_log(clean)
+        if run is not None and self.accelerator.is_main_process:
+            with open(run.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(clean) + "\n")
+            if run.trackers is not None:
+                run.trackers.log({k: v for k, v in clean.items() if k != "step" and isinstance(v, (int, float))},
+                                 clean["step"])
+        self.state.log_history.append(history_row(clean))
+        logs = {k: v for k, v in clean.items() if k != "step"}
+        self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
 
     def _attention_kernels(self):
         """``logps.attention_kernels`` for this run: its device, cuDNN choice, the model's heads and the

@@ -15,6 +15,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from preftune.config import DPOConfig
@@ -42,6 +43,15 @@ class DPOTrainer(TrainLoop):
     `model` may be a model object, a local path or hub id, or None (the config's
     `model_name_or_path`, else the embedded default SmolLM2-135M-Instruct). Datasets may be
     `datasets.Dataset`/`DatasetDict` objects, lists of dicts, or file/directory paths.
+
+    As the HF Trainer: ``callbacks`` are `transformers.TrainerCallback` objects, ``optimizers=(optimizer,
+    lr_scheduler)`` replace preftune's AdamW and schedule (either may be None; a scheduler needs its
+    optimizer), and ``compute_metrics(EvalPrediction) -> dict`` adds to each evaluation's metrics (``eval_``
+    prefixed). preftune never builds full-vocabulary logits, so the `transformers.EvalPrediction` it gets
+    holds, per eval pair, ``predictions``: a float32 numpy array (N, 4) of the policy's chosen and rejected
+    log-probs and the loss's chosen and rejected implicit rewards (`preftune.dpo.PREDICTION_COLUMNS`), and
+    ``label_ids``: zeros (N,) (the chosen response is column 0 of each pair, as TRL's labels say).
+    ``data_collator`` must be None: preftune batches the tokenized pairs itself (`batch_layout`).
     """
 
     sample_name = "pairs"
@@ -58,13 +68,23 @@ class DPOTrainer(TrainLoop):
         peft_config=None,
         tokenizer=None,
         callbacks=None,
+        compute_metrics=None,
+        optimizers=(None, None),
+        data_collator=None,
     ):
+        if data_collator is not None:
+            raise ValueError(
+                "data_collator: preftune builds its batches itself from the tokenized pairs (chosen and rejected "
+                "sharing one prompt, packed as batch_layout says, rows padded to pad_to_multiple_of); a collator of "
+                "TRL's padded tensors has nothing to act on. Drop data_collator; set batch_layout / "
+                "pad_to_multiple_of to change the batching")
         args = args if args is not None else DPOConfig()
         self.objective = DPOObjective.from_args(args)  # loss errors before the model is loaded
         self.loss_names, self.loss_kwargs = self.objective.loss_names, self.objective.loss_kwargs
         self.needs_reference = self.objective.needs_reference
         super().__init__(model, args, processing_class=processing_class if processing_class is not None else tokenizer,
-                         peft_config=peft_config, callbacks=callbacks)
+                         peft_config=peft_config, callbacks=callbacks, optimizers=optimizers)
+        self.compute_metrics = compute_metrics
         with self.accelerator.main_process_first():
             self.train_split, self.eval_split = prepare_splits(args, self.tokenizer, train_dataset, eval_dataset)
         if self.accelerator.is_main_process:
@@ -75,6 +95,7 @@ class DPOTrainer(TrainLoop):
         self._ref_model_arg = ref_model if ref_model is not None else args.ref_model_name_or_path
         self.reference = None
         self._eval_reference_table = None
+        self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
 
     # --- the loop's hooks -------------------------------------------------------------------------
     def _num_train_samples(self) -> int:
@@ -132,8 +153,9 @@ class DPOTrainer(TrainLoop):
         return self.objective.pair_losses(model if model is not None else self.model, batch, reference)
 
     # --- evaluation --------------------------------------------------------------------------------------
-    def evaluate(self, eval_dataset=None) -> dict:
-        """Implicit-reward metrics on the eval pairs, prefixed `eval_`."""
+    def _eval_metrics(self, eval_dataset=None) -> dict:
+        """Implicit-reward metrics on the eval pairs, prefixed `eval_`, and compute_metrics' (`evaluate()` logs
+        them and calls the callbacks)."""
         with self._attention_kernels():
             return self._evaluate(eval_dataset)
 
@@ -156,9 +178,20 @@ class DPOTrainer(TrainLoop):
             raise ValueError(
                 "evaluate(eval_dataset=...) with precompute_ref_log_probs=True: the reference log-probs are cached per "
                 "dataset; pass the eval set to DPOTrainer(eval_dataset=...) instead")
-        return evaluate_pairs(self.objective, self.model, reference, split.features,
-                              collate=lambda feats: self._to_device(self._collate(feats)),
-                              batch_size=args.per_device_eval_batch_size, accelerator=self.accelerator)
+        out = evaluate_pairs(self.objective, self.model, reference, split.features,
+                             collate=lambda feats: self._to_device(self._collate(feats)),
+                             batch_size=args.per_device_eval_batch_size, accelerator=self.accelerator,
+                             predictions=self.compute_metrics is not None)
+        if self.compute_metrics is None:
+            return out
+        from transformers import EvalPrediction
+
+        metrics, values = out
+        values = values.numpy()
+        extra = self.compute_metrics(EvalPrediction(predictions=values, label_ids=np.zeros(len(values), np.int64)))
+        for key, value in (extra or {}).items():
+            metrics[key if key.startswith("eval_") else f"eval_{key}"] = value
+        return metrics
 
     # --- the reference ------------------------------------------------------------------------------------
     def _source(self) -> str:

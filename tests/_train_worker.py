@@ -139,10 +139,10 @@ def install_hooks() -> None:
 
     orig_rotate = ckpt._rotate
 
-    def _rotate(output_dir, limit, keep):
+    def _rotate(output_dir, limit, keep, **kw):
         if where == "rotate" and Path(keep).name == f"checkpoint-{at}":
             _die()
-        return orig_rotate(output_dir, limit, keep)
+        return orig_rotate(output_dir, limit, keep, **kw)
 
     ckpt._rotate = _rotate
 

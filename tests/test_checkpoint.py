@@ -36,8 +36,9 @@ def test_checkpoint_contents_and_rotation(trained):
                  "versions.json", "model/model.safetensors", "model/tokenizer.json"):
         assert (c / name).is_file(), name
     assert not list((c / "model").glob("*.bin")), "weights must be safetensors"
-    state = json.loads((c / "trainer_state.json").read_text())
+    state = json.loads((c / "preftune_state.json").read_text())
     assert state["global_step"] == 4 and state["samples_seen"] == 8
+    assert json.loads((c / "trainer_state.json").read_text())["global_step"] == 4  # transformers' TrainerState
     versions = json.loads((c / "versions.json").read_text())
     assert {"python", "torch", "transformers", "accelerate", "preftune"} <= versions.keys()
     assert versions["torch"] == torch.__version__
@@ -110,7 +111,7 @@ def test_resume_in_process_restores_weights_optimizer_and_position(trained, tmp_
     shutil.copytree(out / "checkpoint-4", run / "checkpoint-4")
     resumed = tiny_trainer(run, max_steps=4, save_total_limit=1, seed=99)  # other init seed: weights must load
     resumed.train(resume_from_checkpoint="latest")
-    assert resumed.state.global_step == 4 and resumed.state.samples_seen == 8
+    assert resumed.state.global_step == 4 and resumed.train_state.samples_seen == 8
     for (name, p), q in zip(trainer.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(p, q), name
 

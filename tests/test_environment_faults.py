@@ -76,7 +76,7 @@ def test_disk_full_mid_save_keeps_the_previous_checkpoint_usable(tmp_path, monke
     resumed.train(resume_from_checkpoint="latest")
     assert resumed.state.global_step == 4
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-4"]
-    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    state = json.loads((out / "checkpoint-4" / "preftune_state.json").read_text())
     assert state["global_step"] == 4 and state["samples_seen"] == 8
 
 

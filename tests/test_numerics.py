@@ -92,7 +92,7 @@ def test_one_bad_pair_skips_exactly_its_step(mode, tmp_path, monkeypatch, caplog
     weights.append([p.detach().clone() for p in trainer.model.parameters()])
     for k in range(1, 5):  # weights[k] vs weights[k-1]: did step k change the model?
         assert same(weights[k], weights[k - 1]) == (k == bad_step), f"step {k}"
-    assert trainer.state.nonfinite_steps == 1
+    assert trainer.train_state.nonfinite_steps == 1
     msgs = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
     perm = StepPlan(8, 2, 1, 1, SEED).permutation(0)
     step_pairs = perm[(bad_step - 1) * 2 : bad_step * 2]  # a NaN gradient blames every pair of its step
@@ -132,7 +132,7 @@ def test_consecutive_bad_steps_count_across_a_resume(tmp_path, monkeypatch):
     first = tiny_trainer(tmp_path / "run", max_steps=3, save_steps=3, max_nonfinite_steps=2)
     first.train()  # step 3 is skipped; the checkpoint at step 3 remembers one bad step in a row
     saved = ckpt.resolve_checkpoint(tmp_path / "run", "latest")
-    assert saved.name == "checkpoint-3" and ckpt.TrainState.from_json(saved / "trainer_state.json").nonfinite_in_a_row == 1
+    assert saved.name == "checkpoint-3" and ckpt.TrainState.from_json(saved / "preftune_state.json").nonfinite_in_a_row == 1
     resumed = tiny_trainer(tmp_path / "run", max_steps=4, save_steps=3, max_nonfinite_steps=2)
     with pytest.raises(tr.NonFiniteError, match=r"2 consecutive optimizer steps .* \(last at step 4\)"):
         resumed.train(resume_from_checkpoint="latest")
@@ -198,7 +198,7 @@ def test_deferred_checks_train_the_same_and_read_the_host_only_at_boundaries(tmp
     else:
         assert seen == [(1, 0), (2, 1), (3, 2), (4, 3)]
     rows = _metrics(tmp_path / check_mode)
-    assert trainer.state.nonfinite_steps == 1 and [r["nonfinite_steps"] for r in rows if "loss" in r] == [1, 1]
+    assert trainer.train_state.nonfinite_steps == 1 and [r["nonfinite_steps"] for r in rows if "loss" in r] == [1, 1]
 
 
 def test_deferred_and_sync_runs_are_bitwise_equal(tmp_path, monkeypatch, check_mode):
@@ -233,4 +233,4 @@ def test_on_a_gpu_the_check_is_deferred_and_skips_the_bad_step(tmp_path, monkeyp
     weights.append([p.detach().clone() for p in trainer.model.parameters()])
     for k in range(1, 5):
         assert same(weights[k], weights[k - 1]) == (k == bad_step), f"step {k}"
-    assert trainer.state.nonfinite_steps == 1
+    assert trainer.train_state.nonfinite_steps == 1

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_trainer import conversational_rows, make_trainer, train_rows, weights  # noqa: E402
@@ -124,7 +125,7 @@ def test_a_gradient_that_turns_non_finite_midway_is_counted(tmp_path, monkeypatc
     msgs = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
     assert len(msgs) == 1 and msgs[0].startswith(
         f"non-finite gradient at step 1: update skipped; {len(changed)} of {len(after)} parameters were updated")
-    assert trainer.state.nonfinite_steps == 1
+    assert trainer.train_state.nonfinite_steps == 1
 
 
 def test_a_non_finite_loss_updates_nothing(tmp_path, monkeypatch):
@@ -142,7 +143,7 @@ def test_a_non_finite_loss_updates_nothing(tmp_path, monkeypatch):
     trainer.train()
     after = weights(trainer)
     assert all(torch.equal(before[n], after[n]) for n in before)
-    assert trainer.state.nonfinite_steps == 2
+    assert trainer.train_state.nonfinite_steps == 2
     state = trainer.optimizer.state_dict()["state"]
     assert all(float(s["step"]) == 0 for s in state.values())  # the skipped steps left the moments alone
 
@@ -158,9 +159,9 @@ def test_resume_reaches_the_uninterrupted_weights(tmp_path, monkeypatch):
     class Stop(Exception):
         pass
 
-    class StopAtStep3:
-        def on_log(self, row):
-            if row["step"] == 3:
+    class StopAtStep3(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.global_step == 3:
                 raise Stop
 
     first = make_trainer(tmp_path, rows, name="cut", save_strategy="steps", save_steps=2, callbacks=[StopAtStep3()],

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from preftune import DPOConfig, DPOTrainer
 from preftune.data.batching import collate
@@ -87,8 +88,8 @@ def assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
 def test_each_format_trains(tmp_path, rows, fmt):
     trainer = make_trainer(tmp_path, rows)
     assert trainer.train_split.format == fmt
-    last = trainer.train()
-    assert math.isfinite(last["loss"]) and last["step"] == 2
+    out = trainer.train()
+    assert math.isfinite(out.training_loss) and out.global_step == 2
     assert all(math.isfinite(r["loss"]) for r in train_rows(trainer))
 
 
@@ -110,7 +111,7 @@ def test_truncation_drops_are_counted_and_never_nan(tmp_path, caplog):
     assert "dropped by truncation: prompt_too_long=2" in caplog.text
     assert all(len(f["prompt_ids"]) + max(len(f["chosen_ids"]), len(f["rejected_ids"])) <= 128
                for f in trainer.train_split.features)
-    for row in (trainer.train(), *train_rows(trainer)):
+    for row in (trainer.train().metrics, *train_rows(trainer)):
         assert all(math.isfinite(v) for v in row.values())
 
 
@@ -279,8 +280,10 @@ def test_lora_reference_is_the_base_model(tmp_path):
 def test_tr_dpo_sync_is_the_mixup_formula(tmp_path, lora):
     snaps, holder = [], {}
 
-    class Snapshot:
-        def on_log(self, row):
+    class Snapshot(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "loss" not in logs:  # the run's closing summary (train_loss, ...)
+                return
             t = holder["t"]
             ref_model = t.reference.model
             pol = dict(t.accelerator.unwrap_model(t.model).named_parameters())
@@ -317,9 +320,9 @@ def test_simpo_builds_no_reference(tmp_path, monkeypatch):
     trainer = make_trainer(tmp_path, eval_rows=conversational_rows(4, "eval"), loss_type="simpo", beta=2.0,
                            eval_strategy="steps", eval_steps=1)
     assert trainer.needs_reference is False
-    last = trainer.train()
+    out = trainer.train()
     assert trainer.reference is None
-    assert math.isfinite(last["loss"])
+    assert math.isfinite(out.training_loss)
     assert math.isfinite(trainer.evaluate()["eval_loss"])
 
 
@@ -424,9 +427,9 @@ def test_resume_latest_reaches_the_uninterrupted_weights(tmp_path):
     whole = make_trainer(tmp_path, rows, name="whole", max_steps=4)
     whole.train()
 
-    class StopAtStep3:
-        def on_log(self, row):
-            if row["step"] == 3:
+    class StopAtStep3(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.global_step == 3:
                 raise _Stop
 
     first = make_trainer(tmp_path, rows, name="cut", max_steps=4, save_strategy="steps", save_steps=2, callbacks=[StopAtStep3()])
