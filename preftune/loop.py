@@ -295,7 +295,9 @@ class TrainLoop:
         log_every, eval_every, save_every = (args.interval(n, total_steps) for n in ("logging_steps", "eval_steps", "save_steps"))
         logger.info("%d training %s; %s; %d optimizer steps (%d per epoch); warm-up %d steps", plan.num_samples,
                     self.sample_name, args.describe_batch(acc.num_processes), total_steps, plan.steps_per_epoch, warmup)
-        given_optimizer, given_scheduler = getattr(self, "_given_optimizers", (None, None))
+        given_optimizer, given_scheduler = self._given_optimizers
+        if given_optimizer is not None:
+            self._check_given_optimizer(given_optimizer)
         optimizer = given_optimizer if given_optimizer is not None else self._make_optimizer()
         scheduler = given_scheduler if given_scheduler is not None else get_scheduler(
             args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
@@ -803,6 +805,20 @@ class TrainLoop:
                              "preftune's own fused AdamW; set optim_in_backward=False")
         self._given_optimizers = (optimizer, scheduler)
         return optimizer, scheduler
+
+    def _check_given_optimizer(self, optimizer) -> None:
+        """The optimizer passed in must hold this model's parameters (loading may have wrapped the model, as
+        LoRA does: an optimizer built before that would update nothing the model uses)."""
+        own = {id(p) for p in self.model.parameters()}
+        held = [p for g in optimizer.param_groups for p in g["params"]]
+        if not held or any(id(p) not in own for p in held):
+            raise ValueError(
+                "optimizers=(optimizer, ...): the optimizer holds parameters that are not this trainer's model's "
+                f"({sum(id(p) not in own for p in held)} of {len(held)}). Build it on the model object you pass, "
+                "after any peft wrapping (with peft_config=..., preftune wraps the model itself: apply get_peft_model "
+                "first and pass the wrapped model instead)")
+        if not any(p.requires_grad for p in held):
+            raise ValueError("optimizers=(optimizer, ...): none of the optimizer's parameters is trainable")
 
     def _timed_eval(self) -> dict:
         """evaluate(), with its time left out of the training throughput."""

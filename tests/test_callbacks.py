@@ -350,6 +350,23 @@ def test_given_optimizer_and_scheduler_are_used(tmp_path):
     assert trainer.lr_scheduler is sched and getattr(trainer.optimizer, "optimizer", trainer.optimizer) is sgd
     assert all(torch.equal(before[n], p) for n, p in weights(trainer).items())  # SGD at lr 0: nothing moved
 
+    model = tiny_model(300)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05)
+    moved = DPOTrainer(model=model, args=config(tmp_path, "sgd_moves", max_steps=2), train_dataset=rows,
+                       processing_class=tiny_tokenizer(), optimizers=(sgd, None))
+    init = weights(moved)
+    assert all(torch.equal(init[n], start[n]) for n in init)  # the same initial weights as the AdamW run
+    moved.train()
+    after, adamw = weights(moved), weights(default)
+    assert any(not torch.equal(init[n], after[n]) for n in after)  # SGD did update the model
+    assert all(not torch.allclose(after[n], adamw[n]) for n in after if not torch.equal(start[n], adamw[n]))
+
+    stale = tiny_model(300)
+    with pytest.raises(ValueError, match="not this trainer's model's"):
+        DPOTrainer(model=tiny_model(300), args=config(tmp_path, "stale", max_steps=1), train_dataset=rows,
+                   processing_class=tiny_tokenizer(),
+                   optimizers=(torch.optim.SGD(stale.parameters(), lr=0.1), None)).train()
+
 
 def test_given_optimizer_gets_the_configs_schedule(tmp_path):
     from test_trainer import config
