@@ -340,6 +340,10 @@ class TrainLoop:
         _, saved = ckpt.read_states(path)
         if saved is not None:
             self.state = TrainerState(**saved)
+            if getattr(self.args, "restore_callback_states_from_checkpoint", False):
+                from transformers import Trainer
+
+                Trainer._load_callback_state(self)  # transformers' own: ExportableState callbacks and control
         else:  # a checkpoint from before preftune kept the HF state: its log history is in metrics.jsonl
             self.state.global_step = state.global_step
             self.state.log_history = legacy_log_history(out_dir / "metrics.jsonl", state.metrics_lines)

@@ -4,7 +4,8 @@
 
 SPEC: {"model": dir, "fsdp_on_cpu": bool (optional), "jobs": [{"config": {DPOConfig fields},
 "resume": path or null, "out": json path, "expect_error": text or absent, "model": dir (optional, the
-spec's otherwise)}]}.
+spec's otherwise), "predictions": bool (optional: a compute_metrics records the last evaluation's
+EvalPrediction.predictions into "out")}]}.
 Each job trains with the DPOTrainer API, saves the final model, and (main process) writes the process
 count, the engine and the evaluation results to "out". Launching this file under several processes
 is exactly what a user does; nothing here knows how many processes there are.
@@ -74,6 +75,9 @@ def main(spec_path: str) -> None:
 
     for job in spec["jobs"]:
         trainer = DPOTrainer(model=job.get("model", spec["model"]), args=DPOConfig(**job["config"]))
+        seen = []
+        if job.get("predictions"):
+            trainer.compute_metrics = lambda pred, seen=seen: seen.append(pred.predictions.tolist()) or {}
         if job.get("expect_error"):  # the job must fail with a ValueError naming this text
             try:
                 trainer.train()
@@ -90,6 +94,7 @@ def main(spec_path: str) -> None:
                 **engine,
                 "initial_eval": getattr(trainer, "initial_eval", None),
                 "final_eval": getattr(trainer, "final_eval", None),
+                "predictions": seen[-1] if seen else None,
             }))
         trainer.accelerator.wait_for_everyone()
 

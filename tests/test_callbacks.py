@@ -288,6 +288,26 @@ def test_state_after_interrupted_and_resumed_run_equals_the_uninterrupted(tmp_pa
     assert resumed.state.best_model_checkpoint.endswith(Path(whole.state.best_model_checkpoint).name)
 
 
+def test_callback_states_are_restored_when_asked(tmp_path):
+    """restore_callback_states_from_checkpoint (TrainingArguments'): an ExportableState callback's saved state
+    (EarlyStoppingCallback's patience counter) comes back on resume, through transformers' own code."""
+    kw = dict(eval_rows=eval_rows(), max_steps=6, eval_strategy="steps", eval_steps=1, save_strategy="steps",
+              save_steps=1, metric_for_best_model="score", greater_is_better=True)
+    first = make_trainer(tmp_path, callbacks=[EarlyStoppingCallback(early_stopping_patience=5)], **kw)
+    first.compute_metrics = scripted_metric([3.0, 2.0, 1.0, 0.0])  # never better after the first
+    first.train()
+    assert first.state.global_step == 6
+    for restore in (False, True):
+        again = make_trainer(tmp_path, callbacks=[EarlyStoppingCallback(early_stopping_patience=5)],
+                             resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-3"), **kw)
+        again.args.restore_callback_states_from_checkpoint = restore
+        again.compute_metrics = scripted_metric([0.0])
+        again.args.max_steps = 10
+        again.train()
+        # restored: 2 evaluations without improvement before, 3 more run the patience (5) out at step 6
+        assert again.state.global_step == (6 if restore else 8), restore
+
+
 def test_checkpoint_without_hf_state_still_resumes(tmp_path):
     """A checkpoint written before preftune kept transformers' TrainerState: its trainer_state.json is
     preftune's own state; the log history is rebuilt from metrics.jsonl and the resume stays exact."""

@@ -24,6 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,7 +124,7 @@ def runs(tmp_path_factory):
     two_lora, one_lora = tmp / "two_lora", tmp / "one_lora"
     _launch({"model": str(model_dir), "jobs": [
         {"config": _config(two, tmp / "cache2", per_device_train_batch_size=2, gradient_accumulation_steps=1),
-         "out": str(tmp / "two.json")},
+         "out": str(tmp / "two.json"), "predictions": True},
         {"config": _config(two_lora, tmp / "cache2", per_device_train_batch_size=2, gradient_accumulation_steps=1,
                            **LORA), "out": str(tmp / "two_lora.json")},
         {"config": _config(tmp / "two_workers", tmp / "cache2", per_device_train_batch_size=2,
@@ -139,7 +140,7 @@ def runs(tmp_path_factory):
     ]}, tmp / "spec2.json", procs=2)
     _launch({"model": str(model_dir), "jobs": [
         {"config": _config(one, tmp / "cache1", per_device_train_batch_size=2, gradient_accumulation_steps=2),
-         "out": str(tmp / "one.json")},
+         "out": str(tmp / "one.json"), "predictions": True},
         {"config": _config(resumed, tmp / "cache1", per_device_train_batch_size=2, gradient_accumulation_steps=2),
          "resume": str(two / "checkpoint-2"), "out": str(tmp / "resumed.json")},
         {"config": _config(one_lora, tmp / "cache1", per_device_train_batch_size=2, gradient_accumulation_steps=2,
@@ -227,6 +228,14 @@ def test_eval_reduction_counts_uneven_shards(runs):
         assert e2[k] == pytest.approx(e1[k], rel=1e-5, abs=1e-6), k
     accuracy = e1["eval_rewards/accuracies"] * 5
     assert accuracy == pytest.approx(round(accuracy), abs=1e-5), "accuracy must be a count over 5 pairs"
+
+
+def test_compute_metrics_gets_every_processs_pairs_in_order(runs):
+    """compute_metrics' per-pair predictions gathered from 2 ranks (strided shards, a filler batch) are the
+    one-process run's, row for row."""
+    p2, p1 = (np.array(runs["info"][k]["predictions"]) for k in ("two", "one"))
+    assert p1.shape == (5, 4) and p2.shape == (5, 4)
+    np.testing.assert_allclose(p2, p1, rtol=1e-5, atol=1e-5)
 
 
 def test_precompute_under_two_processes_writes_the_same_cache(runs):
