@@ -248,12 +248,15 @@ class TrainLoop:
         return sorted(plan.permutation(0)[: total * plan.global_batch])
 
     # --- train ----------------------------------------------------------------------------------------
-    def train(self, resume_from_checkpoint=None, **kwargs):
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """Run the training loop; returns a `transformers.trainer_utils.TrainOutput` (global_step, training_loss:
         the mean loss of this call's steps, metrics: train_runtime, train_samples_per_second,
-        train_steps_per_second, total_flos, train_loss, epoch), as the HF Trainer does."""
+        train_steps_per_second, total_flos, train_loss, epoch), as the HF Trainer does. ``ignore_keys_for_eval``
+        is accepted for its signature (preftune's evaluation gathers no model outputs to ignore)."""
         if kwargs:
             raise TypeError(f"train() got unexpected arguments {sorted(kwargs)}; it takes resume_from_checkpoint")
+        if trial is not None:
+            raise ValueError("train(trial=...): preftune has no hyperparameter search; run one training per setting")
         # the progress bar and trackers are closed however the run ends (a NonFiniteError too), so a
         # failed run flushes its trackers and leaves no bar to be printed at interpreter exit
         try:
