@@ -47,11 +47,12 @@ def cmd_train(argv: list[str]) -> int:
 
 def cmd_precompute_ref(argv: list[str]) -> int:
     from preftune.config import DPOConfig
+    from preftune.data.pipeline import FROM_CONFIG
     from preftune.trainer import DPOTrainer
 
     config, _ = DPOConfig.parse_cli(argv, prog="preftune precompute-ref", use_demo_defaults_when_empty=True)
     config.precompute_ref_log_probs = True
-    trainer = DPOTrainer(args=config)
+    trainer = DPOTrainer(args=config, train_dataset=FROM_CONFIG)
     trainer.reference = trainer._build_reference()
     print(f"reference log-probs cached for {len(trainer.train_split)} train pairs"
           + (f" and {len(trainer.eval_split)} eval pairs" if trainer.eval_split is not None else ""))

@@ -16,7 +16,8 @@ and supplies its data, its per-sample losses and metrics, and its evaluation:
   ``dataloader_num_workers > 0`` the loop collates the coming micro-batches ahead in worker processes
   with the first (`preftune.data.loader`) and trains on them with the second; with 0 it calls
   ``_sample_losses`` (by default the two in turn);
-- ``_before_train()``, ``_after_good_step(step, policy)``, ``_host_acts_after_good_steps()``;
+- ``_before_train()``, ``_after_good_step(step, policy)``, ``_host_acts_after_good_steps()``,
+  ``_train_in_order()``;
 - ``evaluate()`` and ``_progress_fields(row)``.
 """
 
@@ -189,6 +190,10 @@ class TrainLoop:
     def _has_eval(self) -> bool:
         return False
 
+    def _train_in_order(self) -> bool:
+        """True when the training samples are taken in their own order, never shuffled (a streamed dataset)."""
+        return False
+
     def _before_train(self) -> None:
         """Called once train() knows its plan, before the optimizer exists."""
 
@@ -207,7 +212,8 @@ class TrainLoop:
         """The data plan of this run and its number of optimizer steps."""
         args, acc = self.args, self.accelerator
         plan = StepPlan(self._num_train_samples(), args.per_device_train_batch_size, acc.num_processes,
-                        args.gradient_accumulation_steps, int(args.data_seed if args.data_seed is not None else args.seed))
+                        args.gradient_accumulation_steps, int(args.data_seed if args.data_seed is not None else args.seed),
+                        shuffle=not self._train_in_order())
         return plan, (plan.total_steps(args.num_train_epochs, args.max_steps) if plan.steps_per_epoch else 0)
 
     def _planned_samples(self) -> list[int] | None:

@@ -13,13 +13,23 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from preftune.config import DPOConfig
 from preftune.data.batching import VarlenPrefix, collate
-from preftune.data.pipeline import prepare_one, prepare_splits, report_skips
+from preftune.data.pipeline import (
+    FROM_CONFIG,
+    PreparedSplit,
+    check_streams_precompute,
+    check_train_dataset,
+    named_splits,
+    prepare_one,
+    prepare_splits,
+    report_skips,
+)
 from preftune.dpo import DPOObjective, evaluate_pairs
 from preftune.loop import NonFiniteError, TrainLoop, resolve_layout, resolve_shapes
 from preftune.policy import mark_head
@@ -40,8 +50,14 @@ class DPOTrainer(TrainLoop):
     The signature follows TRL's DPOTrainer: ``DPOTrainer(model, ref_model=None, args=DPOConfig(...),
     train_dataset=..., eval_dataset=..., processing_class=tokenizer, peft_config=LoraConfig(...))``.
     `model` may be a model object, a local path or hub id, or None (the config's
-    `model_name_or_path`, else the embedded default SmolLM2-135M-Instruct). Datasets may be
-    `datasets.Dataset`/`DatasetDict` objects, lists of dicts, or file/directory paths.
+    `model_name_or_path`, else the embedded default SmolLM2-135M-Instruct).
+
+    `train_dataset` is required (``FROM_CONFIG``: the config's dataset_name or the demo data, as
+    `preftune.train()` and the command line read them): a `datasets.Dataset`, a `datasets.IterableDataset`
+    (a stream; needs ``max_steps``; its first ``max_steps`` x global batch pairs are trained on in the
+    stream's order), a list of dicts, or a file/directory path. `eval_dataset` takes the same, or a mapping of
+    named eval sets (a dict, `DatasetDict` or `IterableDatasetDict`), each evaluated with the metric prefix
+    ``eval_<name>_``. `self.train_dataset` and `self.eval_dataset` are the arguments as given.
     """
 
     sample_name = "pairs"
@@ -60,21 +76,31 @@ class DPOTrainer(TrainLoop):
         callbacks=None,
     ):
         args = args if args is not None else DPOConfig()
+        if train_dataset is not FROM_CONFIG:  # before the model is loaded
+            check_train_dataset(train_dataset, args)
+        if eval_dataset is not None:
+            check_streams_precompute(eval_dataset, args)
         self.objective = DPOObjective.from_args(args)  # loss errors before the model is loaded
         self.loss_names, self.loss_kwargs = self.objective.loss_names, self.objective.loss_kwargs
         self.needs_reference = self.objective.needs_reference
         super().__init__(model, args, processing_class=processing_class if processing_class is not None else tokenizer,
                          peft_config=peft_config, callbacks=callbacks)
         with self.accelerator.main_process_first():
-            self.train_split, self.eval_split = prepare_splits(args, self.tokenizer, train_dataset, eval_dataset)
+            self.train_split, self.eval_split = prepare_splits(args, self.tokenizer, train_dataset, eval_dataset,
+                                                               num_processes=self.accelerator.num_processes)
         if self.accelerator.is_main_process:
-            for split in (self.train_split, self.eval_split):
-                if split is not None and (msg := report_skips(split, args.output_dir)):
+            for split in [self.train_split] + [split for _, split in named_splits(self.eval_split)]:
+                if msg := report_skips(split, args.output_dir):
                     logger.warning(msg)
+        # the datasets as given, as Hugging Face's Trainer keeps them; from the config: the rows it named
+        from_config = train_dataset is FROM_CONFIG
+        self.train_dataset = self.train_split.source if from_config else train_dataset
+        self.eval_dataset = (getattr(self.eval_split, "source", None) if from_config and eval_dataset is None
+                             else eval_dataset)
         # a ref model given in code, else the config's ref_model_name_or_path (LoRA runs too), else the default
         self._ref_model_arg = ref_model if ref_model is not None else args.ref_model_name_or_path
         self.reference = None
-        self._eval_reference_table = None
+        self._eval_reference_tables = {}  # eval split name -> its precomputed reference (`named_splits`)
 
     # --- the loop's hooks -------------------------------------------------------------------------
     def _num_train_samples(self) -> int:
@@ -82,6 +108,9 @@ class DPOTrainer(TrainLoop):
 
     def _has_eval(self) -> bool:
         return self.eval_split is not None
+
+    def _train_in_order(self) -> bool:
+        return self.train_split.streamed
 
     def _before_train(self) -> None:
         if self.reference is None:
@@ -132,15 +161,36 @@ class DPOTrainer(TrainLoop):
         return self.objective.pair_losses(model if model is not None else self.model, batch, reference)
 
     # --- evaluation --------------------------------------------------------------------------------------
-    def evaluate(self, eval_dataset=None) -> dict:
-        """Implicit-reward metrics on the eval pairs, prefixed `eval_`."""
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """Implicit-reward metrics on the eval pairs, prefixed `eval_`; with several named eval sets (a dict given
+        here or to the constructor) each set's prefixed ``eval_<name>_``, as Hugging Face's Trainer does. A name of
+        the constructor's eval sets selects that set (prefix ``eval_``). `ignore_keys` is accepted for the HF
+        signature (no model outputs are gathered)."""
         with self._attention_kernels():
-            return self._evaluate(eval_dataset)
+            metrics = {}
+            for prefix, dataset in self._eval_sets(eval_dataset):
+                for key, value in self._evaluate(dataset).items():
+                    metrics[metric_key_prefix + prefix + key[len("eval"):] if key.startswith("eval_") else key] = value
+            return metrics
+
+    def _eval_sets(self, eval_dataset) -> list[tuple[str, object]]:
+        """(key prefix after ``eval``, dataset or prepared split) of each eval set `evaluate` covers."""
+        own = self.eval_split
+        if eval_dataset is None:
+            return [(name[len("eval"):], split) for name, split in named_splits(own)] or [("", None)]
+        if isinstance(eval_dataset, str) and isinstance(own, dict) and eval_dataset in own:
+            return [("", own[eval_dataset])]
+        check_streams_precompute(eval_dataset, self.args)
+        if isinstance(eval_dataset, Mapping):
+            return [(f"_{name}", dataset) for name, dataset in eval_dataset.items()]
+        return [("", eval_dataset)]
 
     def _evaluate(self, eval_dataset) -> dict:
         args = self.args
         split = self.eval_split
-        if eval_dataset is not None:
+        if isinstance(eval_dataset, PreparedSplit):
+            split = eval_dataset
+        elif eval_dataset is not None:
             split = prepare_one(eval_dataset, self.tokenizer, args, name="eval")
         if split is None:
             raise ValueError("evaluate() needs an eval_dataset (argument, DPOTrainer(eval_dataset=...), or config)")
@@ -148,8 +198,10 @@ class DPOTrainer(TrainLoop):
             self.reference = self._build_reference()
         reference = self.reference
         cached = self._source() == "cache"
-        if self._eval_reference_table is not None and split is self.eval_split:
-            reference = self._eval_reference_table
+        table = next((self._eval_reference_tables.get(name) for name, own in named_splits(self.eval_split)
+                      if own is split), None)  # one of the run's own eval sets, precomputed with the training set
+        if table is not None:
+            reference = table
         elif cached and args.precompute_ref_log_probs is None and reference is not None:
             reference = self._live_reference()  # automatic precompute covered the run's own eval set only
         elif cached and reference is not None:
@@ -245,7 +297,7 @@ class DPOTrainer(TrainLoop):
         if isinstance(ref_model, (str, os.PathLike)):
             ref_model = self._load_reference(ref_model)
         tables = {}
-        splits = [("train", self.train_split)] + ([("eval", self.eval_split)] if self.eval_split is not None else [])
+        splits = [("train", self.train_split)] + named_splits(self.eval_split)
         source = self._reference_for_precompute(ref_model)
         common = self._cache_key_parts(ref_model)  # weights and tokenizer hashed once for both splits
         for name, split in splits:
@@ -268,7 +320,7 @@ class DPOTrainer(TrainLoop):
                 chunk_size=args.logps_chunk_size,
                 **self.objective.reference_kwargs,
             )
-        self._eval_reference_table = CachedReference(tables["eval"]) if "eval" in tables else None
+        self._eval_reference_tables = {name: CachedReference(t) for name, t in tables.items() if name != "train"}
         del source, ref_model  # the reference model is freed: only the (N, 2) tables stay
         return CachedReference(tables["train"])
 

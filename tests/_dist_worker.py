@@ -70,10 +70,12 @@ def main(spec_path: str) -> None:
     if spec.get("fsdp_on_cpu"):
         force_fsdp_on_cpu()
     from preftune.config import DPOConfig
+    from preftune.data.pipeline import FROM_CONFIG
     from preftune.trainer import DPOTrainer
 
     for job in spec["jobs"]:
-        trainer = DPOTrainer(model=job.get("model", spec["model"]), args=DPOConfig(**job["config"]))
+        trainer = DPOTrainer(model=job.get("model", spec["model"]), args=DPOConfig(**job["config"]),
+                             train_dataset=FROM_CONFIG)
         if job.get("expect_error"):  # the job must fail with a ValueError naming this text
             try:
                 trainer.train()
