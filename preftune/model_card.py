@@ -102,7 +102,8 @@ def render_model_card(*, base_model: str | None, datasets: list[str], algorithm:
     if command_or_config.strip():
         multi = "\n" in command_or_config.strip()
         body += ["", "## How it was made", "",
-                 "The resolved config (`preftune train --config` it to rerun):" if multi else "The command:", "",
+                 "The config (`preftune train --config` it to rerun; the fields not listed keep their defaults):"
+                 if multi else "The command:", "",
                  "```" + ("yaml" if multi else "bash"), command_or_config.strip(), "```"]
     return "\n".join(header + body) + "\n"
 
@@ -184,6 +185,32 @@ def loss_params(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def training_params(config: dict[str, Any]) -> dict[str, Any]:
+    """TRAINING_FIELDS of a resolved config, less those that did nothing: epochs under max_steps, the warm-up
+    spelling not used, LoRA's fields without use_peft."""
+    out = {k: config[k] for k in TRAINING_FIELDS if k in config}
+    if (out.get("max_steps") or -1) > 0:
+        out.pop("num_train_epochs", None)
+    else:
+        out.pop("max_steps", None)
+    out.pop("warmup_ratio" if (out.get("warmup_steps") or 0) > 0 else "warmup_steps", None)
+    if not out.get("use_peft"):
+        for k in [k for k in out if k.startswith("lora_")]:
+            del out[k]
+    elif "lora_target_modules" in out and out["lora_target_modules"] is None:
+        out["lora_target_modules"] = "all-linear"
+    return out
+
+
+def changed_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a resolved DPO config that differ from DPOConfig's defaults (output_dir kept): with the
+    same preftune version, `preftune train --config` of them reruns the run."""
+    from preftune.config import DPOConfig
+
+    defaults = DPOConfig().to_dict()
+    return {k: v for k, v in config.items() if k == "output_dir" or k not in defaults or defaults[k] != v}
+
+
 def _names_data(value: Any) -> bool:
     """A dataset name or path (not a held-out fraction, nor a bare split name such as "test")."""
     return isinstance(value, str) and bool(value) and (
@@ -203,18 +230,19 @@ def run_card_inputs(config: dict[str, Any], *, metrics_path: str | os.PathLike |
     if base_model is None:
         name = config.get("model_name_or_path")
         base_model = EMBEDDED_BASE if name is None or str(name).lower() in EMBEDDED_ALIASES else str(name)
-    datasets = [str(d) for d in (config.get("dataset_name"), config.get("eval_dataset")) if _names_data(d)]
+    datasets = list(dict.fromkeys(str(d) for d in (config.get("dataset_name"), config.get("eval_dataset"))
+                                  if _names_data(d)))
     if config.get("dataset_name") is None:
         datasets.insert(0, "preftune's bundled demo preference data")
     train, evaluation = last_metrics(metrics_path) if metrics_path is not None else (None, None)
-    params = loss_params(config)
-    params.update({k: config[k] for k in TRAINING_FIELDS if k in config and not (k == "max_steps" and config[k] < 0)})
+    params = {**loss_params(config), **training_params(config)}
     if command_or_config is None:
-        command_or_config = yaml.safe_dump(config, sort_keys=False, default_flow_style=False, allow_unicode=True)
+        command_or_config = yaml.safe_dump(changed_fields(config), sort_keys=False, default_flow_style=False,
+                                           allow_unicode=True)
     return dict(base_model=base_model, datasets=datasets, algorithm="DPO", loss=params["loss_type"], params=params,
                 train_metrics=train, eval_metrics=evaluation, command_or_config=command_or_config,
                 version=__version__)
 
 
 __all__ = ["CARD_FILE", "EMBEDDED_BASE", "render_model_card", "write_model_card", "run_card_inputs", "last_metrics",
-           "loss_params", "is_hub_name"]
+           "loss_params", "training_params", "changed_fields", "is_hub_name"]

@@ -101,8 +101,13 @@ def test_run_card_inputs_from_a_config(tmp_path):
     assert inputs["datasets"] == ["trl-lib/ultrafeedback_binarized"]  # "test" is a split, not a dataset
     assert inputs["train_metrics"] == {"step": 4, "loss": 0.5} and inputs["eval_metrics"]["eval_loss"] == 0.4
     assert inputs["params"]["max_steps"] == 4 and inputs["params"]["lora_r"] == 16
-    assert inputs["version"] == __version__ and yaml.safe_load(inputs["command_or_config"]) == config
+    assert inputs["version"] == __version__ and "num_train_epochs" not in inputs["params"]  # max_steps rules
+    assert yaml.safe_load(inputs["command_or_config"]) == {  # the fields set, which rerun it with the defaults
+        "output_dir": "x", "use_peft": True, "dataset_name": "trl-lib/ultrafeedback_binarized",
+        "eval_dataset": "test", "max_steps": 4}
+    assert DPOConfig(**yaml.safe_load(inputs["command_or_config"])).to_dict() == config
     head, _ = header_and_body(render_model_card(**inputs))
     assert head["base_model"] == EMBEDDED_BASE and head["datasets"] == ["trl-lib/ultrafeedback_binarized"]
     demo = run_card_inputs(DPOConfig(output_dir="x").to_dict())
     assert demo["datasets"] == ["preftune's bundled demo preference data"] and "max_steps" not in demo["params"]
+    assert "lora_r" not in demo["params"] and demo["params"]["num_train_epochs"] == 3.0
