@@ -88,7 +88,7 @@ def render_model_card(*, base_model: str | None, datasets: list[str], algorithm:
     body = [f"# {algorithm} with preftune", ""]
     how = f" (loss: {', '.join(f'`{n}`' for n in losses)})" if losses else ""
     body.append(f"{what} trained with {algorithm}{how} by "
-                f"[preftune](https://pypi.org/project/preftune/) {version}, starting from "
+                f"preftune {version}, starting from "
                 f"{f'`{base_model}`' if base_model else 'a model given in code'}.")
     if merged_from_adapter:
         body.append("The LoRA adapters are merged into the base weights: the folder loads with "
