@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -66,13 +67,13 @@ def base_model_of(run_dir: Path, config: dict) -> str:
 
 
 def merge_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, base_model: str | None = None,
-              dtype: str = "float32") -> Path:
+              dtype: str = "float32", overwrite: bool = False) -> Path:
     """Merge the LoRA adapters saved in ``run_dir`` into their base model and save it in ``out_dir``.
 
     base_model: the model the adapters were trained on (default: :func:`base_model_of`). dtype: the merged
-    weights' dtype (the merge itself runs in float32). out_dir must not exist or be empty; it is written
-    in a temporary sibling and renamed into place, so a failed merge leaves no half-written folder.
-    Returns out_dir.
+    weights' dtype (the merge itself runs in float32). out_dir must not exist or be empty unless overwrite
+    (then an existing folder is replaced once the new one is complete); it is written in a temporary sibling
+    and renamed into place, so a failed merge leaves no half-written folder. Returns out_dir.
     """
     import torch
     from peft import PeftModel
@@ -85,7 +86,7 @@ def merge_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, base_mo
     if dtype not in MERGE_DTYPES:
         raise ValueError(f"dtype={dtype!r}: use one of {', '.join(MERGE_DTYPES)}")
     _check_adapter_dir(run_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"--out {out_dir} exists and is not an empty folder; choose a new one or remove it")
     config = _read_run_config(run_dir)
     base = base_model or base_model_of(run_dir, config)
@@ -93,8 +94,10 @@ def merge_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, base_mo
     logger.info("merging the adapters of %s into %s", run_dir, base_path)
     model = models.load_model(base_path, dtype=torch.float32, device="cpu",
                               trust_remote_code=bool(config.get("trust_remote_code", False)))
-    model = PeftModel.from_pretrained(model, str(run_dir), is_trainable=False)
-    merged = model.merge_and_unload()
+    with warnings.catch_warnings():  # peft reads transformers' deprecated alias: not the user's to fix
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        model = PeftModel.from_pretrained(model, str(run_dir), is_trainable=False)
+        merged = model.merge_and_unload()
     merged.to(models.DTYPE_NAMES[dtype])
     tok_source = run_dir if (run_dir / "tokenizer_config.json").is_file() else base_path
     tokenizer = AutoTokenizer.from_pretrained(str(tok_source))
@@ -115,8 +118,10 @@ def merge_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, base_mo
             eval_metrics=None, command_or_config="", version=_version())
         inputs["params"] = {**inputs["params"], "merged_dtype": dtype}
         write_model_card(tmp, **inputs, library_name="transformers", merged_from_adapter=True)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
+        if out_dir.is_dir():
+            shutil.rmtree(out_dir)  # empty, or overwrite
+        elif out_dir.exists():
+            out_dir.unlink()
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -202,12 +202,13 @@ def training_params(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def changed_fields(config: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a resolved DPO config that differ from DPOConfig's defaults (output_dir kept): with the
-    same preftune version, `preftune train --config` of them reruns the run."""
-    from preftune.config import DPOConfig
+def changed_fields(config: dict[str, Any], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The fields of a resolved config that differ from the defaults (default: DPOConfig's), output_dir kept:
+    with the same preftune version, `preftune train --config` of them reruns the run."""
+    if defaults is None:
+        from preftune.config import DPOConfig
 
-    defaults = DPOConfig().to_dict()
+        defaults = DPOConfig().to_dict()
     return {k: v for k, v in config.items() if k == "output_dir" or k not in defaults or defaults[k] != v}
 
 
@@ -218,9 +219,11 @@ def _names_data(value: Any) -> bool:
 
 
 def run_card_inputs(config: dict[str, Any], *, metrics_path: str | os.PathLike | None = None,
-                    command_or_config: str | None = None, base_model: str | None = None) -> dict[str, Any]:
-    """write_model_card's keyword arguments for a DPO run, from its resolved config (``DPOConfig.to_dict()`` or
-    a loaded ``config.yaml``) and its ``metrics.jsonl``. command_or_config None: the config as YAML.
+                    command_or_config: str | None = None, base_model: str | None = None, algorithm: str = "DPO",
+                    defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """write_model_card's keyword arguments for a run, from its resolved config (``DPOConfig.to_dict()`` or
+    a loaded ``config.yaml``) and its ``metrics.jsonl``. command_or_config None: the fields that differ from
+    ``defaults`` (the config class's ``to_dict()`` of a default instance; None = DPOConfig's), as YAML.
     base_model None: the config's model_name_or_path (unset or "default": the embedded SmolLM2)."""
     import yaml
 
@@ -237,9 +240,9 @@ def run_card_inputs(config: dict[str, Any], *, metrics_path: str | os.PathLike |
     train, evaluation = last_metrics(metrics_path) if metrics_path is not None else (None, None)
     params = {**loss_params(config), **training_params(config)}
     if command_or_config is None:
-        command_or_config = yaml.safe_dump(changed_fields(config), sort_keys=False, default_flow_style=False,
-                                           allow_unicode=True)
-    return dict(base_model=base_model, datasets=datasets, algorithm="DPO", loss=params["loss_type"], params=params,
+        command_or_config = yaml.safe_dump(changed_fields(config, defaults), sort_keys=False,
+                                           default_flow_style=False, allow_unicode=True)
+    return dict(base_model=base_model, datasets=datasets, algorithm=algorithm, loss=params["loss_type"], params=params,
                 train_metrics=train, eval_metrics=evaluation, command_or_config=command_or_config,
                 version=__version__)
 

@@ -84,6 +84,11 @@ def test_merge_in_bfloat16_and_a_base_named_by_hand(runs, tmp_path):
     out = merge_run(lora, tmp_path / "bf16", base_model=str(root / "model"), dtype="bfloat16")
     model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with pytest.raises(FileExistsError, match="not an empty folder"):
+        merge_run(lora, out)
+    merge_run(lora, out, overwrite=True)  # what a merge at the end of every save does
+    model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert {p.dtype for p in model.parameters()} == {torch.float32} and not list(tmp_path.glob(".tmp-*"))
 
 
 def test_refusals_say_what_the_folder_holds(runs, tmp_path, capsys):

@@ -108,6 +108,9 @@ def test_run_card_inputs_from_a_config(tmp_path):
     assert DPOConfig(**yaml.safe_load(inputs["command_or_config"])).to_dict() == config
     head, _ = header_and_body(render_model_card(**inputs))
     assert head["base_model"] == EMBEDDED_BASE and head["datasets"] == ["trl-lib/ultrafeedback_binarized"]
+    other = run_card_inputs(config, algorithm="GRPO", defaults={**config, "max_steps": -1})
+    assert other["algorithm"] == "GRPO" and yaml.safe_load(other["command_or_config"]) == {"output_dir": "x",
+                                                                                          "max_steps": 4}
     demo = run_card_inputs(DPOConfig(output_dir="x").to_dict())
     assert demo["datasets"] == ["preftune's bundled demo preference data"] and "max_steps" not in demo["params"]
     assert "lora_r" not in demo["params"] and demo["params"]["num_train_epochs"] == 3.0
