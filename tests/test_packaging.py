@@ -86,3 +86,18 @@ def test_the_command_line_prints_it_as_an_error(no_gguf, tmp_path, capsys):
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
     assert "preftune train: error:" in err and MESSAGE in err
+
+
+def test_a_safetensors_model_trains_without_the_package(no_gguf, tmp_path):
+    """`pip install -e .` without the extra: a user's safetensors model loads and trains."""
+    from preftune.data.demo import demo_dataset
+    from preftune.testing import tiny_model, tiny_tokenizer
+
+    tiny_model(300).save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in demo_dataset("train", n=4)))
+    argv = ["train", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "train.jsonl"), "--max_steps",
+            "1", "--per_device_train_batch_size", "2", "--max_length", "128", "--save_strategy", "no",
+            "--output_dir", str(tmp_path / "out")]
+    assert cli.main(argv) == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file() and sys.modules["gguf"] is None
