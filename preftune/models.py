@@ -94,8 +94,17 @@ def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -> No
 
     transformers marks a model loaded from GGUF as quantized and then refuses to save it, so the
     weights are moved into a fresh model built from the same config without
-    ``quantization_config``.
+    ``quantization_config``. Needs the ``gguf`` package (the ``preftune[gguf]`` extra), which transformers
+    reads GGUF files with.
     """
+    try:
+        import gguf  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            f"loading {gguf_file} needs the gguf package, which reads .gguf files (the embedded default model "
+            "is one): pip install 'preftune[gguf]' (or pip install 'gguf>=0.10'), or pass a model folder in "
+            "safetensors with --model_name_or_path"
+        ) from e
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_file = Path(gguf_file)
