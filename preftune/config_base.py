@@ -162,6 +162,9 @@ class TrainConfig:
     lora_dropout: float = _f(0.05, "Dropout on the LoRA branch.", group="lora", extra=True)
     lora_target_modules: Optional[list[str]] = _f(None, "Module names to adapt; None or 'all-linear' = every "
                                                   "linear layer but the output head.", group="lora", extra=True)
+    merge_lora: bool = _f(False, "With LoRA: after the final save, merge the adapters into the base model and save "
+                          "it in <output_dir>/merged (safetensors, tokenizer, model card; loads without peft).",
+                          group="lora", extra=True)
 
     # ---- data loading --------------------------------------------------------------------------------
     dataset_name: Optional[str] = _f(None, "Training data: a .jsonl/.json/.parquet/.csv file, a directory, or a "

@@ -141,6 +141,7 @@ class TrainLoop:
     """The algorithm-independent half of a trainer: model set-up, the loop, checkpoints, logging."""
 
     sample_name = "samples"  # what one unit of the global batch is called in logs and messages
+    algorithm = "training"  # the algorithm's name in model cards and tags
     progress_desc = "train"
 
     def __init__(self, model, args, *, processing_class=None, peft_config=None, callbacks=None):
@@ -156,11 +157,15 @@ class TrainLoop:
         self.layout = resolve_layout(args.batch_layout)
         self.pad_multiple, self.cudnn_attention = resolve_shapes(args, self.accelerator.device)
         self.callbacks = list(callbacks or [])
+        self._model_given = model is not None and not isinstance(model, (str, os.PathLike))
         policy = load_policy(model, args, processing_class=processing_class, peft_config=peft_config,
                              device=self.accelerator.device)
         self.model, self.tokenizer = policy.model, policy.tokenizer
         self.processing_class = self.tokenizer
         self.model_id, self.model_path, self.is_peft = policy.model_id, policy.model_path, policy.is_peft
+        if args.merge_lora and not self.is_peft:
+            raise ValueError("merge_lora=True but the run trains no LoRA adapters (set use_peft or pass peft_config=): "
+                             "the saved model is already a full model")
         self._in_backward: StepInBackward | None = None  # optim_in_backward's hooks, during train()
         self.eval_at_end = False  # evaluate after the last step even with eval_strategy='no'
         self._warned_eval = False
@@ -667,8 +672,37 @@ class TrainLoop:
         full = self._full_state_dict()
         if self.accelerator.is_main_process:
             ckpt.save_pretrained_atomic(self.accelerator.unwrap_model(self.model), self.tokenizer, out, state_dict=full)
+            self._write_model_card(out)
+            if self.args.merge_lora:
+                self._save_merged(out, sharded=full is not None)
         self.accelerator.wait_for_everyone()
         return out
+
+    def _save_merged(self, out: Path, *, sharded: bool) -> None:
+        """``merge_lora``: the adapters folded into the base weights, saved in <out>/merged (loads without peft).
+        In memory from a copy (the trained model keeps its adapters); a sharded run merges the saved adapter
+        folder onto its base model instead (``preftune merge``)."""
+        if sharded:
+            from preftune.merge import merge_run
+
+            merge_run(out, out / "merged", overwrite=True)
+            return
+        import copy
+
+        with warnings.catch_warnings():  # peft reads transformers' deprecated alias: not the user's to fix
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            merged = copy.deepcopy(self.accelerator.unwrap_model(self.model)).merge_and_unload()
+        ckpt.save_pretrained_atomic(merged, self.tokenizer, out / "merged")
+        self._write_model_card(out / "merged")
+
+    def _write_model_card(self, out: Path) -> None:
+        """README.md beside the saved weights: base model, data, algorithm and loss, final metrics, version."""
+        from preftune.model_card import run_card_inputs, write_model_card
+
+        base = self.model_id or ("a model object passed to the trainer" if self._model_given else None)
+        write_model_card(out, **run_card_inputs(self.args.to_dict(), metrics_path=Path(self.args.output_dir) / "metrics.jsonl",
+                                                base_model=base, algorithm=self.algorithm,
+                                                defaults=type(self.args)().to_dict()))
 
 
 __all__ = ["TrainLoop", "NonFiniteError", "make_accelerator", "resolve_layout", "resolve_shapes",

@@ -61,6 +61,7 @@ class DPOTrainer(TrainLoop):
     """
 
     sample_name = "pairs"
+    algorithm = "DPO"
     progress_desc = "dpo"
 
     def __init__(

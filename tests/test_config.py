@@ -681,7 +681,7 @@ def test_a_new_loss_parameter_is_one_declaration(monkeypatch):
 
 
 # ---- every accepted field is read ---------------------------------------------------------------------------
-def _package_sources(skip=("config.py", "config_base.py")) -> str:
+def _package_sources(skip=("config.py", "config_base.py", "model_card.py")) -> str:
     import pathlib
 
     import preftune
