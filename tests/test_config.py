@@ -436,7 +436,7 @@ def test_help_lists_every_field_with_help_and_default():
 
 def test_every_field_has_help_and_group():
     for f in dataclasses.fields(DPOConfig):
-        assert len(f.metadata["help"]) > 10 and f.metadata["group"] in DPOConfig.GROUP_TITLES, f.name
+        assert len(f.metadata["help"]) > 10 and DPOConfig.FIELD_INFO[f.name]["group"] in DPOConfig.GROUP_TITLES, f.name
 
 
 def test_defaults_json_safe_and_finite():
@@ -649,7 +649,7 @@ def test_loss_parameter_fields_come_from_the_registry():
     by_name = {f.name: f for f in dataclasses.fields(DPOConfig)}
     for key, p in losses.config_params().items():
         f = by_name[key]
-        assert f.default == p.default and f.metadata["group"] == "loss", key
+        assert f.default == p.default and DPOConfig.FIELD_INFO[f.name]["group"] == "loss", key
         assert f.metadata["help"] == ("[preftune] " if p.extra else "") + (p.doc or p.help), key
     assert by_name["label_smoothing"].metadata["help"] == "Assumed rate of flipped labels, in [0, 0.5) (cDPO / robust)."
     assert by_name["hinge_delta"].metadata["help"].startswith("[preftune] Margin delta")
@@ -717,9 +717,12 @@ def test_every_field_is_read_outside_the_config_or_listed_as_ignored(cls_path):
     methods = {m for group in called for m in group if m and callable(getattr(cls, m, None))}
     via_methods = "\n".join(inspect.getsource(getattr(cls, m)) for m in methods)
     loss_fields = set(config_params()) if issubclass(cls, DPOConfig) else set()
+    def read(name):
+        return _reads(name, text) or _reads(name, via_methods) or name in loss_fields
+
     unread = [f.name for f in fields(cls)
-              if not (_reads(f.name, text) or _reads(f.name, via_methods) or f.name in loss_fields
-                      or f.name in cls.ACCEPTED_IGNORED or f.name in cls.VALIDATED_ONLY)]
+              if not (read(f.name) or f.name in cls.ACCEPTED_IGNORED or f.name in cls.VALIDATED_ONLY
+                      or (f.name in cls.SYNONYMS and read(cls.SYNONYMS[f.name])))]
     assert unread == [], f"{cls.__name__} fields nothing reads: {unread}; wire them, or list them in ACCEPTED_IGNORED"
     for listed in (*cls.ACCEPTED_IGNORED, *cls.VALIDATED_ONLY):
         assert listed in {f.name for f in fields(cls)}, listed
