@@ -160,7 +160,8 @@ class TrainConfig:
     """The training fields every algorithm shares. Subclass it (see the module docstring) for one."""
 
     # Keys other tools accept that preftune deliberately does not: where that setting lives instead. Set to
-    # anything but None / False (unset, as in older resolved config files) they are refused with this text.
+    # anything but an unset value (None, False, empty, or TRL's default in REFUSED_UNSET; older resolved config
+    # files hold them so) they are refused with this text.
     # A subclass adds its own with ``REFUSED = {**TrainConfig.REFUSED, ...}``.
     REFUSED: ClassVar[dict[str, str]] = {
         **dict.fromkeys(("deepspeed", "fsdp", "fsdp_config", "local_rank", "ddp_backend"),
@@ -174,6 +175,7 @@ class TrainConfig:
                         "preftune does not talk to a model hub; upload output_dir yourself"),
         "tools": "tool-calling chat templates are not supported",
     }
+    REFUSED_UNSET: ClassVar[dict[str, Any]] = {"hub_strategy": "every_save", "local_rank": -1}
     # Fields accepted so that configs written for TRL / TrainingArguments load, which change nothing in preftune:
     # each says why. Set to anything but its default, a warning says so when the config is built. A subclass
     # adds its own like REFUSED. Every other field is read by the code that trains (tests/test_config.py scans
@@ -183,9 +185,9 @@ class TrainConfig:
                             "core itself",
         "remove_unused_columns": "preftune passes only the columns a training format names to the model, "
                                  "whatever this says",
-        **dict.fromkeys(("do_train", "do_eval", "do_predict"),
-                        "as in transformers' Trainer, which does not read it either: it is there for scripts to "
-                        "read (evaluation follows eval_strategy)"),
+        **dict.fromkeys(("do_train", "do_predict"),
+                        "transformers' Trainer does not read it either: it is there for scripts to read"),
+        "do_eval": "transformers' Trainer does not read it either (evaluation follows eval_strategy)",
         "label_names": "preference pairs have no label columns: the chosen and rejected completions are the "
                        "targets",
         "eval_accumulation_steps": "evaluation keeps per-pair numbers only, never logits, so there are no "
@@ -197,7 +199,7 @@ class TrainConfig:
         "length_column_name": "read only with train_sampling_strategy='group_by_length', which preftune "
                               "does not do",
         **dict.fromkeys(("project", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id"),
-                        "they configure Trackio, which preftune does not report to (report_to: tensorboard)"),
+                        "a Trackio setting; preftune does not report to Trackio (report_to: tensorboard)"),
         **dict.fromkeys(("use_liger_kernel", "liger_kernel_config"),
                         "preftune's own fused layers and Triton kernels (fused_layers, triton_kernels) do the "
                         "work of Liger's; Liger is not used"),
@@ -614,6 +616,10 @@ class TrainConfig:
             self.resume_from_checkpoint = "last" if self.resume_from_checkpoint else None
         if self.report_to is None:
             self.report_to = ["none"]  # TrainingArguments: None and [] both mean no integrations
+        if self.output_dir is None:
+            self.output_dir = "trainer_output"  # TrainingArguments' own default for None
+        if isinstance(self.pad_to_multiple_of, str) and self.pad_to_multiple_of.strip().lower() == "auto":
+            self.pad_to_multiple_of = None  # TRL's spelling of "the automatic choice", which None is here
         if isinstance(self.include_num_input_tokens_seen, bool):  # TrainingArguments: True = 'all', False = 'no'
             self.include_num_input_tokens_seen = "all" if self.include_num_input_tokens_seen else "no"
         for name in ("logging_strategy", "eval_strategy", "save_strategy"):  # an IntervalStrategy member
@@ -856,7 +862,9 @@ def _rename(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
                 kwargs[name] = kwargs.pop(alias)
     for key in list(kwargs):
         if key in cls.REFUSED:  # type: ignore[attr-defined]
-            if kwargs[key] is None or kwargs[key] is False:  # unset, as older resolved config files hold them
+            value = kwargs[key]
+            if value is None or value is False or (isinstance(value, (str, list, dict)) and not value) or (
+                    value == cls.REFUSED_UNSET.get(key, None)):  # type: ignore[attr-defined]  # unset
                 del kwargs[key]
                 continue
             errors.append((key, f"{key!r} is not a {cls.__name__} field: {cls.REFUSED[key]}"))  # type: ignore[attr-defined]
