@@ -86,7 +86,7 @@ class DPOConfig(TrainConfig):
     ref_model_name_or_path: Optional[str] = _f(
         None, "Separate reference model. None = a frozen copy of the policy (or the policy with adapters off "
         "under LoRA).", group="run", extra=True)
-    ref_model_init_kwargs: Optional[dict] = _f(None, "Same, for the reference model.", group="run")
+    ref_model_init_kwargs: Optional[Union[dict, str]] = _f(None, "Same, for the reference model.", group="run")
 
     # ---- data: pairs, truncation, the demo tasks -----------------------------------------------------
     demo_train_size: Optional[int] = _f(None, "Number of bundled demo training pairs (None = the demo's own).",

@@ -291,7 +291,7 @@ class TrainConfig:
                                  extra=True)
     chat_template: Optional[str] = _f(None, "A Jinja chat template (or a file holding one) that replaces the "
                                       "tokenizer's.", group="run", extra=True)
-    model_init_kwargs: Optional[dict] = _f(None, "Keyword arguments (JSON on the command line) for "
+    model_init_kwargs: Optional[Union[dict, str]] = _f(None, "Keyword arguments (JSON on the command line) for "
                                            "from_pretrained of the policy.", group="run")
     disable_dropout: bool = _f(True, "Turn dropout off in policy and reference (the log-ratios then compare "
                                "like with like).", group="run")
@@ -365,7 +365,7 @@ class TrainConfig:
                                    "gradient of its own for autograd to add (same values, one such buffer less at "
                                    "backward's peak). False = autograd's own path.", group="batch", extra=True)
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.", group="batch")
-    gradient_checkpointing_kwargs: Optional[dict] = _f(None, "Keyword arguments (JSON) for "
+    gradient_checkpointing_kwargs: Optional[Union[dict, str]] = _f(None, "Keyword arguments (JSON) for "
                                                        "gradient_checkpointing_enable.", group="batch")
     bf16: Optional[bool] = _f(None, "bfloat16 mixed precision. None = on for a GPU that supports it, off on "
                               "CPU (where bfloat16 is very slow).", group="batch")
@@ -405,7 +405,7 @@ class TrainConfig:
     max_steps: int = _f(-1, "Total optimizer steps; -1 = from num_train_epochs.", group="optim")
     lr_scheduler_type: str = _f("linear", "Learning-rate schedule after warmup.", group="optim",
                                 choices=LR_SCHEDULERS)
-    lr_scheduler_kwargs: Optional[dict] = _f(None, "Extra schedule arguments (JSON), e.g. "
+    lr_scheduler_kwargs: Optional[Union[dict, str]] = _f(None, "Extra schedule arguments (JSON), e.g. "
                                              '{"min_lr_rate": 0.1} for cosine_with_min_lr.', group="optim")
     warmup_ratio: float = _f(0.0, "Fraction of total steps of linear warmup.", group="optim")
     warmup_steps: float = _f(0, "Warmup steps (a value in (0, 1) is a fraction); overrides "
@@ -445,7 +445,7 @@ class TrainConfig:
                            "periodic evaluation.", group="log")
     activation_checkpointing: Optional[bool] = _f(None, "The newer name of gradient_checkpointing (None = "
                                                   "gradient_checkpointing decides).", group="batch")
-    activation_checkpointing_kwargs: Optional[dict] = _f(None, "The newer name of gradient_checkpointing_kwargs.",
+    activation_checkpointing_kwargs: Optional[Union[dict, str]] = _f(None, "The newer name of gradient_checkpointing_kwargs.",
                                                          group="batch")
     tf32: Optional[bool] = _f(None, "TensorFloat-32 matmuls and convolutions on a CUDA GPU (None = torch's "
                               "setting; changes nothing on CPU).", group="batch")
@@ -481,7 +481,7 @@ class TrainConfig:
     trackio_static_space_id: Optional[str] = _f(None, "Accepted and ignored: a Trackio setting.", group="log")
     use_liger_kernel: bool = _f(False, "Accepted and ignored: fused_layers and triton_kernels do that work.",
                                 group="batch")
-    liger_kernel_config: Optional[dict] = _f(None, "Accepted and ignored, like use_liger_kernel.", group="batch")
+    liger_kernel_config: Optional[Union[dict, str]] = _f(None, "Accepted and ignored, like use_liger_kernel.", group="batch")
     dataloader_in_order: bool = _f(True, "Accepted and ignored: micro-batches always arrive in plan order.",
                                    group="batch")
     dataloader_drop_last: bool = _f(True, "Only true: training leaves out an epoch's last incomplete global "
@@ -934,6 +934,8 @@ def _kind(tp: Any) -> str:
         rest = [a for a in args if a is not type(None)]
         if any(get_origin(a) is list for a in rest):
             return "list"
+        if dict in rest:
+            return "dict"
         return _kind(rest[0]) if len(rest) == 1 else "scalar"
     if tp is bool:
         return "bool"
@@ -962,6 +964,8 @@ def _coerce(value: Any, tp: Any) -> Any:
         if set(args) == {int, float}:
             number = _coerce(value, float)
             return int(number) if number.is_integer() else number
+        if set(args) == {dict, str}:  # a mapping, or its JSON text ("str" is for HfArgumentParser's flags)
+            return _coerce(value, dict)
         if set(args) == {float, str}:  # eval_dataset: a fraction, or a file / split name
             try:
                 return _coerce(value, float)

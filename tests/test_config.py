@@ -912,11 +912,12 @@ def test_trl_parser_with_flags_and_a_yaml_file(tmp_path):
     script, args, model = parser.parse_args_and_config([
         "--dataset_name", "data.jsonl", "--model_name_or_path", "my-model", "--output_dir", str(tmp_path / "o"),
         "--beta", "0.2", "--loss_type", "sigmoid", "sft", "--logging_steps", "5", "--bf16", "false",
-        "--gradient_checkpointing", "--eval_strategy", "steps", "--use_peft", "--lora_r", "8"])
+        "--gradient_checkpointing", "--eval_strategy", "steps", "--use_peft", "--lora_r", "8",
+        "--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_kwargs", '{"min_lr_rate": 0.1}'])
     assert isinstance(args, DPOConfig)
     assert (args.beta, args.loss_type, args.logging_steps, args.bf16, args.gradient_checkpointing) == (
         0.2, ["sigmoid", "sft"], 5, False, True)
-    assert args.eval_strategy == "steps" and args.eval_steps == 5
+    assert args.eval_strategy == "steps" and args.eval_steps == 5 and args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
     assert (script.dataset_name, model.model_name_or_path, model.use_peft, model.lora_r) == (
         "data.jsonl", "my-model", True, 8)
     assert args.model_name_or_path is None and args.use_peft is False  # the script passes them on itself
