@@ -56,7 +56,17 @@ class DPOConfig(TrainConfig):
         "use_logits_to_keep": "preftune always computes logits for completion tokens only",
         "use_liger_loss": "preftune's own chunked head never builds the full logits; the Liger kernel is not used",
     }
-    VALIDATED_ONLY: ClassVar[tuple[str, ...]] = (*TrainConfig.VALIDATED_ONLY, "label_pad_token_id", "padding_free")
+    SUPPORTED_ONLY: ClassVar[dict[str, tuple[tuple, str]]] = {
+        **TrainConfig.SUPPORTED_ONLY,
+        "router_aux_loss_coef": ((None,), "a mixture-of-experts model's router auxiliary loss is not added to the "
+                                 "preference loss"),
+        "activation_offloading": ((False,), "to save activation memory use gradient_checkpointing, or "
+                                  "recompute_mlp with fused_layers"),
+        "pad_token": ((None,), "set tokenizer.pad_token before building the trainer (the padded positions are "
+                      "masked either way)"),
+    }
+    VALIDATED_ONLY: ClassVar[tuple[str, ...]] = (*TrainConfig.VALIDATED_ONLY, "label_pad_token_id", "padding_free",
+                                                 "router_aux_loss_coef", "activation_offloading", "pad_token")
     REFUSED: ClassVar[dict[str, str]] = {
         **TrainConfig.REFUSED,
         "generate_during_eval": "preftune does not generate during training; `preftune eval` scores generations "
@@ -76,7 +86,7 @@ class DPOConfig(TrainConfig):
     ref_model_name_or_path: Optional[str] = _f(
         None, "Separate reference model. None = a frozen copy of the policy (or the policy with adapters off "
         "under LoRA).", group="run", extra=True)
-    ref_model_init_kwargs: Optional[dict] = _f(None, "Same, for the reference model.", group="run")
+    ref_model_init_kwargs: Optional[Union[dict, str]] = _f(None, "Same, for the reference model.", group="run")
 
     # ---- data: pairs, truncation, the demo tasks -----------------------------------------------------
     demo_train_size: Optional[int] = _f(None, "Number of bundled demo training pairs (None = the demo's own).",
@@ -112,10 +122,17 @@ class DPOConfig(TrainConfig):
                                   "completion tokens only.", group="batch")
     use_liger_loss: bool = _f(False, "Accepted for compatibility and ignored: log-probs are always chunked.",
                               group="batch")
+    activation_offloading: bool = _f(False, "Only false: use gradient_checkpointing or recompute_mlp.",
+                                     group="batch")
+    pad_token: Optional[str] = _f(None, "Only None: set tokenizer.pad_token before building the trainer.",
+                                  group="data")
+    router_aux_loss_coef: Optional[float] = _f(None, "Only None: the router auxiliary loss of a mixture-of-experts "
+                                               "model is not added.", group="loss")
 
     # ---- loss (the hyper-parameters declared in preftune.losses follow loss_weights) -----------------
     loss_type: Union[str, list[str]] = _f("sigmoid", "Preference loss, or several ('sigmoid,sft' or a list) "
-                                          "summed with loss_weights. `preftune losses` lists them.", group="loss")
+                                          "summed with loss_weights. `preftune losses` lists them.", group="loss",
+                                          factory=lambda: "sigmoid")  # a factory: HfArgumentParser then keeps it
     loss_weights: Optional[list[float]] = _f(None, "One weight per loss_type entry (default 1.0 each).",
                                              group="loss")
     f_divergence_type: str = _f("reverse_kl", "Divergence to the reference: reverse_kl is standard DPO.",

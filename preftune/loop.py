@@ -78,7 +78,35 @@ def make_accelerator(args):
         logger.warning("%s=True but this %s has no fast %s kernels; training in float32 instead. Drop --%s to "
                        "silence this.", mixed, "GPU" if on_gpu else "CPU", mixed, mixed)  # fmt: skip
         mixed = "no"
-    return Accelerator(cpu=not on_gpu, mixed_precision=mixed)
+    set_tf32(args.tf32, on_gpu)
+    return Accelerator(cpu=not on_gpu, mixed_precision=mixed, kwargs_handlers=accelerator_handlers(args))
+
+
+def set_tf32(tf32: bool | None, on_gpu: bool) -> None:
+    """``tf32``: TensorFloat-32 for CUDA matmuls and cuDNN convolutions (a process-wide torch setting, as
+    transformers' TrainingArguments sets it); None leaves torch's setting alone."""
+    if tf32 is None:
+        return
+    if not on_gpu:
+        if tf32:
+            logger.warning("tf32=True changes nothing on CPU (TensorFloat-32 is a CUDA GPU format)")
+        return
+    torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+    torch.backends.cudnn.allow_tf32 = bool(tf32)
+
+
+def accelerator_handlers(args) -> list:
+    """accelerate's handlers for the ddp_* fields: DDP's own arguments (those set, else torch's defaults) and
+    the process group's timeout (ddp_timeout seconds)."""
+    from datetime import timedelta
+
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    ddp = {"find_unused_parameters": args.ddp_find_unused_parameters, "bucket_cap_mb": args.ddp_bucket_cap_mb,
+           "broadcast_buffers": args.ddp_broadcast_buffers, "static_graph": args.ddp_static_graph}
+    ddp = {k: v for k, v in ddp.items() if v is not None}
+    handlers: list = [InitProcessGroupKwargs(timeout=timedelta(seconds=int(args.ddp_timeout)))]
+    return handlers + ([DistributedDataParallelKwargs(**ddp)] if ddp else [])
 
 
 def device_defers_checks(device: torch.device) -> bool:
@@ -431,11 +459,14 @@ class TrainLoop:
         """(log, eval, save) due after the step just taken."""
         args, state = self.args, run.state
         last = state.global_step == run.total_steps
-        log_due = state.global_step % max(1, run.log_every) == 0 or last or (args.logging_first_step and state.global_step == 1)
         epoch_end = state.samples_seen % run.epoch_samples == 0
+        periodic = {"steps": state.global_step % max(1, run.log_every) == 0, "epoch": epoch_end, "no": False}
+        log_due = periodic[args.logging_strategy] or last or (args.logging_first_step and state.global_step == 1)
+        # eval_delay: steps (eval_strategy='steps') or epochs ('epoch') before the first periodic evaluation
         eval_due = self._has_eval() and not last and (
-            (args.eval_strategy == "steps" and bool(run.eval_every) and state.global_step % run.eval_every == 0)
-            or (args.eval_strategy == "epoch" and epoch_end))
+            (args.eval_strategy == "steps" and bool(run.eval_every) and state.global_step % run.eval_every == 0
+             and state.global_step >= args.eval_delay)
+            or (args.eval_strategy == "epoch" and epoch_end and state.samples_seen / run.epoch_samples >= args.eval_delay))
         if args.save_strategy == "steps":
             save_due = bool(run.save_every) and state.global_step % run.save_every == 0
         else:
