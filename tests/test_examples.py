@@ -78,6 +78,7 @@ def test_recipe_loads_as_written(name):
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_trains_one_step(name, local, tmp_path):
+    from preftune.data.pipeline import FROM_CONFIG
     from preftune.trainer import DPOTrainer
 
     swap = dict(model_name_or_path=str(local / "model"), dataset_name=str(local / "train.jsonl"),
@@ -86,7 +87,7 @@ def test_recipe_trains_one_step(name, local, tmp_path):
                 per_device_eval_batch_size=2, gradient_accumulation_steps=1, max_length=192, logging_steps=1,
                 save_strategy="no")
     config = DPOConfig.from_yaml(str(EXAMPLES / name), **swap, **EXTRA.get(name, {}))
-    trainer = DPOTrainer(args=config)
+    trainer = DPOTrainer(args=config, train_dataset=FROM_CONFIG)  # the data the recipe names, as `preftune train`
     trainer.train()
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "loss" in r]
