@@ -125,6 +125,10 @@ class DPOConfig(TrainConfig):
     use_weighting: bool = _f(False, "Weight each pair by its policy probability (WPO).", group="loss")
     ld_alpha: Optional[float] = _f(None, "LD-DPO weight in [0, 1] of tokens beyond the shorter response's "
                                    "length; None = off.", group="loss")
+    router_aux_loss_coef: Optional[float] = _f(
+        None, "Weight of a mixture-of-experts model's router load-balancing loss, added to the training loss. None "
+        "= the coefficient the model's config declares (0.0 where none); 0.0 = off. Refused for a model "
+        "without router logits.", group="loss")
 
     # ---- reference -----------------------------------------------------------------------------------
     precompute_ref_log_probs: Optional[bool] = _f(
@@ -203,6 +207,7 @@ class DPOConfig(TrainConfig):
         k.number("f_alpha_divergence_coef", 0, 1)
         k.number("ref_model_mixup_alpha", 0, 1)
         k.number("ld_alpha", 0, 1, optional=True)
+        k.number("router_aux_loss_coef", 0, optional=True)
         k.need(c.label_pad_token_id == -100, "label_pad_token_id", "only -100 is supported")
         if c.max_length is not None and c.max_prompt_length is not None and c.max_prompt_length >= c.max_length:
             k.add("max_prompt_length", f"max_prompt_length={c.max_prompt_length} must be < max_length="
