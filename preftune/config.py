@@ -58,15 +58,13 @@ class DPOConfig(TrainConfig):
     }
     SUPPORTED_ONLY: ClassVar[dict[str, tuple[tuple, str]]] = {
         **TrainConfig.SUPPORTED_ONLY,
-        "router_aux_loss_coef": ((None,), "a mixture-of-experts model's router auxiliary loss is not added to the "
-                                 "preference loss"),
         "activation_offloading": ((False,), "to save activation memory use gradient_checkpointing, or "
                                   "recompute_mlp with fused_layers"),
         "pad_token": ((None,), "set tokenizer.pad_token before building the trainer (the padded positions are "
                       "masked either way)"),
     }
     VALIDATED_ONLY: ClassVar[tuple[str, ...]] = (*TrainConfig.VALIDATED_ONLY, "label_pad_token_id", "padding_free",
-                                                 "router_aux_loss_coef", "activation_offloading", "pad_token")
+                                                 "activation_offloading", "pad_token")
     REFUSED: ClassVar[dict[str, str]] = {
         **TrainConfig.REFUSED,
         "generate_during_eval": "preftune does not generate during training; `preftune eval` scores generations "
@@ -126,8 +124,6 @@ class DPOConfig(TrainConfig):
                                      group="batch")
     pad_token: Optional[str] = _f(None, "Only None: set tokenizer.pad_token before building the trainer.",
                                   group="data")
-    router_aux_loss_coef: Optional[float] = _f(None, "Only None: the router auxiliary loss of a mixture-of-experts "
-                                               "model is not added.", group="loss")
 
     # ---- loss (the hyper-parameters declared in preftune.losses follow loss_weights) -----------------
     loss_type: Union[str, list[str]] = _f("sigmoid", "Preference loss, or several ('sigmoid,sft' or a list) "
@@ -142,6 +138,10 @@ class DPOConfig(TrainConfig):
     use_weighting: bool = _f(False, "Weight each pair by its policy probability (WPO).", group="loss")
     ld_alpha: Optional[float] = _f(None, "LD-DPO weight in [0, 1] of tokens beyond the shorter response's "
                                    "length; None = off.", group="loss")
+    router_aux_loss_coef: Optional[float] = _f(
+        None, "Weight of a mixture-of-experts model's router load-balancing loss, added to the training loss. None "
+        "= the coefficient the model's config declares (0.0 where none); 0.0 = off. Refused for a model "
+        "without router logits.", group="loss")
 
     # ---- reference -----------------------------------------------------------------------------------
     precompute_ref_log_probs: Optional[bool] = _f(
@@ -220,6 +220,7 @@ class DPOConfig(TrainConfig):
         k.number("f_alpha_divergence_coef", 0, 1)
         k.number("ref_model_mixup_alpha", 0, 1)
         k.number("ld_alpha", 0, 1, optional=True)
+        k.number("router_aux_loss_coef", 0, optional=True)
         k.need(c.label_pad_token_id == -100, "label_pad_token_id", "only -100 is supported")
         if c.max_length is not None and c.max_prompt_length is not None and c.max_prompt_length >= c.max_length:
             k.add("max_prompt_length", f"max_prompt_length={c.max_prompt_length} must be < max_length="

@@ -702,7 +702,8 @@ class TrainLoop:
         self.accelerator.wait_for_everyone()
         full = self._full_state_dict()
         if self.accelerator.is_main_process:
-            ckpt.save_pretrained_atomic(self.accelerator.unwrap_model(self.model), self.tokenizer, out, state_dict=full)
+            ckpt.save_pretrained_atomic(self.accelerator.unwrap_model(self.model), self.tokenizer, out, state_dict=full,
+                                        tags=ckpt.model_tags(self))
             self._write_model_card(out)
             if self.args.merge_lora:
                 self._save_merged(out, sharded=full is not None)

@@ -86,6 +86,7 @@ class DPOTrainer(TrainLoop):
         self.needs_reference = self.objective.needs_reference
         super().__init__(model, args, processing_class=processing_class if processing_class is not None else tokenizer,
                          peft_config=peft_config, callbacks=callbacks)
+        self.objective.router_aux_loss_coef = self._router_aux_loss_coef()
         with self.accelerator.main_process_first():
             self.train_split, self.eval_split = prepare_splits(args, self.tokenizer, train_dataset, eval_dataset,
                                                                num_processes=self.accelerator.num_processes)
@@ -102,6 +103,7 @@ class DPOTrainer(TrainLoop):
         self._ref_model_arg = ref_model if ref_model is not None else args.ref_model_name_or_path
         self.reference = None
         self._eval_reference_tables = {}  # eval split name -> its precomputed reference (`named_splits`)
+        self._policy_moved = False  # train() has begun: the policy no longer holds its initial weights
 
     # --- the loop's hooks -------------------------------------------------------------------------
     def _num_train_samples(self) -> int:
@@ -116,6 +118,7 @@ class DPOTrainer(TrainLoop):
     def _before_train(self) -> None:
         if self.reference is None:
             self.reference = self._build_reference()
+        self._policy_moved = True  # from here on (a resumed checkpoint, the first step) the weights are not the initial ones
 
     def _sample_losses(self, indices: list[int]):
         return self._batch_losses(self._collate(self._features(self.train_split, indices)))
@@ -195,25 +198,60 @@ class DPOTrainer(TrainLoop):
             split = prepare_one(eval_dataset, self.tokenizer, args, name="eval")
         if split is None:
             raise ValueError("evaluate() needs an eval_dataset (argument, DPOTrainer(eval_dataset=...), or config)")
-        if self.reference is None:
-            self.reference = self._build_reference()
-        reference = self.reference
-        cached = self._source() == "cache"
-        table = next((self._eval_reference_tables.get(name) for name, own in named_splits(self.eval_split)
-                      if own is split), None)  # one of the run's own eval sets, precomputed with the training set
-        if table is not None:
-            reference = table
-        elif cached and args.precompute_ref_log_probs is None and reference is not None:
-            reference = self._live_reference()  # automatic precompute covered the run's own eval set only
-        elif cached and reference is not None:
-            raise ValueError(
-                "evaluate(eval_dataset=...) with precompute_ref_log_probs=True: the reference log-probs are cached per "
-                "dataset; pass the eval set to DPOTrainer(eval_dataset=...) instead")
+        reference = self._eval_reference(split)
         return evaluate_pairs(self.objective, self.model, reference, split.features,
                               collate=lambda feats: self._to_device(self._collate(feats)),
                               batch_size=args.per_device_eval_batch_size, accelerator=self.accelerator)
 
     # --- the reference ------------------------------------------------------------------------------------
+    @property
+    def ref_model(self):
+        """The separate reference model, as TRL's ``trainer.ref_model``: None when the reference is the policy
+        with its adapters off, precomputed log-probs, or none (a reference-free loss); otherwise the frozen
+        model (built on first use: loaded from its path, or a copy of the policy before training)."""
+        if self._source() != "frozen_model":
+            return None
+        if getattr(self, "reference", None) is None:
+            self.reference = self._build_reference()
+        return getattr(self.reference, "model", None)
+
+    def _router_aux_loss_coef(self) -> float:
+        """The mixture-of-experts router loss's weight for this run (0.0 for a dense model): the config's
+        ``router_aux_loss_coef``, else the model config's (`preftune.models.router_aux_loss_coef`)."""
+        from preftune import models
+
+        return models.router_aux_loss_coef(self.model, getattr(self.args, "router_aux_loss_coef", None))
+
+    def _eval_reference(self, split):
+        """The reference that evaluates ``split``. With precomputed log-probs: the run's own eval set reads its
+        table; any other set gets a live reference of the initial weights (`_new_set_reference`)."""
+        if self.reference is None:
+            self.reference = self._build_reference()
+        if self._source() != "cache":
+            return self.reference
+        table = next((self._eval_reference_tables.get(name) for name, own in named_splits(self.eval_split)
+                      if own is split), None)  # one of the run's own eval sets, precomputed with the training set
+        return table if table is not None else self._new_set_reference()
+
+    def _new_set_reference(self):
+        """A live reference for an eval set the precompute did not cover, from the initial weights: the given
+        ref model, the policy with its adapters off, the policy itself before training, or after training
+        the initial model reloaded from its path. A full model trained in this process with neither a ref
+        model nor a path is refused: its initial weights are gone (the reference was precomputed so as not
+        to keep them), and the trained policy as its own reference would read every reward as 0."""
+        ref_model = self._ref_model_arg
+        if isinstance(ref_model, (str, os.PathLike)):
+            ref_model = self._load_reference(ref_model)
+        elif ref_model is None and not self.is_peft and self._policy_moved:
+            if not self.model_path:
+                raise ValueError(
+                    "evaluate(eval_dataset=...) after training: the reference log-probs were precomputed and the "
+                    "initial weights were not kept (full fine-tuning of a model object with no path to reload it "
+                    "from), so this new set's reference cannot be computed. Pass the set as DPOTrainer(eval_dataset="
+                    "...), evaluate it before train(), pass ref_model=, or set precompute_ref_log_probs=False")
+            ref_model = self._load_reference(self.model_path)
+        return self._reference_for_precompute(ref_model)
+
     def _source(self) -> str:
         """Which reference source this run uses (`preftune.reference.choose_source`)."""
         from preftune.reference import choose_source, plain_data_parallel
