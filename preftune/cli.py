@@ -1,4 +1,4 @@
-"""Command line: preftune train | eval | precompute-ref | losses | report | data demo.
+"""Command line: preftune train | eval | precompute-ref | merge | losses | report | data demo | --version.
 
 `preftune train` with no arguments runs DPO on the embedded SmolLM2-135M-Instruct with the bundled
 demo preference data. Every DPOConfig field is a flag (`preftune train --help` lists them);
@@ -17,9 +17,12 @@ commands:
   train            train with DPO (no arguments: embedded default model + bundled demo data)
   eval             reward metrics and generation-based evaluation of a trained model
   precompute-ref   run only the reference log-prob pass into the on-disk cache
+  merge RUN_DIR --out DIR   merge a LoRA run's adapters into a full Hugging Face model
   losses           list every preference loss with its parameters and defaults
   report RUN_DIR   write plots and an HTML report from a run directory
   data demo --out DIR   write the bundled demo preference data as JSONL
+
+  --version        print preftune's version
 """
 
 
@@ -47,11 +50,12 @@ def cmd_train(argv: list[str]) -> int:
 
 def cmd_precompute_ref(argv: list[str]) -> int:
     from preftune.config import DPOConfig
+    from preftune.data.pipeline import FROM_CONFIG
     from preftune.trainer import DPOTrainer
 
     config, _ = DPOConfig.parse_cli(argv, prog="preftune precompute-ref", use_demo_defaults_when_empty=True)
     config.precompute_ref_log_probs = True
-    trainer = DPOTrainer(args=config)
+    trainer = DPOTrainer(args=config, train_dataset=FROM_CONFIG)
     trainer.reference = trainer._build_reference()
     print(f"reference log-probs cached for {len(trainer.train_split)} train pairs"
           + (f" and {len(trainer.eval_split)} eval pairs" if trainer.eval_split is not None else ""))
@@ -91,6 +95,24 @@ def cmd_data(argv: list[str]) -> int:
     return 0
 
 
+def cmd_merge(argv: list[str]) -> int:
+    from preftune.merge import MERGE_DTYPES, merge_run
+
+    p = argparse.ArgumentParser(
+        prog="preftune merge", description="merge a LoRA run's adapters into its base model: a full Hugging Face "
+        "model folder (safetensors, tokenizer, model card) that transformers loads without peft")
+    p.add_argument("run_dir", help="the output_dir of a run trained with use_peft (or a checkpoint's model/ folder)")
+    p.add_argument("--out", required=True, help="new folder for the merged model (must not exist or be empty)")
+    p.add_argument("--base_model", default=None, help="the adapters' base model (default: the one the run loaded, "
+                   "from adapter_config.json or the run's config.yaml)")
+    p.add_argument("--dtype", default="float32", choices=MERGE_DTYPES,
+                   help="dtype of the saved weights (the merge runs in float32)")
+    a = p.parse_args(argv)
+    out = merge_run(a.run_dir, a.out, base_model=a.base_model, dtype=a.dtype)
+    print(f"merged model: {out.resolve()}")
+    return 0
+
+
 def cmd_eval(argv: list[str]) -> int:
     from preftune.evaluate_cli import run_eval_cli
 
@@ -101,6 +123,7 @@ COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
     "precompute-ref": cmd_precompute_ref,
+    "merge": cmd_merge,
     "losses": cmd_losses,
     "report": cmd_report,
     "data": cmd_data,
@@ -112,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] in ("--version", "-V"):
+        from preftune import __version__
+
+        print(f"preftune {__version__}")
+        return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
         print(f"preftune: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
@@ -123,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError, ImportError) as e:
         if logging.getLogger().isEnabledFor(logging.DEBUG):
             raise
         print(f"preftune {cmd}: error: {e}", file=sys.stderr)

@@ -56,7 +56,15 @@ class DPOConfig(TrainConfig):
         "use_logits_to_keep": "preftune always computes logits for completion tokens only",
         "use_liger_loss": "preftune's own chunked head never builds the full logits; the Liger kernel is not used",
     }
-    VALIDATED_ONLY: ClassVar[tuple[str, ...]] = (*TrainConfig.VALIDATED_ONLY, "label_pad_token_id", "padding_free")
+    SUPPORTED_ONLY: ClassVar[dict[str, tuple[tuple, str]]] = {
+        **TrainConfig.SUPPORTED_ONLY,
+        "activation_offloading": ((False,), "to save activation memory use gradient_checkpointing, or "
+                                  "recompute_mlp with fused_layers"),
+        "pad_token": ((None,), "set tokenizer.pad_token before building the trainer (the padded positions are "
+                      "masked either way)"),
+    }
+    VALIDATED_ONLY: ClassVar[tuple[str, ...]] = (*TrainConfig.VALIDATED_ONLY, "label_pad_token_id", "padding_free",
+                                                 "activation_offloading", "pad_token")
     REFUSED: ClassVar[dict[str, str]] = {
         **TrainConfig.REFUSED,
         "generate_during_eval": "preftune does not generate during training; `preftune eval` scores generations "
@@ -76,7 +84,7 @@ class DPOConfig(TrainConfig):
     ref_model_name_or_path: Optional[str] = _f(
         None, "Separate reference model. None = a frozen copy of the policy (or the policy with adapters off "
         "under LoRA).", group="run", extra=True)
-    ref_model_init_kwargs: Optional[dict] = _f(None, "Same, for the reference model.", group="run")
+    ref_model_init_kwargs: Optional[Union[dict, str]] = _f(None, "Same, for the reference model.", group="run")
 
     # ---- data: pairs, truncation, the demo tasks -----------------------------------------------------
     demo_train_size: Optional[int] = _f(None, "Number of bundled demo training pairs (None = the demo's own).",
@@ -112,10 +120,15 @@ class DPOConfig(TrainConfig):
                                   "completion tokens only.", group="batch")
     use_liger_loss: bool = _f(False, "Accepted for compatibility and ignored: log-probs are always chunked.",
                               group="batch")
+    activation_offloading: bool = _f(False, "Only false: use gradient_checkpointing or recompute_mlp.",
+                                     group="batch")
+    pad_token: Optional[str] = _f(None, "Only None: set tokenizer.pad_token before building the trainer.",
+                                  group="data")
 
     # ---- loss (the hyper-parameters declared in preftune.losses follow loss_weights) -----------------
     loss_type: Union[str, list[str]] = _f("sigmoid", "Preference loss, or several ('sigmoid,sft' or a list) "
-                                          "summed with loss_weights. `preftune losses` lists them.", group="loss")
+                                          "summed with loss_weights. `preftune losses` lists them.", group="loss",
+                                          factory=lambda: "sigmoid")  # a factory: HfArgumentParser then keeps it
     loss_weights: Optional[list[float]] = _f(None, "One weight per loss_type entry (default 1.0 each).",
                                              group="loss")
     f_divergence_type: str = _f("reverse_kl", "Divergence to the reference: reverse_kl is standard DPO.",
@@ -125,6 +138,10 @@ class DPOConfig(TrainConfig):
     use_weighting: bool = _f(False, "Weight each pair by its policy probability (WPO).", group="loss")
     ld_alpha: Optional[float] = _f(None, "LD-DPO weight in [0, 1] of tokens beyond the shorter response's "
                                    "length; None = off.", group="loss")
+    router_aux_loss_coef: Optional[float] = _f(
+        None, "Weight of a mixture-of-experts model's router load-balancing loss, added to the training loss. None "
+        "= the coefficient the model's config declares (0.0 where none); 0.0 = off. Refused for a model "
+        "without router logits.", group="loss")
 
     # ---- reference -----------------------------------------------------------------------------------
     precompute_ref_log_probs: Optional[bool] = _f(
@@ -203,6 +220,7 @@ class DPOConfig(TrainConfig):
         k.number("f_alpha_divergence_coef", 0, 1)
         k.number("ref_model_mixup_alpha", 0, 1)
         k.number("ld_alpha", 0, 1, optional=True)
+        k.number("router_aux_loss_coef", 0, optional=True)
         k.need(c.label_pad_token_id == -100, "label_pad_token_id", "only -100 is supported")
         if c.max_length is not None and c.max_prompt_length is not None and c.max_prompt_length >= c.max_length:
             k.add("max_prompt_length", f"max_prompt_length={c.max_prompt_length} must be < max_length="

@@ -17,6 +17,8 @@ dataclass defaults < ``defaults`` (e.g. ``demo_defaults()``) < YAML < flags.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import difflib
 import functools
 import inspect
@@ -52,18 +54,34 @@ class ConfigError(ValueError):
 def config_field(default: Any = None, doc: str = "", *, group: str, choices: Any = None, factory: Any = None,
                  extra: bool = False) -> Any:
     """A config field: its default (or ``factory``), its help text, its --help group and allowed values.
-    ``extra`` marks a field that exists only in preftune ("[preftune]" in its help)."""
-    meta = {"help": ("[preftune] " if extra else "") + doc, "group": group, "choices": choices}
+    ``extra`` marks a field that exists only in preftune ("[preftune]" in its help). ``@config_dataclass``
+    moves group and choices to the class's ``FIELD_INFO``, leaving only ``help`` in the field's metadata."""
+    meta = {"help": ("[preftune] " if extra else "") + doc, _EXTRAS: {"group": group, "choices": choices}}
     return field(default_factory=factory, metadata=meta) if factory else field(default=default, metadata=meta)
 
 
 _f = config_field
+_EXTRAS = "preftune"
 
 
 def config_dataclass(cls: type) -> type:
     """``@dataclass`` for a TrainConfig subclass, whose constructor first maps aliases (``model`` ->
-    ``model_name_or_path``) and refuses unknown keys, all at once, each with a suggestion."""
-    cls = dataclass(cls)
+    ``model_name_or_path``) and refuses unknown keys, all at once, each with a suggestion.
+
+    It also keeps the class usable by transformers' ``HfArgumentParser`` (and TRL's ``TrlParser``), which
+    passes every key of a field's metadata to ``argparse.add_argument`` and makes a flag of every field with
+    ``init=True``: the metadata keeps only ``help`` (group and choices go to ``cls.FIELD_INFO``), and the
+    fields named in ``TRL_SCRIPT_FIELDS`` read as ``init=False`` on the class (not on an instance, so
+    ``dataclasses.replace`` and ``asdict`` see every field)."""
+    with _real_fields():
+        cls = dataclass(cls)
+    info = dict(getattr(cls, "FIELD_INFO", {}))  # the base's, then this class's own fields
+    for f in cls.__dataclass_fields__.values():
+        if _EXTRAS in f.metadata:
+            info[f.name] = dict(f.metadata[_EXTRAS])
+            f.metadata = types.MappingProxyType({"help": f.metadata["help"]})
+    cls.FIELD_INFO = info
+    cls.__dataclass_fields__ = _ParserView(cls.__dataclass_fields__, cls.TRL_SCRIPT_FIELDS)
     generated = cls.__init__
 
     @functools.wraps(generated)
@@ -74,6 +92,39 @@ def config_dataclass(cls: type) -> type:
     __init__._checks_keys = True  # type: ignore[attr-defined]
     cls.__init__ = __init__
     return cls
+
+
+_BUILDING = [0]  # > 0 while @config_dataclass builds a class: a base's fields read as they are
+
+
+@contextlib.contextmanager
+def _real_fields():
+    _BUILDING[0] += 1
+    try:
+        yield
+    finally:
+        _BUILDING[0] -= 1
+
+
+class _ParserView:
+    """A config class's ``__dataclass_fields__``. Read on an instance (``dataclasses.fields(config)``,
+    ``replace``, ``asdict``): the fields. Read on the class: the same, except that each field in ``hidden``
+    is a copy with ``init=False``, which ``HfArgumentParser`` skips. Those are fields that TRL's
+    ``ScriptArguments`` / ``ModelConfig`` also declare: under ``TrlParser((ScriptArguments, DPOConfig,
+    ModelConfig))`` they are those classes' flags (a second ``--model_name_or_path`` would be an argparse
+    conflict), and the script passes them on to the trainer itself."""
+
+    def __init__(self, real: dict, hidden: tuple[str, ...]):
+        self.real = real
+        self.for_parser = dict(real)
+        for name in hidden:
+            if name in real:
+                f = copy.copy(real[name])
+                f.init = False
+                self.for_parser[name] = f
+
+    def __get__(self, instance: Any, owner: type) -> dict:
+        return self.real if instance is not None or _BUILDING[0] else self.for_parser
 
 
 class Checks:
@@ -109,16 +160,22 @@ class TrainConfig:
     """The training fields every algorithm shares. Subclass it (see the module docstring) for one."""
 
     # Keys other tools accept that preftune deliberately does not: where that setting lives instead. Set to
-    # anything but None / False (unset, as in older resolved config files) they are refused with this text.
+    # anything but an unset value (None, False, empty, or TRL's default in REFUSED_UNSET; older resolved config
+    # files hold them so) they are refused with this text.
     # A subclass adds its own with ``REFUSED = {**TrainConfig.REFUSED, ...}``.
     REFUSED: ClassVar[dict[str, str]] = {
         **dict.fromkeys(("deepspeed", "fsdp", "fsdp_config", "local_rank", "ddp_backend"),
                         "multi-device settings come from `accelerate launch` / `accelerate config`, not from the "
                         "config"),
-        **dict.fromkeys(("hub_model_id", "hub_token", "hub_strategy", "hub_private_repo"),
+        **dict.fromkeys(("accelerator_config", "parallelism_config"),
+                        "multi-device settings come from `accelerate launch` / `accelerate config`, not from the "
+                        "config"),
+        **dict.fromkeys(("hub_model_id", "hub_token", "hub_strategy", "hub_private_repo", "hub_always_push",
+                         "hub_revision"),
                         "preftune does not talk to a model hub; upload output_dir yourself"),
         "tools": "tool-calling chat templates are not supported",
     }
+    REFUSED_UNSET: ClassVar[dict[str, Any]] = {"hub_strategy": "every_save", "local_rank": -1}
     # Fields accepted so that configs written for TRL / TrainingArguments load, which change nothing in preftune:
     # each says why. Set to anything but its default, a warning says so when the config is built. A subclass
     # adds its own like REFUSED. Every other field is read by the code that trains (tests/test_config.py scans
@@ -128,8 +185,86 @@ class TrainConfig:
                             "core itself",
         "remove_unused_columns": "preftune passes only the columns a training format names to the model, "
                                  "whatever this says",
+        **dict.fromkeys(("do_train", "do_predict"),
+                        "transformers' Trainer does not read it either: it is there for scripts to read"),
+        "do_eval": "transformers' Trainer does not read it either (evaluation follows eval_strategy)",
+        "label_names": "preference pairs have no label columns: the chosen and rejected completions are the "
+                       "targets",
+        "eval_accumulation_steps": "evaluation keeps per-pair numbers only, never logits, so there are no "
+                                   "output tensors to move to the CPU in chunks",
+        "average_tokens_across_devices": "the loss is a mean over the pairs of the whole global batch (every "
+                                         "process's), whatever the number of devices",
+        "use_cache": "training and evaluation forwards never keep a key/value cache",
+        "log_on_each_node": "preftune logs from the main process of the whole run only",
+        "length_column_name": "read only with train_sampling_strategy='group_by_length', which preftune "
+                              "does not do",
+        **dict.fromkeys(("project", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id"),
+                        "a Trackio setting; preftune does not report to Trackio (report_to: tensorboard)"),
+        **dict.fromkeys(("use_liger_kernel", "liger_kernel_config"),
+                        "preftune's own fused layers and Triton kernels (fused_layers, triton_kernels) do the "
+                        "work of Liger's; Liger is not used"),
+        "dataloader_in_order": "micro-batches always reach the loop in the step plan's order",
     }
-    VALIDATED_ONLY: ClassVar[tuple[str, ...]] = ("push_to_hub",)
+    # Fields other tools have whose only accepted values are what preftune does: (those values, what to do
+    # instead). Any other value is refused by name when the config is built. A subclass adds its own.
+    SUPPORTED_ONLY: ClassVar[dict[str, tuple[tuple, str]]] = {
+        "optim_args": ((None,), "set adam_beta1, adam_beta2, adam_epsilon and weight_decay"),
+        "optim_target_modules": ((None,), "preftune's optimizers (optim) update every trainable parameter"),
+        "label_smoothing_factor": ((0.0,), "for DPO's smoothing of preference labels use label_smoothing"),
+        **dict.fromkeys(("bf16_full_eval", "fp16_full_eval"), (
+            (False,), "evaluation runs in the training precision (bf16 / fp16 autocast); dtype='bfloat16' "
+            "or 'float16' holds the weights in that precision for both")),
+        "torch_compile": ((False,), "the model is not compiled: preftune's log-prob head, fused layers and "
+                          "Triton kernels (fused_layers, triton_kernels) are its fast path"),
+        **dict.fromkeys(("torch_compile_backend", "torch_compile_mode"), (
+            (None,), "the model is not compiled (torch_compile is not supported)")),
+        "neftune_noise_alpha": ((None,), "NEFTune embedding noise is not implemented"),
+        "torch_empty_cache_steps": ((None,), "the CUDA cache is never emptied during training; against "
+                                    "fragmentation set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"),
+        "auto_find_batch_size": ((False,), "set per_device_train_batch_size yourself (and "
+                                 "gradient_accumulation_steps for the same global batch)"),
+        "logging_nan_inf_filter": ((True,), "a step with a non-finite loss is always skipped, counted in "
+                                   "nonfinite_steps and left out of the logged loss"),
+        "include_num_input_tokens_seen": (("no",), "every logged row has tokens_per_second"),
+        "log_level": (("passive",), "set the level yourself: logging.getLogger('preftune').setLevel(...)"),
+        "log_level_replica": (("warning",), "set the level yourself: logging.getLogger('preftune').setLevel(...)"),
+        "prediction_loss_only": ((False,), "evaluation returns the loss with the reward metrics"),
+        "eval_do_concat_batches": ((True,), "evaluation numbers are always gathered over the whole eval set"),
+        "eval_use_gather_object": ((False,), "evaluation gathers tensors only"),
+        "include_for_metrics": (([],), "evaluation metrics are computed from the per-pair log-ratios"),
+        "batch_eval_metrics": ((False,), "evaluation metrics are computed once over the whole eval set"),
+        "save_only_model": ((False,), "checkpoints always hold the optimizer, schedule and random state so that "
+                            "a run resumes exactly; for the model alone use trainer.save_model() (the trained "
+                            "model is also saved to output_dir at the end)"),
+        "save_on_each_node": ((False,), "checkpoints are written by the main process only; on several nodes "
+                              "put output_dir on a shared file system"),
+        "enable_jit_checkpoint": ((False,), "checkpoints follow save_strategy; a killed run resumes from the "
+                                  "last one (resume_from_checkpoint='last')"),
+        "ignore_data_skip": ((False,), "a resumed run always continues with the next batch of its plan (reaching "
+                             "it costs nothing: the plan is indexed, not replayed)"),
+        "full_determinism": ((False,), "call transformers.enable_full_determinism(seed) before building the "
+                             "trainer"),
+        "dataloader_drop_last": ((True,), "training always leaves out an epoch's last incomplete global batch "
+                                 "(a different tail each epoch, as each epoch is reshuffled); evaluation uses "
+                                 "every pair"),
+        "dataloader_multiprocessing_context": ((None,), "data loader workers (dataloader_num_workers) start "
+                                               "with fork where the platform has it, else torch's default"),
+        "train_sampling_strategy": (("random",), "each epoch is a fresh random permutation of the training "
+                                    "samples"),
+        "debug": (("", []), "no debug options are implemented; for overflow hunting see max_nonfinite_steps "
+                  "(the samples of a non-finite step are logged)"),
+        "skip_memory_metrics": ((True,), "torch.cuda.max_memory_allocated() after train() gives the peak"),
+    }
+    VALIDATED_ONLY: ClassVar[tuple[str, ...]] = ("push_to_hub", *SUPPORTED_ONLY)
+    # Newer names of another field (newer -> older): set and the older one unset, the value goes there; set to
+    # a different value than the older one, refused. The code reads the older one.
+    SYNONYMS: ClassVar[dict[str, str]] = {"activation_checkpointing": "gradient_checkpointing",
+                                          "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs"}
+    # Fields TRL's ScriptArguments / ModelConfig also declare; hidden from HfArgumentParser (see _ParserView).
+    TRL_SCRIPT_FIELDS: ClassVar[tuple[str, ...]] = (
+        "model_name_or_path", "dtype", "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+        "dataset_name", "dataset_config")
+    FIELD_INFO: ClassVar[dict[str, dict]] = {}  # name -> {"group", "choices"}, made by @config_dataclass
     ALIASES: ClassVar[dict[str, str]] = {"model": "model_name_or_path", "dataset": "dataset_name"}
     GROUP_TITLES: ClassVar[dict[str, str]] = {
         "run": "run and model", "lora": "LoRA adapters", "data": "data", "batch": "batching and memory",
@@ -152,7 +287,7 @@ class TrainConfig:
                                  extra=True)
     chat_template: Optional[str] = _f(None, "A Jinja chat template (or a file holding one) that replaces the "
                                       "tokenizer's.", group="run", extra=True)
-    model_init_kwargs: Optional[dict] = _f(None, "Keyword arguments (JSON on the command line) for "
+    model_init_kwargs: Optional[Union[dict, str]] = _f(None, "Keyword arguments (JSON on the command line) for "
                                            "from_pretrained of the policy.", group="run")
     disable_dropout: bool = _f(True, "Turn dropout off in policy and reference (the log-ratios then compare "
                                "like with like).", group="run")
@@ -162,6 +297,9 @@ class TrainConfig:
     lora_dropout: float = _f(0.05, "Dropout on the LoRA branch.", group="lora", extra=True)
     lora_target_modules: Optional[list[str]] = _f(None, "Module names to adapt; None or 'all-linear' = every "
                                                   "linear layer but the output head.", group="lora", extra=True)
+    merge_lora: bool = _f(False, "With LoRA: after the final save, merge the adapters into the base model and save "
+                          "it in <output_dir>/merged (safetensors, tokenizer, model card; loads without peft).",
+                          group="lora", extra=True)
 
     # ---- data loading --------------------------------------------------------------------------------
     dataset_name: Optional[str] = _f(None, "Training data: a .jsonl/.json/.parquet/.csv file, a directory, or a "
@@ -226,7 +364,7 @@ class TrainConfig:
                                    "gradient of its own for autograd to add (same values, one such buffer less at "
                                    "backward's peak). False = autograd's own path.", group="batch", extra=True)
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.", group="batch")
-    gradient_checkpointing_kwargs: Optional[dict] = _f(None, "Keyword arguments (JSON) for "
+    gradient_checkpointing_kwargs: Optional[Union[dict, str]] = _f(None, "Keyword arguments (JSON) for "
                                                        "gradient_checkpointing_enable.", group="batch")
     bf16: Optional[bool] = _f(None, "bfloat16 mixed precision. None = on for a GPU that supports it, off on "
                               "CPU (where bfloat16 is very slow).", group="batch")
@@ -266,16 +404,16 @@ class TrainConfig:
     max_steps: int = _f(-1, "Total optimizer steps; -1 = from num_train_epochs.", group="optim")
     lr_scheduler_type: str = _f("linear", "Learning-rate schedule after warmup.", group="optim",
                                 choices=LR_SCHEDULERS)
-    lr_scheduler_kwargs: Optional[dict] = _f(None, "Extra schedule arguments (JSON), e.g. "
+    lr_scheduler_kwargs: Optional[Union[dict, str]] = _f(None, "Extra schedule arguments (JSON), e.g. "
                                              '{"min_lr_rate": 0.1} for cosine_with_min_lr.', group="optim")
     warmup_ratio: float = _f(0.0, "Fraction of total steps of linear warmup.", group="optim")
-    warmup_steps: Union[int, float] = _f(0, "Warmup steps (a value in (0, 1) is a fraction); overrides "
+    warmup_steps: float = _f(0, "Warmup steps (a value in (0, 1) is a fraction); overrides "
                                          "warmup_ratio when > 0.", group="optim")
     seed: int = _f(42, "Random seed for initialisation, dropout and shuffling.", group="optim")
     data_seed: Optional[int] = _f(None, "Separate seed for data shuffling; None = seed.", group="optim")
 
     # ---- logging, evaluation, checkpoints ------------------------------------------------------------
-    logging_steps: Union[int, float] = _f(10, "Log every N optimizer steps (a value in (0, 1) is a fraction "
+    logging_steps: float = _f(10, "Log every N optimizer steps (a value in (0, 1) is a fraction "
                                           "of the total).", group="log")
     logging_first_step: bool = _f(False, "Also log the first step.", group="log")
     report_to: list[str] = _f(None, "Extra metric sinks besides metrics.jsonl: none, tensorboard or all "
@@ -285,17 +423,121 @@ class TrainConfig:
                                       group="log")
     eval_strategy: str = _f("no", "When to evaluate: no, steps (every eval_steps) or epoch.", group="log",
                             choices=("no", "steps", "epoch"))
-    eval_steps: Optional[Union[int, float]] = _f(None, "Evaluate every N steps (None = logging_steps).",
+    eval_steps: Optional[float] = _f(None, "Evaluate every N steps (None = logging_steps).",
                                                  group="log")
     eval_on_start: bool = _f(False, "Evaluate once before the first step.", group="log")
     save_strategy: str = _f("steps", "When to checkpoint: no, steps (every save_steps) or epoch.", group="log",
                             choices=("no", "steps", "epoch"))
-    save_steps: Union[int, float] = _f(500, "Checkpoint every N steps (a value in (0, 1) is a fraction).",
+    save_steps: float = _f(500, "Checkpoint every N steps (a value in (0, 1) is a fraction).",
                                        group="log")
     save_total_limit: Optional[int] = _f(None, "Keep only the newest N checkpoints (None = all).", group="log")
     resume_from_checkpoint: Optional[str] = _f(None, "Checkpoint directory to resume from, or 'last' for the "
                                                "newest in output_dir.", group="log")
     push_to_hub: bool = _f(False, "Not supported (no model hub); must stay false.", group="log")
+
+    # ---- TrainingArguments fields: honoured, accepted and ignored (ACCEPTED_IGNORED, a warning when set) or
+    # accepting only what preftune does (SUPPORTED_ONLY); each help says which -----------------------------
+    logging_strategy: str = _f("steps", "When to log training metrics: steps (every logging_steps), epoch (at "
+                               "each epoch's end) or no (only the last step's row).", group="log",
+                               choices=("no", "steps", "epoch"))
+    eval_delay: float = _f(0, "Steps (eval_strategy='steps') or epochs ('epoch') to wait before the first "
+                           "periodic evaluation.", group="log")
+    activation_checkpointing: Optional[bool] = _f(None, "The newer name of gradient_checkpointing (None = "
+                                                  "gradient_checkpointing decides).", group="batch")
+    activation_checkpointing_kwargs: Optional[Union[dict, str]] = _f(None, "The newer name of gradient_checkpointing_kwargs.",
+                                                         group="batch")
+    tf32: Optional[bool] = _f(None, "TensorFloat-32 matmuls and convolutions on a CUDA GPU (None = torch's "
+                              "setting; changes nothing on CPU).", group="batch")
+    ddp_find_unused_parameters: Optional[bool] = _f(None, "DDP's find_unused_parameters (None = accelerate's "
+                                                    "default).", group="batch")
+    ddp_bucket_cap_mb: Optional[int] = _f(None, "DDP's gradient bucket size in MiB (None = torch's default).",
+                                          group="batch")
+    ddp_broadcast_buffers: Optional[bool] = _f(None, "DDP's broadcast_buffers (None = torch's default).",
+                                               group="batch")
+    ddp_static_graph: Optional[bool] = _f(None, "DDP's static_graph (None = torch's default).", group="batch")
+    ddp_timeout: int = _f(1800, "Seconds a collective may wait before the process group gives up.",
+                          group="batch")
+    do_train: bool = _f(False, "Accepted and ignored, as transformers' Trainer ignores it: for scripts to read.",
+                        group="run")
+    do_eval: bool = _f(False, "Accepted and ignored, as transformers' Trainer ignores it: evaluation follows "
+                       "eval_strategy.", group="run")
+    do_predict: bool = _f(False, "Accepted and ignored, as transformers' Trainer ignores it: for scripts to "
+                          "read.", group="run")
+    label_names: Optional[list[str]] = _f(None, "Accepted and ignored: preference pairs have no label columns.",
+                                          group="data")
+    length_column_name: str = _f("length", "Accepted and ignored: read only with "
+                                 "train_sampling_strategy='group_by_length'.", group="data")
+    train_sampling_strategy: str = _f("random", "Only 'random': each epoch is a fresh permutation.", group="data")
+    eval_accumulation_steps: Optional[int] = _f(None, "Accepted and ignored: evaluation keeps no logits.",
+                                                group="log")
+    average_tokens_across_devices: bool = _f(True, "Accepted and ignored: the loss is a mean over the global "
+                                             "batch's pairs on any number of devices.", group="batch")
+    use_cache: bool = _f(False, "Accepted and ignored: forwards keep no key/value cache.", group="batch")
+    log_on_each_node: bool = _f(True, "Accepted and ignored: the run's main process logs.", group="log")
+    project: str = _f("huggingface", "Accepted and ignored: a Trackio setting.", group="log")
+    trackio_space_id: Optional[str] = _f(None, "Accepted and ignored: a Trackio setting.", group="log")
+    trackio_bucket_id: Optional[str] = _f(None, "Accepted and ignored: a Trackio setting.", group="log")
+    trackio_static_space_id: Optional[str] = _f(None, "Accepted and ignored: a Trackio setting.", group="log")
+    use_liger_kernel: bool = _f(False, "Accepted and ignored: fused_layers and triton_kernels do that work.",
+                                group="batch")
+    liger_kernel_config: Optional[Union[dict, str]] = _f(None, "Accepted and ignored, like use_liger_kernel.", group="batch")
+    dataloader_in_order: bool = _f(True, "Accepted and ignored: micro-batches always arrive in plan order.",
+                                   group="batch")
+    dataloader_drop_last: bool = _f(True, "Only true: training leaves out an epoch's last incomplete global "
+                                    "batch (evaluation uses every pair).", group="batch")
+    dataloader_multiprocessing_context: Optional[str] = _f(None, "Only None: loader workers start with fork "
+                                                           "where available.", group="batch")
+    optim_args: Optional[str] = _f(None, "Only None: set adam_beta1/2, adam_epsilon, weight_decay.", group="optim")
+    optim_target_modules: Optional[list[str]] = _f(None, "Only None: every trainable parameter is optimized.",
+                                                   group="optim")
+    label_smoothing_factor: float = _f(0.0, "Only 0: DPO's label smoothing is label_smoothing.", group="loss")
+    bf16_full_eval: bool = _f(False, "Only false: evaluation runs in the training precision.", group="batch")
+    fp16_full_eval: bool = _f(False, "Only false: evaluation runs in the training precision.", group="batch")
+    torch_compile: bool = _f(False, "Only false: the model is not compiled.", group="batch")
+    torch_compile_backend: Optional[str] = _f(None, "Only None: the model is not compiled.", group="batch")
+    torch_compile_mode: Optional[str] = _f(None, "Only None: the model is not compiled.", group="batch")
+    neftune_noise_alpha: Optional[float] = _f(None, "Only None: NEFTune is not implemented.", group="batch")
+    torch_empty_cache_steps: Optional[int] = _f(None, "Only None: the CUDA cache is not emptied during "
+                                                "training.", group="batch")
+    auto_find_batch_size: bool = _f(False, "Only false: choose per_device_train_batch_size.", group="batch")
+    logging_nan_inf_filter: bool = _f(True, "Only true: non-finite steps are skipped and left out of the "
+                                      "logged loss.", group="log")
+    include_num_input_tokens_seen: str = _f("no", "Only 'no' (or false): rows log tokens_per_second.",
+                                            group="log")
+    log_level: str = _f("passive", "Only 'passive': set logging.getLogger('preftune')'s level yourself.",
+                        group="log")
+    log_level_replica: str = _f("warning", "Only 'warning': set logging.getLogger('preftune')'s level yourself.",
+                                group="log")
+    prediction_loss_only: bool = _f(False, "Only false: evaluation returns the loss and the reward metrics.",
+                                    group="log")
+    eval_do_concat_batches: bool = _f(True, "Only true: evaluation covers the whole eval set at once.", group="log")
+    eval_use_gather_object: bool = _f(False, "Only false: evaluation gathers tensors only.", group="log")
+    include_for_metrics: list[str] = _f(None, "Only []: metrics come from the per-pair log-ratios.", group="log",
+                                        factory=list)
+    batch_eval_metrics: bool = _f(False, "Only false: metrics are computed over the whole eval set.", group="log")
+    save_only_model: bool = _f(False, "Only false: checkpoints hold what an exact resume needs; "
+                               "trainer.save_model() saves the model alone.", group="log")
+    save_on_each_node: bool = _f(False, "Only false: the main process writes checkpoints.", group="log")
+    enable_jit_checkpoint: bool = _f(False, "Only false: checkpoints follow save_strategy.", group="log")
+    ignore_data_skip: bool = _f(False, "Only false: a resumed run continues with the next batch of its plan.",
+                                group="log")
+    restore_callback_states_from_checkpoint: bool = _f(False, "On resume, give the callbacks that keep a state "
+                                                       "(EarlyStoppingCallback's patience count) the checkpoint's.",
+                                                       group="log")
+    full_determinism: bool = _f(False, "Only false: call transformers.enable_full_determinism(seed) yourself.",
+                                group="optim")
+    debug: Union[str, list[str]] = _f(None, "Only empty: no debug options are implemented.", group="log",
+                                      factory=str)  # a factory: HfArgumentParser then keeps the default
+    skip_memory_metrics: bool = _f(True, "Only true: read torch.cuda.max_memory_allocated() yourself.",
+                                   group="log")
+
+    # ---- best model (kept last) ---------------------------------------------------------------------------
+    load_best_model_at_end: bool = _f(False, "Load the best checkpoint (by metric_for_best_model) into the model "
+                                      "at the end of training; needs eval_strategy = save_strategy.", group="log")
+    metric_for_best_model: Optional[str] = _f(None, "Eval metric that ranks checkpoints (eval_ prefix optional); "
+                                              "None = 'loss' when load_best_model_at_end.", group="log")
+    greater_is_better: Optional[bool] = _f(None, "Whether a larger metric_for_best_model is better; None = not "
+                                           "when the metric's name ends in 'loss'.", group="log")
 
     # ---- derived values ------------------------------------------------------------------------------
     def global_batch_size(self, num_processes: int = 1) -> int:
@@ -350,7 +592,7 @@ class TrainConfig:
             except _Bad as e:
                 errors.append((f.name, f"{f.name}={value!r}: expected {e}"))
                 continue
-            choices = f.metadata.get("choices")
+            choices = type(self).FIELD_INFO[f.name]["choices"]
             if choices:
                 value = _check_choices(f.name, value, choices, choice_errors)
             setattr(self, f.name, value)
@@ -364,7 +606,7 @@ class TrainConfig:
         self._warn_ignored()
 
     def _warn_ignored(self) -> None:
-        defaults = {f.name: f.default for f in fields(self)}
+        defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(self)}
         for name, why in type(self).ACCEPTED_IGNORED.items():
             value = getattr(self, name)
             if value != defaults[name]:
@@ -376,11 +618,27 @@ class TrainConfig:
             self.resume_from_checkpoint = "last" if self.resume_from_checkpoint else None
         if self.report_to is None:
             self.report_to = ["none"]  # TrainingArguments: None and [] both mean no integrations
+        if self.output_dir is None:
+            self.output_dir = "trainer_output"  # TrainingArguments' own default for None
+        if isinstance(self.pad_to_multiple_of, str) and self.pad_to_multiple_of.strip().lower() == "auto":
+            self.pad_to_multiple_of = None  # TRL's spelling of "the automatic choice", which None is here
+        if isinstance(self.include_num_input_tokens_seen, bool):  # TrainingArguments: True = 'all', False = 'no'
+            self.include_num_input_tokens_seen = "all" if self.include_num_input_tokens_seen else "no"
+        for name in ("logging_strategy", "eval_strategy", "save_strategy"):  # an IntervalStrategy member
+            if hasattr(getattr(self, name), "value"):
+                setattr(self, name, getattr(self, name).value)
 
     def _after_coercion(self) -> None:
         """Defaults that depend on other fields, on coerced values; a subclass extends it."""
         if not self.report_to:
             self.report_to = ["none"]
+        for name in ("logging_steps", "eval_steps", "save_steps", "warmup_steps"):
+            value = getattr(self, name)  # whole step counts stay integers, as TrainingArguments keeps them
+            if isinstance(value, float) and value >= 1 and value.is_integer():
+                setattr(self, name, int(value))
+        for new, old in type(self).SYNONYMS.items():
+            if getattr(self, new) is not None and getattr(self, old) in (None, False):
+                setattr(self, old, getattr(self, new))  # the newer name, when the older one is unset
         if self.eval_strategy == "steps" and self.eval_steps is None:
             self.eval_steps = self.logging_steps
         if self.load_best_model_at_end and self.metric_for_best_model is None:
@@ -427,6 +685,18 @@ class TrainConfig:
         k.need(not c.push_to_hub, "push_to_hub", "preftune has no model hub access; save to output_dir and upload "
                "it yourself")
         k.need(bool(c.output_dir), "output_dir", "must be a non-empty path")
+        k.number("eval_delay", 0)
+        k.need(c.ddp_timeout >= 1, "ddp_timeout", "must be an integer >= 1 (seconds)")
+        k.need(c.ddp_bucket_cap_mb is None or c.ddp_bucket_cap_mb >= 1, "ddp_bucket_cap_mb",
+               "must be None or an integer >= 1")
+        for new, old in type(self).SYNONYMS.items():
+            if getattr(c, new) is not None and getattr(c, new) != getattr(c, old):
+                k.add(new, f"{new}={getattr(c, new)!r} contradicts {old}={getattr(c, old)!r}: they are one setting "
+                      "under two names; keep one")
+        for name, (accepted, instead) in type(self).SUPPORTED_ONLY.items():
+            if getattr(c, name) not in accepted:
+                k.add(name, f"{name}={getattr(c, name)!r}: preftune supports only "
+                      f"{' or '.join(repr(v) for v in accepted)} here; {instead}")
         if c.report_to != ["none"] and "none" in c.report_to:
             k.add("report_to", f"report_to={c.report_to!r}: 'none' cannot be combined with other sinks")
         self._check_precision_and_memory(k)
@@ -478,8 +748,9 @@ class TrainConfig:
                       f"{c.lr_scheduler_type} needs min_lr or min_lr_rate, e.g. '{{\"min_lr_rate\": 0.1}}'")
 
     def to_dict(self) -> dict[str, Any]:
-        """All fields as plain YAML/JSON-safe values."""
-        return asdict(self)
+        """All fields as plain YAML/JSON-safe values: a torch.dtype inside a mapping (model_init_kwargs=
+        {"dtype": torch.float16}) is written as its name ("float16"), which loads back as the same dtype."""
+        return {k: _plain(v) for k, v in asdict(self).items()}
 
     def to_yaml(self, path: Optional[str] = None) -> str:
         """The resolved config as YAML; written to ``path`` (atomically) when given. Returns the text."""
@@ -521,13 +792,14 @@ class TrainConfig:
                             help="YAML file of fields; flags given on the command line override it.")
         groups: dict[str, Any] = {}
         hints = _type_hints(cls)
-        for f in sorted(fields(cls), key=lambda f: list(cls.GROUP_TITLES).index(f.metadata["group"])):
-            group = f.metadata["group"]
+        info = cls.FIELD_INFO
+        for f in sorted(fields(cls), key=lambda f: list(cls.GROUP_TITLES).index(info[f.name]["group"])):
+            group = info[f.name]["group"]
             if group not in groups:
                 groups[group] = parser.add_argument_group(cls.GROUP_TITLES[group])
             flags = [f"--{f.name}"] + [f"--{a}" for a, n in cls.ALIASES.items() if n == f.name]
             default = f.default if f.default is not MISSING else f.default_factory()
-            choices = f.metadata.get("choices")
+            choices = info[f.name]["choices"]
             doc = f"{f.metadata['help']} [default: {_show(default)}]".replace("%", "%%")
             kind = _kind(hints[f.name])
             kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": doc}
@@ -581,14 +853,6 @@ class TrainConfig:
         extras.fields_set = frozenset(merged)  # what defaults, the YAML or a flag named (the rest: field defaults)
         return cls.from_dict(merged, origins=origins), extras
 
-    # ---- best model (the HF Trainer's fields; EarlyStoppingCallback reads them) ------------------------
-    load_best_model_at_end: bool = _f(False, "Load the best checkpoint (by metric_for_best_model) into the model "
-                                      "at the end of training; needs eval_strategy = save_strategy.", group="log")
-    metric_for_best_model: Optional[str] = _f(None, "Eval metric that ranks checkpoints (eval_ prefix optional); "
-                                              "None = 'loss' when load_best_model_at_end.", group="log")
-    greater_is_better: Optional[bool] = _f(None, "Whether a larger metric_for_best_model is better; None = not "
-                                           "when the metric's name ends in 'loss'.", group="log")
-
 
 # ---- helpers: keys ---------------------------------------------------------------------------------------
 def _did_you_mean(name: str, candidates: list[str], fallback: str = "; `preftune train --help` lists every field") -> str:
@@ -616,7 +880,9 @@ def _rename(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
                 kwargs[name] = kwargs.pop(alias)
     for key in list(kwargs):
         if key in cls.REFUSED:  # type: ignore[attr-defined]
-            if kwargs[key] is None or kwargs[key] is False:  # unset, as older resolved config files hold them
+            value = kwargs[key]
+            if value is None or value is False or (isinstance(value, (str, list, dict)) and not value) or (
+                    value == cls.REFUSED_UNSET.get(key, None)):  # type: ignore[attr-defined]  # unset
                 del kwargs[key]
                 continue
             errors.append((key, f"{key!r} is not a {cls.__name__} field: {cls.REFUSED[key]}"))  # type: ignore[attr-defined]
@@ -686,6 +952,8 @@ def _kind(tp: Any) -> str:
         rest = [a for a in args if a is not type(None)]
         if any(get_origin(a) is list for a in rest):
             return "list"
+        if dict in rest:
+            return "dict"
         return _kind(rest[0]) if len(rest) == 1 else "scalar"
     if tp is bool:
         return "bool"
@@ -714,6 +982,8 @@ def _coerce(value: Any, tp: Any) -> Any:
         if set(args) == {int, float}:
             number = _coerce(value, float)
             return int(number) if number.is_integer() else number
+        if set(args) == {dict, str}:  # a mapping, or its JSON text ("str" is for HfArgumentParser's flags)
+            return _coerce(value, dict)
         if set(args) == {float, str}:  # eval_dataset: a fraction, or a file / split name
             try:
                 return _coerce(value, float)
@@ -772,6 +1042,17 @@ def _coerce(value: Any, tp: Any) -> Any:
             raise _Bad("a mapping (a JSON object on the command line)")
         return dict(value)
     raise TypeError(f"unsupported field type {tp}")
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every torch.dtype in it replaced by its name (torch.float16 -> "float16")."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if type(value).__name__ == "dtype" and type(value).__module__ == "torch":
+        return str(value).removeprefix("torch.")
+    return value
 
 
 def _show(value: Any) -> str:

@@ -27,7 +27,13 @@ PREDICTION_COLUMNS = ("chosen_logps", "rejected_logps", "chosen_rewards", "rejec
 class DPOObjective:
     """The run's loss: registered names (a list means a weighted combination), their parameters, and the
     log-prob options the forwards need: LD-DPO's ``ld_alpha`` (policy and reference sums alike) and WPO's
-    ``use_weighting`` (per-pair weights from the policy's own tokens)."""
+    ``use_weighting`` (per-pair weights from the policy's own tokens).
+
+    ``router_aux_loss_coef``: the weight of a mixture-of-experts policy's router load-balancing loss (0 =
+    off; the trainer sets it from the model, ``preftune.models.router_aux_loss_coef``). Like TRL, whose loss
+    of a micro-batch is mean(pair losses) + coef * aux, every pair's loss carries its micro-batch's
+    ``coef * aux``: the loop sums a micro-batch's pair losses and divides by the global batch, so the step's
+    loss and gradient are those of TRL's mean over the micro-batches."""
 
     loss_names: list[str]
     loss_kwargs: dict
@@ -36,6 +42,7 @@ class DPOObjective:
     rpo: bool = False
     ld_alpha: float | None = None
     wpo: bool = False
+    router_aux_loss_coef: float = 0.0
 
     @classmethod
     def from_args(cls, args) -> DPOObjective:
@@ -56,7 +63,8 @@ class DPOObjective:
         if reference is not None:  # first: a live reference's forward then runs beside no policy activations
             ref = reference.logps(batch, **self.reference_kwargs)
             ref_c, ref_r = ref.chosen_logps, ref.rejected_logps
-        pol = model_pair_logps(model, batch, chunk_size=self.chunk_size, ld_alpha=self.ld_alpha, wpo=self.wpo)
+        pol = model_pair_logps(model, batch, chunk_size=self.chunk_size, ld_alpha=self.ld_alpha, wpo=self.wpo,
+                               router_aux_loss=self.router_aux_loss_coef != 0)
         chosen, rejected = pol.chosen_logps, pol.rejected_logps
         if self.ld_alpha is not None:  # the loss and the logged log-probs both use LD-DPO's sums
             chosen, rejected = pol.ld_chosen_logps, pol.ld_rejected_logps
@@ -77,7 +85,11 @@ class DPOObjective:
         if predictions is not None:
             predictions.append(torch.stack([chosen, rejected, out.chosen_rewards, out.rejected_rewards], dim=1)
                                .detach().float())
-        return out.pair_losses, metrics
+        losses = out.pair_losses
+        if pol.aux_loss is not None:  # the micro-batch's router loss on each of its pairs (see the class)
+            losses = losses + self.router_aux_loss_coef * pol.aux_loss.to(losses.dtype)
+            metrics["aux_loss"] = pol.aux_loss.detach().float()
+        return losses, metrics
 
 
 def evaluate_pairs(objective: DPOObjective, model, reference, features, *, collate: Callable[[list], dict],

@@ -43,6 +43,7 @@ class ResponseLogps:
     ld_chosen_logps: torch.Tensor | None = None  # LD-DPO's weighted log pi(y_w | x) (ld_alpha), differentiable
     ld_rejected_logps: torch.Tensor | None = None  # same for y_l
     wpo_weights: torch.Tensor | None = None  # WPO's pair weights (use_weighting), detached
+    aux_loss: torch.Tensor | None = None  # () the MoE router's load-balancing loss of the forward, differentiable
 
 
 @dataclass
@@ -54,7 +55,9 @@ class TokenLogps:
     responses; a response's tokens appear in sequence order (not always next to each other's
     responses: the prefix layouts interleave chosen and rejected pair by pair). ``lengths`` (R,) counts
     each response's tokens. ``logps`` carries gradients; ``entropies`` (-sum_v p_v log p_v) and
-    ``log_sum_sq_probs`` (log sum_v p_v^2) are detached, None unless asked for.
+    ``log_sum_sq_probs`` (log sum_v p_v^2) are detached, None unless asked for. ``aux_loss``: the
+    forward's mixture-of-experts load-balancing loss as the model computes it (``model_token_logps``'
+    ``router_aux_loss``), with its graph; None unless asked for.
     """
 
     logps: torch.Tensor  # (K,) float32, log p(token), differentiable
@@ -62,6 +65,7 @@ class TokenLogps:
     lengths: torch.Tensor  # (R,) long, completion tokens per response
     entropies: torch.Tensor | None = None  # (K,) float32, detached
     log_sum_sq_probs: torch.Tensor | None = None  # (K,) float32, detached
+    aux_loss: torch.Tensor | None = None  # () the MoE router's load-balancing loss (router_aux_loss=True)
 
     def sums(self, values: torch.Tensor | None = None) -> torch.Tensor:
         """(R,) float32 per-response sums of ``values`` (K,) (default: ``logps``)."""
@@ -596,23 +600,74 @@ def _entered(*contexts):
         yield
 
 
-def _final_hidden(model, base, inputs: dict) -> torch.Tensor:
-    """(R, T, H) hidden states after the decoder's final norm.
+def _final_hidden(model, base, inputs: dict, *, aux_tokens: torch.Tensor | None = None):
+    """((R, T, H) hidden states after the decoder's final norm, the router's aux loss or None).
 
     The call goes through the outer ``model`` (so DDP hooks, accelerate's autocast and PEFT
     all apply) with ``logits_to_keep`` = no position, and a forward hook on the decoder catches
     its output; models without ``logits_to_keep`` get their decoder called directly.
+    A mixture-of-experts model (its config declares ``output_router_logits``) is told whether to
+    compute its load-balancing loss: with ``aux_tokens`` ((R, T), 1 = a real token) it does, and
+    returns it as ``aux_loss``. The outer model computes that loss over the tokens of the attention
+    mask it is given, so it gets ``aux_tokens`` while a pre-hook hands the decoder the layout's own
+    mask (a 4D one, or None for the packed layouts); without ``aux_tokens`` it is told not to, so
+    a config with ``output_router_logits=True`` costs no router pass and never meets a 4D mask.
     """
     decoder = base.get_decoder()
+    want_aux = aux_tokens is not None
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
-        return decoder(**inputs).last_hidden_state
+        if want_aux:
+            raise ValueError(f"router_aux_loss_coef: {type(base).__name__}'s forward takes no logits_to_keep, so "
+                             "preftune cannot read its router's aux loss; set router_aux_loss_coef=0.0")
+        return decoder(**inputs).last_hidden_state, None
     caught = []
-    handle = decoder.register_forward_hook(lambda _m, _a, out: caught.append(out[0]))
+    hooks = [decoder.register_forward_hook(lambda _m, _a, out: caught.append(out[0]))]
+    outer = dict(inputs, **_router_kwargs(base, want_aux))
+    if want_aux:
+        outer["attention_mask"] = aux_tokens
+        mask = inputs["attention_mask"]
+        hooks.append(decoder.register_forward_pre_hook(
+            lambda _m, args, kwargs: (args, {**kwargs, "attention_mask": mask}), with_kwargs=True))
     try:
-        model(**inputs, logits_to_keep=torch.zeros(0, dtype=torch.long, device=inputs["input_ids"].device))
+        out = model(**outer, logits_to_keep=torch.zeros(0, dtype=torch.long, device=inputs["input_ids"].device))
     finally:
-        handle.remove()
-    return caught[-1]
+        for handle in hooks:
+            handle.remove()
+    aux = getattr(out, "aux_loss", None) if want_aux else None
+    if want_aux and not torch.is_tensor(aux):
+        raise ValueError(f"router_aux_loss_coef: {type(base).__name__} returned no router aux loss with "
+                         "output_router_logits=True; set router_aux_loss_coef=0.0")
+    return caught[-1], aux
+
+
+def is_moe(model) -> bool:
+    """Whether ``model`` (a transformers model, optionally wrapped) is a mixture of experts that can return
+    its router's load-balancing loss: its (text) config declares ``output_router_logits``."""
+    return hasattr(_text_config(_unwrap(model)), "output_router_logits")
+
+
+def _text_config(base):
+    config = getattr(base, "config", None)
+    get = getattr(config, "get_text_config", None)
+    return get() if get is not None else config
+
+
+def _router_kwargs(base, aux: bool) -> dict:
+    """``output_router_logits=aux`` for a mixture-of-experts model, nothing for another."""
+    return {"output_router_logits": aux} if hasattr(_text_config(base), "output_router_logits") else {}
+
+
+def _real_tokens(mask: torch.Tensor | None, input_ids: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """(R, T) long, 1 at the batch's real tokens (not padding), from its layout's attention mask: the padded
+    layout's 2D mask itself; the packed layouts (no mask, one row) hold their ``num_tokens`` real tokens first;
+    in the prefix layout's (R, 1, T, T) bool mask a real token sees its row's first token (a prompt token)
+    and a padding one sees only itself."""
+    if mask is None:
+        R, T = input_ids.shape
+        return (torch.arange(R * T, device=input_ids.device) < num_tokens).long().view(R, T)
+    if mask.dim() == 2:
+        return mask.long()
+    return mask[:, 0, :, 0].long()
 
 
 def auto_chunk_size(vocab_size: int) -> int:
@@ -677,21 +732,28 @@ def _with_temperature(scale: float | None, softcap: float | None, temperature: f
 
 
 def model_token_logps(model, batch: dict, *, chunk_size: int | None = None, temperature: float | None = None,
-                      entropies: bool = False, sum_sq_probs: bool = False) -> TokenLogps:
+                      entropies: bool = False, sum_sq_probs: bool = False, router_aux_loss: bool = False) -> TokenLogps:
     """Per-token log-probs of the completion tokens of a collated batch (any layout) under ``model``.
 
     model: a transformers causal LM, optionally PEFT- and/or DDP-wrapped. chunk_size None =
     ``auto_chunk_size`` of the head's vocabulary. temperature: the logits are divided by it after the
     config's scaling and soft-capping (``_with_temperature``); None or 1 leaves them. entropies /
     sum_sq_probs: also each token's entropy -sum_v p_v log p_v and log sum_v p_v^2 under those logits
-    (detached). Returns a ``TokenLogps`` of the K completion tokens in the batch's order, float32
-    whatever the model's dtype, with R = 2 * batch["num_pairs"] responses.
+    (detached). router_aux_loss: a mixture-of-experts model also returns its router's load-balancing
+    loss over the batch's real tokens (``_final_hidden``; the prefix layouts hold each prompt once, the
+    padded layout twice, so the value depends on the layout); a dense model ignores it. Returns a
+    ``TokenLogps`` of the K completion tokens in the batch's order, float32 whatever the model's dtype,
+    with R = 2 * batch["num_pairs"] responses.
     """
     base = _unwrap(model)
     head = base.get_output_embeddings()
     device = head.weight.device if hasattr(head, "weight") else next(base.parameters()).device
     scale, softcap = _with_temperature(*_logit_transform(base.config), temperature)
     mask = batch["attention_mask"]
+    aux_tokens = None
+    if router_aux_loss and is_moe(base):
+        aux_tokens = _real_tokens(None if mask is None else mask.to(device), batch["input_ids"].to(device),
+                                  batch["num_tokens"])
     if mask is not None:
         mask = _attention_mask_for(mask.to(device), base.config._attn_implementation, _compute_dtype(base, device))
     inputs = {
@@ -718,7 +780,7 @@ def model_token_logps(model, batch: dict, *, chunk_size: int | None = None, temp
     embed = _tied_embedding(base, head) if tie else None
     tied = _TiedSlot() if embed is not None else None
     with forward, recompute, rope, _tied_lookup(embed, tied):
-        hidden = _final_hidden(model, base, inputs)  # (R, T, H)
+        hidden, aux = _final_hidden(model, base, inputs, aux_tokens=aux_tokens)  # (R, T, H), () or None
     triton = plain and getattr(head, TRITON_HEAD, False)  # head_token_logps checks the tensors (kernels.usable)
     if chunk_size is None:
         chunk_size = auto_chunk_size(head.weight.shape[0] if hasattr(head, "weight") else base.config.vocab_size)
@@ -739,11 +801,11 @@ def model_token_logps(model, batch: dict, *, chunk_size: int | None = None, temp
     )  # (K,) each
     segments = batch["segments"].to(device)
     lengths = torch.bincount(segments, minlength=2 * batch["num_pairs"])  # (R,)
-    return TokenLogps(token, segments, lengths, ent, lss)
+    return TokenLogps(token, segments, lengths, ent, lss, aux)
 
 
 def model_pair_logps(model, batch: dict, *, chunk_size: int | None = None, average: bool = False,
-                     ld_alpha: float | None = None, wpo: bool = False) -> ResponseLogps:
+                     ld_alpha: float | None = None, wpo: bool = False, router_aux_loss: bool = False) -> ResponseLogps:
     """``model_logps`` plus, in the same forward, LD-DPO's and WPO's per-pair terms where asked.
 
     ld_alpha (LD-DPO, in [0, 1]): ``ld_chosen_logps``/``ld_rejected_logps`` = ``losses.ld_dpo_logps`` of
@@ -752,9 +814,10 @@ def model_pair_logps(model, batch: dict, *, chunk_size: int | None = None, avera
     take gradients. A loss uses them for the policy and the reference alike. wpo (WPO, ``use_weighting``):
     ``wpo_weights`` = ``losses.wpo_weights`` of the per-token log-probs and log sum_v p_v^2 of this
     model: exp(mean_t [log p_t - log sum_v p_v^2] over y_w + the same over y_l), not capped at 1,
-    detached; the policy's are the loss's ``weights``. Neither changes the other fields.
+    detached; the policy's are the loss's ``weights``. Neither changes the other fields. router_aux_loss:
+    ``aux_loss`` = a mixture-of-experts model's router loss of this forward (``model_token_logps``).
     """
-    tokens = model_token_logps(model, batch, chunk_size=chunk_size, sum_sq_probs=wpo)
+    tokens = model_token_logps(model, batch, chunk_size=chunk_size, sum_sq_probs=wpo, router_aux_loss=router_aux_loss)
     B = batch["num_pairs"]
     logps, counts = tokens.sums(), tokens.lengths  # (2B,)
     mean = logps / counts.clamp(min=1)
@@ -765,6 +828,7 @@ def model_pair_logps(model, batch: dict, *, chunk_size: int | None = None, avera
         chosen_lengths=counts[:B],
         rejected_lengths=counts[B:],
         chosen_nll=-mean[:B],
+        aux_loss=tokens.aux_loss,
     )
     if ld_alpha is None and not wpo:
         return result

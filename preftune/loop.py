@@ -16,8 +16,9 @@ and supplies its data, its per-sample losses and metrics, and its evaluation:
   ``dataloader_num_workers > 0`` the loop collates the coming micro-batches ahead in worker processes
   with the first (`preftune.data.loader`) and trains on them with the second; with 0 it calls
   ``_sample_losses`` (by default the two in turn);
-- ``_before_train()``, ``_after_good_step(step, policy)``, ``_host_acts_after_good_steps()``;
-- ``_eval_metrics(eval_dataset)`` and ``_progress_fields(row)``.
+- ``_before_train()``, ``_after_good_step(step, policy)``, ``_host_acts_after_good_steps()``,
+  ``_train_in_order()``;
+- ``_eval_metrics(eval_dataset, metric_key_prefix)`` and ``_progress_fields(row)``.
 
 The loop keeps the HF Trainer's contract around it (`preftune.callbacks`): ``trainer.state`` is a
 `transformers.TrainerState` (its log history holds every logged row), ``callbacks`` are
@@ -91,7 +92,35 @@ def make_accelerator(args):
         logger.warning("%s=True but this %s has no fast %s kernels; training in float32 instead. Drop --%s to "
                        "silence this.", mixed, "GPU" if on_gpu else "CPU", mixed, mixed)  # fmt: skip
         mixed = "no"
-    return Accelerator(cpu=not on_gpu, mixed_precision=mixed)
+    set_tf32(args.tf32, on_gpu)
+    return Accelerator(cpu=not on_gpu, mixed_precision=mixed, kwargs_handlers=accelerator_handlers(args))
+
+
+def set_tf32(tf32: bool | None, on_gpu: bool) -> None:
+    """``tf32``: TensorFloat-32 for CUDA matmuls and cuDNN convolutions (a process-wide torch setting, as
+    transformers' TrainingArguments sets it); None leaves torch's setting alone."""
+    if tf32 is None:
+        return
+    if not on_gpu:
+        if tf32:
+            logger.warning("tf32=True changes nothing on CPU (TensorFloat-32 is a CUDA GPU format)")
+        return
+    torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+    torch.backends.cudnn.allow_tf32 = bool(tf32)
+
+
+def accelerator_handlers(args) -> list:
+    """accelerate's handlers for the ddp_* fields: DDP's own arguments (those set, else torch's defaults) and
+    the process group's timeout (ddp_timeout seconds)."""
+    from datetime import timedelta
+
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    ddp = {"find_unused_parameters": args.ddp_find_unused_parameters, "bucket_cap_mb": args.ddp_bucket_cap_mb,
+           "broadcast_buffers": args.ddp_broadcast_buffers, "static_graph": args.ddp_static_graph}
+    ddp = {k: v for k, v in ddp.items() if v is not None}
+    handlers: list = [InitProcessGroupKwargs(timeout=timedelta(seconds=int(args.ddp_timeout)))]
+    return handlers + ([DistributedDataParallelKwargs(**ddp)] if ddp else [])
 
 
 def device_defers_checks(device: torch.device) -> bool:
@@ -159,6 +188,7 @@ class TrainLoop:
     """The algorithm-independent half of a trainer: model set-up, the loop, checkpoints, logging."""
 
     sample_name = "samples"  # what one unit of the global batch is called in logs and messages
+    algorithm = "training"  # the algorithm's name in model cards and tags
     progress_desc = "train"
 
     def __init__(self, model, args, *, processing_class=None, peft_config=None, callbacks=None,
@@ -183,12 +213,16 @@ class TrainLoop:
         set_seed(int(args.seed))
         self.layout = resolve_layout(args.batch_layout)
         self.pad_multiple, self.cudnn_attention = resolve_shapes(args, self.accelerator.device)
+        self._model_given = model is not None and not isinstance(model, (str, os.PathLike))
         policy = load_policy(model, args, processing_class=processing_class, peft_config=peft_config,
                              device=self.accelerator.device)
         self.model, self.tokenizer = policy.model, policy.tokenizer
         self.processing_class = self.tokenizer
         self.callback_handler.model, self.callback_handler.processing_class = self.model, self.tokenizer
         self.model_id, self.model_path, self.is_peft = policy.model_id, policy.model_path, policy.is_peft
+        if args.merge_lora and not self.is_peft:
+            raise ValueError("merge_lora=True but the run trains no LoRA adapters (set use_peft or pass peft_config=): "
+                             "the saved model is already a full model")
         self._in_backward: StepInBackward | None = None  # optim_in_backward's hooks, during train()
         self.eval_at_end = False  # evaluate after the last step even with eval_strategy='no'
         self._warned_eval = False
@@ -212,11 +246,15 @@ class TrainLoop:
         """What `_sample_losses` returns, from a batch made by `_host_collate`'s function."""
         raise NotImplementedError
 
-    def _eval_metrics(self, eval_dataset=None) -> dict:
-        """The evaluation's metrics, prefixed ``eval_`` (logging and callbacks are the loop's)."""
+    def _eval_metrics(self, eval_dataset=None, metric_key_prefix: str = "eval") -> dict:
+        """The evaluation's metrics, prefixed `metric_key_prefix` (logging and callbacks are the loop's)."""
         raise NotImplementedError
 
     def _has_eval(self) -> bool:
+        return False
+
+    def _train_in_order(self) -> bool:
+        """True when the training samples are taken in their own order, never shuffled (a streamed dataset)."""
         return False
 
     def _before_train(self) -> None:
@@ -237,7 +275,8 @@ class TrainLoop:
         """The data plan of this run and its number of optimizer steps."""
         args, acc = self.args, self.accelerator
         plan = StepPlan(self._num_train_samples(), args.per_device_train_batch_size, acc.num_processes,
-                        args.gradient_accumulation_steps, int(args.data_seed if args.data_seed is not None else args.seed))
+                        args.gradient_accumulation_steps, int(args.data_seed if args.data_seed is not None else args.seed),
+                        shuffle=not self._train_in_order())
         return plan, (plan.total_steps(args.num_train_epochs, args.max_steps) if plan.steps_per_epoch else 0)
 
     def _planned_samples(self) -> list[int] | None:
@@ -343,7 +382,7 @@ class TrainLoop:
         _, saved = ckpt.read_states(path)
         if saved is not None:
             self.state = TrainerState(**saved)
-            if getattr(self.args, "restore_callback_states_from_checkpoint", False):
+            if self.args.restore_callback_states_from_checkpoint:
                 from transformers import Trainer
 
                 Trainer._load_callback_state(self)  # transformers' own: ExportableState callbacks and control
@@ -533,11 +572,14 @@ class TrainLoop:
         """(log, eval, save) due after the step just taken."""
         args, state = self.args, run.state
         last = state.global_step == run.total_steps
-        log_due = state.global_step % max(1, run.log_every) == 0 or last or (args.logging_first_step and state.global_step == 1)
         epoch_end = state.samples_seen % run.epoch_samples == 0
+        periodic = {"steps": state.global_step % max(1, run.log_every) == 0, "epoch": epoch_end, "no": False}
+        log_due = periodic[args.logging_strategy] or last or (args.logging_first_step and state.global_step == 1)
+        # eval_delay: steps (eval_strategy='steps') or epochs ('epoch') before the first periodic evaluation
         eval_due = self._has_eval() and not last and (
-            (args.eval_strategy == "steps" and bool(run.eval_every) and state.global_step % run.eval_every == 0)
-            or (args.eval_strategy == "epoch" and epoch_end))
+            (args.eval_strategy == "steps" and bool(run.eval_every) and state.global_step % run.eval_every == 0
+             and state.global_step >= args.eval_delay)
+            or (args.eval_strategy == "epoch" and epoch_end and state.samples_seen / run.epoch_samples >= args.eval_delay))
         if args.save_strategy == "steps":
             save_due = bool(run.save_every) and state.global_step % run.save_every == 0
         else:
@@ -736,10 +778,7 @@ class TrainLoop:
         callbacks' on_log, metrics.jsonl during training) and call the callbacks' on_evaluate, as the HF
         Trainer does. ``ignore_keys`` is accepted for the HF signature (preftune's evaluation builds no model
         outputs to ignore)."""
-        metrics = self._eval_metrics(eval_dataset)
-        if metric_key_prefix != "eval":
-            metrics = {f"{metric_key_prefix}_{k[len('eval_'):]}" if k.startswith("eval_") else k: v
-                       for k, v in metrics.items()}
+        metrics = self._eval_metrics(eval_dataset, metric_key_prefix)
         self.log(dict(metrics))
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
         return metrics
@@ -894,9 +933,39 @@ class TrainLoop:
         self.accelerator.wait_for_everyone()
         full = self._full_state_dict()
         if self.accelerator.is_main_process:
-            ckpt.save_pretrained_atomic(self.accelerator.unwrap_model(self.model), self.tokenizer, out, state_dict=full)
+            ckpt.save_pretrained_atomic(self.accelerator.unwrap_model(self.model), self.tokenizer, out, state_dict=full,
+                                        tags=ckpt.model_tags(self))
+            self._write_model_card(out)
+            if self.args.merge_lora:
+                self._save_merged(out, sharded=full is not None)
         self.accelerator.wait_for_everyone()
         return out
+
+    def _save_merged(self, out: Path, *, sharded: bool) -> None:
+        """``merge_lora``: the adapters folded into the base weights, saved in <out>/merged (loads without peft).
+        In memory from a copy (the trained model keeps its adapters); a sharded run merges the saved adapter
+        folder onto its base model instead (``preftune merge``)."""
+        if sharded:
+            from preftune.merge import merge_run
+
+            merge_run(out, out / "merged", overwrite=True)
+            return
+        import copy
+
+        with warnings.catch_warnings():  # peft reads transformers' deprecated alias: not the user's to fix
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            merged = copy.deepcopy(self.accelerator.unwrap_model(self.model)).merge_and_unload()
+        ckpt.save_pretrained_atomic(merged, self.tokenizer, out / "merged")
+        self._write_model_card(out / "merged")
+
+    def _write_model_card(self, out: Path) -> None:
+        """README.md beside the saved weights: base model, data, algorithm and loss, final metrics, version."""
+        from preftune.model_card import run_card_inputs, write_model_card
+
+        base = self.model_id or ("a model object passed to the trainer" if self._model_given else None)
+        write_model_card(out, **run_card_inputs(self.args.to_dict(), metrics_path=Path(self.args.output_dir) / "metrics.jsonl",
+                                                base_model=base, algorithm=self.algorithm,
+                                                defaults=type(self.args)().to_dict()))
 
 
 __all__ = ["TrainLoop", "NonFiniteError", "make_accelerator", "resolve_layout", "resolve_shapes",

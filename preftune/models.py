@@ -94,8 +94,17 @@ def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -> No
 
     transformers marks a model loaded from GGUF as quantized and then refuses to save it, so the
     weights are moved into a fresh model built from the same config without
-    ``quantization_config``.
+    ``quantization_config``. Needs the ``gguf`` package (the ``preftune[gguf]`` extra), which transformers
+    reads GGUF files with.
     """
+    try:
+        import gguf  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            f"loading {gguf_file} needs the gguf package, which reads .gguf files (the embedded default model "
+            "is one): pip install 'preftune[gguf]' (or pip install 'gguf>=0.10'), or pass a model folder in "
+            "safetensors with --model_name_or_path"
+        ) from e
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_file = Path(gguf_file)
@@ -313,7 +322,8 @@ def load_model(name_or_path: str | os.PathLike | None, *, dtype: str | torch.dty
     """AutoModelForCausalLM from safetensors, in the dtype of :func:`resolve_dtype`.
 
     model_init_kwargs: forwarded to ``from_pretrained`` (TRL-style); its ``dtype`` / ``torch_dtype``
-    string is validated and overrides ``dtype``. Pickle weights (``*.bin``) load only with
+    string is validated and overrides ``dtype``. attn_implementation (or model_init_kwargs'): None = what
+    transformers picks for the architecture, SDPA where it supports it, else eager. Pickle weights (``*.bin``) load only with
     ``allow_pickle=True``: unpickling runs arbitrary code. ``device``: move the model there
     (default: leave it on CPU for accelerate to place). cache_dir: see :func:`resolve_model_path`.
     """
@@ -336,23 +346,42 @@ def load_model(name_or_path: str | os.PathLike | None, *, dtype: str | torch.dty
     kwargs.setdefault("use_safetensors", None if allow_pickle else True)
     kwargs.setdefault("trust_remote_code", trust_remote_code)
     kwargs.setdefault("revision", revision)
-    defaulted_attn = attn_implementation is None and "attn_implementation" not in kwargs
-    kwargs.setdefault("attn_implementation", attn_implementation or "sdpa")
+    if attn_implementation is not None:
+        kwargs.setdefault("attn_implementation", attn_implementation)
+    # none chosen: transformers' own choice, SDPA where the architecture declares support for it (its class's
+    # `_supports_sdpa`), eager where it does not (a GPT-OSS model)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
-    except ValueError as e:
-        if not (defaulted_attn and "sdpa" in str(e).lower()):
-            raise
-        logger.info("%s does not support SDPA attention; using eager", path)
-        kwargs["attn_implementation"] = "eager"
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
     except OSError as e:
         raise OSError(
             f"could not load model {path!r} (offline hub, missing or pickle-only weights?): {e}"
         ) from e
+    if kwargs.get("attn_implementation") is None:
+        logger.info("%s: attention implementation %r (transformers' choice for %s)", path,
+                    model.config._attn_implementation, type(model).__name__)
     if device is not None and "quantization_config" not in kwargs:
         model.to(device)
     return model
+
+
+def router_aux_loss_coef(model, requested: float | None) -> float:
+    """The weight of ``model``'s mixture-of-experts router loss in the training loss, as TRL's DPOTrainer
+    picks it: ``requested`` (the config's ``router_aux_loss_coef``), or when None the coefficient the
+    model's config declares (Mixtral's 0.001; 0.0 where it declares none). 0.0 for a model without
+    router logits (its config has no ``output_router_logits``), where a non-zero ``requested`` is refused.
+    """
+    from preftune.logps import _text_config, _unwrap, is_moe
+
+    config = _text_config(_unwrap(model))
+    if not is_moe(model):
+        if requested:
+            raise ValueError(f"router_aux_loss_coef={requested} but {type(_unwrap(model)).__name__} is not a "
+                             "mixture-of-experts model that returns its router logits (its config has no "
+                             "output_router_logits): there is no auxiliary loss to weight; drop router_aux_loss_coef")
+        return 0.0
+    if requested is None:
+        return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+    return float(requested)
 
 
 # --------------------------------------------------------------------------------------------

@@ -64,10 +64,11 @@ def demo_generation_eval(trainer):
 def train(config: DPOConfig | None = None, *, eval_at_end: bool = False, **overrides):
     """Train from a config (the CLI's entry point): train, save the final model, report. Returns the trainer.
     eval_at_end: evaluate the eval set after the last step even with eval_strategy='no'."""
+    from preftune.data.pipeline import FROM_CONFIG
     from preftune.trainer import DPOTrainer
 
     config = config if config is not None else DPOConfig(**overrides)
-    trainer = DPOTrainer(args=config)
+    trainer = DPOTrainer(args=config, train_dataset=FROM_CONFIG)  # the config's dataset_name, else the demo data
     trainer.eval_at_end = eval_at_end
     trainer.train()
     out = trainer.save_model()

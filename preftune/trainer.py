@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,16 @@ import torch
 
 from preftune.config import DPOConfig
 from preftune.data.batching import VarlenPrefix, collate
-from preftune.data.pipeline import prepare_one, prepare_splits, report_skips
+from preftune.data.pipeline import (
+    FROM_CONFIG,
+    PreparedSplit,
+    check_streams_precompute,
+    check_train_dataset,
+    named_splits,
+    prepare_one,
+    prepare_splits,
+    report_skips,
+)
 from preftune.dpo import DPOObjective, evaluate_pairs
 from preftune.loop import NonFiniteError, TrainLoop, resolve_layout, resolve_shapes
 from preftune.policy import mark_head
@@ -41,8 +51,14 @@ class DPOTrainer(TrainLoop):
     The signature follows TRL's DPOTrainer: ``DPOTrainer(model, ref_model=None, args=DPOConfig(...),
     train_dataset=..., eval_dataset=..., processing_class=tokenizer, peft_config=LoraConfig(...))``.
     `model` may be a model object, a local path or hub id, or None (the config's
-    `model_name_or_path`, else the embedded default SmolLM2-135M-Instruct). Datasets may be
-    `datasets.Dataset`/`DatasetDict` objects, lists of dicts, or file/directory paths.
+    `model_name_or_path`, else the embedded default SmolLM2-135M-Instruct).
+
+    `train_dataset` is required (``FROM_CONFIG``: the config's dataset_name or the demo data, as
+    `preftune.train()` and the command line read them): a `datasets.Dataset`, a `datasets.IterableDataset`
+    (a stream; needs ``max_steps``; its first ``max_steps`` x global batch pairs are trained on in the
+    stream's order), a list of dicts, or a file/directory path. `eval_dataset` takes the same, or a mapping of
+    named eval sets (a dict, `DatasetDict` or `IterableDatasetDict`), each evaluated with the metric prefix
+    ``eval_<name>_``. `self.train_dataset` and `self.eval_dataset` are the arguments as given.
 
     As the HF Trainer: ``callbacks`` are `transformers.TrainerCallback` objects, ``optimizers=(optimizer,
     lr_scheduler)`` replace preftune's AdamW and schedule (either may be None; a scheduler needs its
@@ -55,6 +71,7 @@ class DPOTrainer(TrainLoop):
     """
 
     sample_name = "pairs"
+    algorithm = "DPO"
     progress_desc = "dpo"
 
     def __init__(
@@ -79,22 +96,34 @@ class DPOTrainer(TrainLoop):
                 "TRL's padded tensors has nothing to act on. Drop data_collator; set batch_layout / "
                 "pad_to_multiple_of to change the batching")
         args = args if args is not None else DPOConfig()
+        if train_dataset is not FROM_CONFIG:  # before the model is loaded
+            check_train_dataset(train_dataset, args)
+        if eval_dataset is not None:
+            check_streams_precompute(eval_dataset, args)
         self.objective = DPOObjective.from_args(args)  # loss errors before the model is loaded
         self.loss_names, self.loss_kwargs = self.objective.loss_names, self.objective.loss_kwargs
         self.needs_reference = self.objective.needs_reference
         super().__init__(model, args, processing_class=processing_class if processing_class is not None else tokenizer,
                          peft_config=peft_config, callbacks=callbacks, optimizers=optimizers)
         self.compute_metrics = compute_metrics
+        self.objective.router_aux_loss_coef = self._router_aux_loss_coef()
         with self.accelerator.main_process_first():
-            self.train_split, self.eval_split = prepare_splits(args, self.tokenizer, train_dataset, eval_dataset)
+            self.train_split, self.eval_split = prepare_splits(args, self.tokenizer, train_dataset, eval_dataset,
+                                                               num_processes=self.accelerator.num_processes)
         if self.accelerator.is_main_process:
-            for split in (self.train_split, self.eval_split):
-                if split is not None and (msg := report_skips(split, args.output_dir)):
+            for split in [self.train_split] + [split for _, split in named_splits(self.eval_split)]:
+                if msg := report_skips(split, args.output_dir):
                     logger.warning(msg)
+        # the datasets as given, as Hugging Face's Trainer keeps them; from the config: the rows it named
+        from_config = train_dataset is FROM_CONFIG
+        self.train_dataset = self.train_split.source if from_config else train_dataset
+        self.eval_dataset = (getattr(self.eval_split, "source", None) if from_config and eval_dataset is None
+                             else eval_dataset)
         # a ref model given in code, else the config's ref_model_name_or_path (LoRA runs too), else the default
         self._ref_model_arg = ref_model if ref_model is not None else args.ref_model_name_or_path
         self.reference = None
-        self._eval_reference_table = None
+        self._eval_reference_tables = {}  # eval split name -> its precomputed reference (`named_splits`)
+        self._policy_moved = False  # train() has begun: the policy no longer holds its initial weights
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
 
     # --- the loop's hooks -------------------------------------------------------------------------
@@ -104,9 +133,13 @@ class DPOTrainer(TrainLoop):
     def _has_eval(self) -> bool:
         return self.eval_split is not None
 
+    def _train_in_order(self) -> bool:
+        return self.train_split.streamed
+
     def _before_train(self) -> None:
         if self.reference is None:
             self.reference = self._build_reference()
+        self._policy_moved = True  # from here on (a resumed checkpoint, the first step) the weights are not the initial ones
 
     def _sample_losses(self, indices: list[int]):
         return self._batch_losses(self._collate(self._features(self.train_split, indices)))
@@ -153,31 +186,40 @@ class DPOTrainer(TrainLoop):
         return self.objective.pair_losses(model if model is not None else self.model, batch, reference)
 
     # --- evaluation --------------------------------------------------------------------------------------
-    def _eval_metrics(self, eval_dataset=None) -> dict:
-        """Implicit-reward metrics on the eval pairs, prefixed `eval_`, and compute_metrics' (`evaluate()` logs
-        them and calls the callbacks)."""
+    def _eval_metrics(self, eval_dataset=None, metric_key_prefix: str = "eval") -> dict:
+        """Implicit-reward metrics on the eval pairs (and compute_metrics'), prefixed `eval_`; with several named
+        eval sets (a dict given here or to the constructor) each set's prefixed ``eval_<name>_``, as Hugging Face's
+        Trainer does. A name of the constructor's eval sets selects that set (prefix ``eval_``). The loop's
+        `evaluate()` logs them and calls the callbacks."""
         with self._attention_kernels():
-            return self._evaluate(eval_dataset)
+            metrics = {}
+            for prefix, dataset in self._eval_sets(eval_dataset):
+                for key, value in self._evaluate(dataset).items():
+                    metrics[metric_key_prefix + prefix + key[len("eval"):] if key.startswith("eval_") else key] = value
+            return metrics
+
+    def _eval_sets(self, eval_dataset) -> list[tuple[str, object]]:
+        """(key prefix after ``eval``, dataset or prepared split) of each eval set `evaluate` covers."""
+        own = self.eval_split
+        if eval_dataset is None:
+            return [(name[len("eval"):], split) for name, split in named_splits(own)] or [("", None)]
+        if isinstance(eval_dataset, str) and isinstance(own, dict) and eval_dataset in own:
+            return [("", own[eval_dataset])]
+        check_streams_precompute(eval_dataset, self.args)
+        if isinstance(eval_dataset, Mapping):
+            return [(f"_{name}", dataset) for name, dataset in eval_dataset.items()]
+        return [("", eval_dataset)]
 
     def _evaluate(self, eval_dataset) -> dict:
         args = self.args
         split = self.eval_split
-        if eval_dataset is not None:
+        if isinstance(eval_dataset, PreparedSplit):
+            split = eval_dataset
+        elif eval_dataset is not None:
             split = prepare_one(eval_dataset, self.tokenizer, args, name="eval")
         if split is None:
             raise ValueError("evaluate() needs an eval_dataset (argument, DPOTrainer(eval_dataset=...), or config)")
-        if self.reference is None:
-            self.reference = self._build_reference()
-        reference = self.reference
-        cached = self._source() == "cache"
-        if self._eval_reference_table is not None and split is self.eval_split:
-            reference = self._eval_reference_table
-        elif cached and args.precompute_ref_log_probs is None and reference is not None:
-            reference = self._live_reference()  # automatic precompute covered the run's own eval set only
-        elif cached and reference is not None:
-            raise ValueError(
-                "evaluate(eval_dataset=...) with precompute_ref_log_probs=True: the reference log-probs are cached per "
-                "dataset; pass the eval set to DPOTrainer(eval_dataset=...) instead")
+        reference = self._eval_reference(split)
         out = evaluate_pairs(self.objective, self.model, reference, split.features,
                              collate=lambda feats: self._to_device(self._collate(feats)),
                              batch_size=args.per_device_eval_batch_size, accelerator=self.accelerator,
@@ -194,6 +236,54 @@ class DPOTrainer(TrainLoop):
         return metrics
 
     # --- the reference ------------------------------------------------------------------------------------
+    @property
+    def ref_model(self):
+        """The separate reference model, as TRL's ``trainer.ref_model``: None when the reference is the policy
+        with its adapters off, precomputed log-probs, or none (a reference-free loss); otherwise the frozen
+        model (built on first use: loaded from its path, or a copy of the policy before training)."""
+        if self._source() != "frozen_model":
+            return None
+        if getattr(self, "reference", None) is None:
+            self.reference = self._build_reference()
+        return getattr(self.reference, "model", None)
+
+    def _router_aux_loss_coef(self) -> float:
+        """The mixture-of-experts router loss's weight for this run (0.0 for a dense model): the config's
+        ``router_aux_loss_coef``, else the model config's (`preftune.models.router_aux_loss_coef`)."""
+        from preftune import models
+
+        return models.router_aux_loss_coef(self.model, getattr(self.args, "router_aux_loss_coef", None))
+
+    def _eval_reference(self, split):
+        """The reference that evaluates ``split``. With precomputed log-probs: the run's own eval set reads its
+        table; any other set gets a live reference of the initial weights (`_new_set_reference`)."""
+        if self.reference is None:
+            self.reference = self._build_reference()
+        if self._source() != "cache":
+            return self.reference
+        table = next((self._eval_reference_tables.get(name) for name, own in named_splits(self.eval_split)
+                      if own is split), None)  # one of the run's own eval sets, precomputed with the training set
+        return table if table is not None else self._new_set_reference()
+
+    def _new_set_reference(self):
+        """A live reference for an eval set the precompute did not cover, from the initial weights: the given
+        ref model, the policy with its adapters off, the policy itself before training, or after training
+        the initial model reloaded from its path. A full model trained in this process with neither a ref
+        model nor a path is refused: its initial weights are gone (the reference was precomputed so as not
+        to keep them), and the trained policy as its own reference would read every reward as 0."""
+        ref_model = self._ref_model_arg
+        if isinstance(ref_model, (str, os.PathLike)):
+            ref_model = self._load_reference(ref_model)
+        elif ref_model is None and not self.is_peft and self._policy_moved:
+            if not self.model_path:
+                raise ValueError(
+                    "evaluate(eval_dataset=...) after training: the reference log-probs were precomputed and the "
+                    "initial weights were not kept (full fine-tuning of a model object with no path to reload it "
+                    "from), so this new set's reference cannot be computed. Pass the set as DPOTrainer(eval_dataset="
+                    "...), evaluate it before train(), pass ref_model=, or set precompute_ref_log_probs=False")
+            ref_model = self._load_reference(self.model_path)
+        return self._reference_for_precompute(ref_model)
+
     def _source(self) -> str:
         """Which reference source this run uses (`preftune.reference.choose_source`)."""
         from preftune.reference import choose_source, plain_data_parallel
@@ -278,7 +368,7 @@ class DPOTrainer(TrainLoop):
         if isinstance(ref_model, (str, os.PathLike)):
             ref_model = self._load_reference(ref_model)
         tables = {}
-        splits = [("train", self.train_split)] + ([("eval", self.eval_split)] if self.eval_split is not None else [])
+        splits = [("train", self.train_split)] + named_splits(self.eval_split)
         source = self._reference_for_precompute(ref_model)
         common = self._cache_key_parts(ref_model)  # weights and tokenizer hashed once for both splits
         for name, split in splits:
@@ -301,7 +391,7 @@ class DPOTrainer(TrainLoop):
                 chunk_size=args.logps_chunk_size,
                 **self.objective.reference_kwargs,
             )
-        self._eval_reference_table = CachedReference(tables["eval"]) if "eval" in tables else None
+        self._eval_reference_tables = {name: CachedReference(t) for name, t in tables.items() if name != "train"}
         del source, ref_model  # the reference model is freed: only the (N, 2) tables stay
         return CachedReference(tables["train"])
 

@@ -71,10 +71,12 @@ def main(spec_path: str) -> None:
     if spec.get("fsdp_on_cpu"):
         force_fsdp_on_cpu()
     from preftune.config import DPOConfig
+    from preftune.data.pipeline import FROM_CONFIG
     from preftune.trainer import DPOTrainer
 
     for job in spec["jobs"]:
-        trainer = DPOTrainer(model=job.get("model", spec["model"]), args=DPOConfig(**job["config"]))
+        trainer = DPOTrainer(model=job.get("model", spec["model"]), args=DPOConfig(**job["config"]),
+                             train_dataset=FROM_CONFIG)
         seen = []
         if job.get("predictions"):
             trainer.compute_metrics = lambda pred, seen=seen: seen.append(pred.predictions.tolist()) or {}

@@ -46,6 +46,34 @@ def test_checkpoint_contents_and_rotation(trained):
     assert config.max_steps == 4 and config.save_total_limit == 1 and config.seed == 3
 
 
+def _card_tags(folder: Path) -> list[str]:
+    from huggingface_hub import ModelCard
+
+    return list(ModelCard.load(folder / "README.md").data.tags or [])
+
+
+def test_saved_models_carry_preftune_and_the_algorithm_as_tags(trained, tmp_path):
+    """As TRL's trainers tag theirs (model.add_model_tags): the checkpoint's model and save_model's folder."""
+    trainer, out = trained
+    assert {"preftune", "dpo"} <= set(_card_tags(out / "checkpoint-4" / "model"))
+    final = trainer.save_model(tmp_path / "final")
+    assert {"preftune", "dpo"} <= set(_card_tags(final))
+    assert {"preftune", "dpo"} <= set(trainer.accelerator.unwrap_model(trainer.model).model_tags)
+
+
+def test_adapter_model_card_carries_the_tags(tmp_path):
+    """A LoRA adapter's README.md is peft's own card, with the base model's tags in it."""
+    from peft import LoraConfig
+
+    from preftune.models import apply_peft
+    from preftune.testing import tiny_model, tiny_tokenizer
+
+    adapter = apply_peft(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    ckpt.save_pretrained_atomic(adapter, tiny_tokenizer(), tmp_path / "adapter", tags=["preftune", "dpo"])
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert {"preftune", "dpo", "lora"} <= set(_card_tags(tmp_path / "adapter"))
+
+
 def test_partial_checkpoints_are_never_latest(trained, tmp_path):
     _, src = trained
     out = tmp_path / "run"

@@ -436,7 +436,7 @@ def test_help_lists_every_field_with_help_and_default():
 
 def test_every_field_has_help_and_group():
     for f in dataclasses.fields(DPOConfig):
-        assert len(f.metadata["help"]) > 10 and f.metadata["group"] in DPOConfig.GROUP_TITLES, f.name
+        assert len(f.metadata["help"]) > 10 and DPOConfig.FIELD_INFO[f.name]["group"] in DPOConfig.GROUP_TITLES, f.name
 
 
 def test_defaults_json_safe_and_finite():
@@ -649,7 +649,7 @@ def test_loss_parameter_fields_come_from_the_registry():
     by_name = {f.name: f for f in dataclasses.fields(DPOConfig)}
     for key, p in losses.config_params().items():
         f = by_name[key]
-        assert f.default == p.default and f.metadata["group"] == "loss", key
+        assert f.default == p.default and DPOConfig.FIELD_INFO[f.name]["group"] == "loss", key
         assert f.metadata["help"] == ("[preftune] " if p.extra else "") + (p.doc or p.help), key
     assert by_name["label_smoothing"].metadata["help"] == "Assumed rate of flipped labels, in [0, 0.5) (cDPO / robust)."
     assert by_name["hinge_delta"].metadata["help"].startswith("[preftune] Margin delta")
@@ -681,7 +681,7 @@ def test_a_new_loss_parameter_is_one_declaration(monkeypatch):
 
 
 # ---- every accepted field is read ---------------------------------------------------------------------------
-def _package_sources(skip=("config.py", "config_base.py")) -> str:
+def _package_sources(skip=("config.py", "config_base.py", "model_card.py")) -> str:
     import pathlib
 
     import preftune
@@ -717,9 +717,12 @@ def test_every_field_is_read_outside_the_config_or_listed_as_ignored(cls_path):
     methods = {m for group in called for m in group if m and callable(getattr(cls, m, None))}
     via_methods = "\n".join(inspect.getsource(getattr(cls, m)) for m in methods)
     loss_fields = set(config_params()) if issubclass(cls, DPOConfig) else set()
+    def read(name):
+        return _reads(name, text) or _reads(name, via_methods) or name in loss_fields
+
     unread = [f.name for f in fields(cls)
-              if not (_reads(f.name, text) or _reads(f.name, via_methods) or f.name in loss_fields
-                      or f.name in cls.ACCEPTED_IGNORED or f.name in cls.VALIDATED_ONLY)]
+              if not (read(f.name) or f.name in cls.ACCEPTED_IGNORED or f.name in cls.VALIDATED_ONLY
+                      or (f.name in cls.SYNONYMS and read(cls.SYNONYMS[f.name])))]
     assert unread == [], f"{cls.__name__} fields nothing reads: {unread}; wire them, or list them in ACCEPTED_IGNORED"
     for listed in (*cls.ACCEPTED_IGNORED, *cls.VALIDATED_ONLY):
         assert listed in {f.name for f in fields(cls)}, listed
@@ -738,3 +741,230 @@ def test_accepted_but_ignored_fields_warn_when_set(caplog):
     DPOConfig(output_dir="x", use_liger_loss=True, dataset_num_proc=4)
     assert "use_liger_loss=True is accepted for compatibility and changes nothing" in caplog.text
     assert "dataset_num_proc=4 is accepted" in caplog.text
+
+
+# ---- TRL 1.16's DPOConfig field names, TrlParser, the differences page --------------------------------------
+# dataclasses.fields(trl.DPOConfig) of TRL 1.16.0 with transformers 5.25 (test_trl_field_list_is_current checks
+# it against an installed TRL).
+TRL_DPO_CONFIG_FIELDS = """
+output_dir per_device_train_batch_size num_train_epochs max_steps learning_rate lr_scheduler_type
+lr_scheduler_kwargs warmup_steps optim optim_args weight_decay adam_beta1 adam_beta2 adam_epsilon
+optim_target_modules gradient_accumulation_steps average_tokens_across_devices max_grad_norm
+label_smoothing_factor bf16 fp16 bf16_full_eval fp16_full_eval tf32 activation_checkpointing
+activation_checkpointing_kwargs gradient_checkpointing gradient_checkpointing_kwargs torch_compile
+torch_compile_backend torch_compile_mode use_liger_kernel liger_kernel_config use_cache neftune_noise_alpha
+torch_empty_cache_steps auto_find_batch_size logging_strategy logging_steps logging_first_step log_on_each_node
+logging_nan_inf_filter include_num_input_tokens_seen log_level log_level_replica disable_tqdm report_to run_name
+project trackio_space_id trackio_bucket_id trackio_static_space_id eval_strategy eval_steps eval_delay
+per_device_eval_batch_size prediction_loss_only eval_on_start eval_do_concat_batches eval_use_gather_object
+eval_accumulation_steps include_for_metrics batch_eval_metrics save_only_model save_strategy save_steps
+save_on_each_node save_total_limit enable_jit_checkpoint push_to_hub hub_token hub_private_repo hub_model_id
+hub_strategy hub_always_push hub_revision load_best_model_at_end metric_for_best_model greater_is_better
+ignore_data_skip restore_callback_states_from_checkpoint full_determinism seed data_seed use_cpu
+accelerator_config parallelism_config dataloader_drop_last dataloader_num_workers dataloader_pin_memory
+dataloader_persistent_workers dataloader_prefetch_factor dataloader_multiprocessing_context dataloader_in_order
+remove_unused_columns label_names train_sampling_strategy length_column_name ddp_find_unused_parameters
+ddp_bucket_cap_mb ddp_broadcast_buffers ddp_static_graph ddp_backend ddp_timeout fsdp fsdp_config deepspeed
+debug skip_memory_metrics do_train do_eval do_predict resume_from_checkpoint local_rank model_init_kwargs
+trust_remote_code router_aux_loss_coef disable_dropout dataset_num_proc max_length truncation_mode padding_free
+pad_to_multiple_of precompute_ref_log_probs precompute_ref_batch_size loss_type loss_weights ld_alpha
+f_divergence_type f_alpha_divergence_coef label_smoothing beta use_weighting discopop_tau activation_offloading
+sync_ref_model ref_model_mixup_alpha ref_model_sync_steps pad_token
+""".split()
+
+
+def test_every_trl_field_name_is_a_field_or_refused_by_name():
+    names = {f.name for f in dataclasses.fields(DPOConfig)}
+    assert len(TRL_DPO_CONFIG_FIELDS) == 139
+    missing = [n for n in TRL_DPO_CONFIG_FIELDS if n not in names and n not in DPOConfig.REFUSED]
+    assert missing == []
+    for n in TRL_DPO_CONFIG_FIELDS:  # none of them is an unknown field, whatever its value
+        if n not in names:
+            with pytest.raises(ConfigError) as e:
+                DPOConfig(**{n: "x"})
+            assert "unknown field" not in str(e.value) and DPOConfig.REFUSED[n] in str(e.value)
+
+
+def test_trl_field_list_is_current():
+    trl = pytest.importorskip("trl")
+    assert [f.name for f in dataclasses.fields(trl.DPOConfig)] == TRL_DPO_CONFIG_FIELDS, trl.__version__
+
+
+def _trl_defaults() -> dict:
+    trl = pytest.importorskip("trl")
+    out = {}
+    for f in dataclasses.fields(trl.DPOConfig):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+# TRL defaults preftune does not take, each a documented difference (docs/differences_from_trl.md)
+TRL_DEFAULTS_REFUSED = {"dataloader_drop_last": False}
+
+
+def test_trl_default_values_are_accepted(caplog):
+    """A program that sets TRL fields to TRL's own defaults runs: each is taken (the value of an enum written as
+    its string), except the documented differences, refused by name."""
+    caplog.set_level(logging.WARNING, logger="preftune")
+    values = {k: getattr(v, "value", v) for k, v in _trl_defaults().items() if k not in TRL_DEFAULTS_REFUSED}
+    c = DPOConfig(**values)
+    assert c.gradient_checkpointing is True and c.loss_type == "sigmoid" and c.pad_to_multiple_of is None
+    assert c.truncation_mode == "keep_start" and c.precompute_ref_log_probs is False
+    assert "changes nothing" not in caplog.text  # every accepted-and-ignored field at its default
+    for name, value in TRL_DEFAULTS_REFUSED.items():
+        with pytest.raises(ConfigError, match=rf"{name}={value!r}: preftune supports only"):
+            DPOConfig(**{name: value})
+
+
+def _other_value(name: str):
+    """A value of the field's type other than its default."""
+    from typing import get_type_hints
+
+    default = getattr(DPOConfig(), name)
+    hint = str(get_type_hints(DPOConfig)[name])
+    if "bool" in hint:
+        return not default
+    if "list" in hint:
+        return ["loss"]
+    if "dict" in hint:
+        return {"x": True}
+    if "int" in hint or "float" in hint:
+        return (default or 0) + 1
+    return "x" + str(default)
+
+
+@pytest.mark.parametrize("name", sorted(DPOConfig.SUPPORTED_ONLY))
+def test_supported_only_fields_refuse_other_values_saying_what_to_do(name):
+    accepted, instead = DPOConfig.SUPPORTED_ONLY[name]
+    assert name in DPOConfig.VALIDATED_ONLY
+    for value in accepted:
+        DPOConfig(**{name: value})
+    with pytest.raises(ConfigError) as e:
+        DPOConfig(**{name: _other_value(name)})
+    assert f"{name}=" in str(e.value) and instead in str(e.value)
+
+
+@pytest.mark.parametrize("name", sorted(set(DPOConfig.ACCEPTED_IGNORED) - {"dataset_num_proc"}))
+def test_accepted_ignored_fields_warn_with_their_reason(name, caplog):
+    caplog.set_level(logging.WARNING, logger="preftune")
+    value = _other_value(name)
+    DPOConfig(**{name: value})
+    assert f"{name}={value!r} is accepted for compatibility and changes nothing: {DPOConfig.ACCEPTED_IGNORED[name]}" \
+        in caplog.text
+
+
+def test_include_num_input_tokens_seen_takes_trl_booleans():
+    assert DPOConfig(include_num_input_tokens_seen=False).include_num_input_tokens_seen == "no"
+    with pytest.raises(ConfigError, match="include_num_input_tokens_seen='all'"):
+        DPOConfig(include_num_input_tokens_seen=True)
+
+
+def test_activation_checkpointing_is_gradient_checkpointings_newer_name():
+    c = DPOConfig(activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True})
+    assert c.gradient_checkpointing is True and c.gradient_checkpointing_kwargs == {"use_reentrant": True}
+    assert DPOConfig(activation_checkpointing=True, gradient_checkpointing=True).gradient_checkpointing is True
+    with pytest.raises(ConfigError, match="activation_checkpointing=False contradicts gradient_checkpointing=True"):
+        DPOConfig(activation_checkpointing=False, gradient_checkpointing=True)
+    assert DPOConfig.from_yaml is not None and DPOConfig().gradient_checkpointing is False
+
+
+def test_whole_step_counts_stay_integers():
+    c = DPOConfig(logging_steps=5.0, save_steps="20", eval_steps=3.0, warmup_steps=0.5)
+    assert (type(c.logging_steps), type(c.save_steps), type(c.eval_steps)) == (int, int, int)
+    assert c.warmup_steps == 0.5
+
+
+def test_model_init_kwargs_dtype_is_written_as_text_and_loads_back(tmp_path):
+    import torch
+
+    c = DPOConfig(output_dir=str(tmp_path), model_init_kwargs={"dtype": torch.float16, "revision": "main"})
+    assert c.model_init_kwargs["dtype"] is torch.float16  # kept as given for loading
+    text = c.to_yaml(str(tmp_path / "config.yaml"))
+    assert "dtype: float16" in text
+    back = DPOConfig.from_yaml(str(tmp_path / "config.yaml"))
+    assert back.model_init_kwargs == {"dtype": "float16", "revision": "main"}
+    from preftune.models import _parse_dtype
+
+    assert _parse_dtype(back.model_init_kwargs["dtype"], "x") is torch.float16
+    assert json.loads(json.dumps(c.to_dict()))["model_init_kwargs"]["dtype"] == "float16"
+
+
+def test_fields_trl_scripts_declare_elsewhere_are_hidden_from_hf_parsers_only():
+    """On the class, init=False (HfArgumentParser makes no flag of them); on an instance, ordinary fields, so
+    dataclasses.replace carries them."""
+    hidden = set(DPOConfig.TRL_SCRIPT_FIELDS)
+    on_class = {f.name: f.init for f in dataclasses.fields(DPOConfig)}
+    assert {n for n, init in on_class.items() if not init} == hidden
+    c = DPOConfig(model_name_or_path="m", dataset_name="d.jsonl", use_peft=True, lora_r=4)
+    assert all(f.init for f in dataclasses.fields(c))
+    r = dataclasses.replace(c, beta=0.3)
+    assert (r.model_name_or_path, r.dataset_name, r.use_peft, r.lora_r, r.beta) == ("m", "d.jsonl", True, 4, 0.3)
+    assert all("group" not in f.metadata and set(f.metadata) == {"help"} for f in dataclasses.fields(DPOConfig))
+
+
+def test_trl_parser_with_flags_and_a_yaml_file(tmp_path):
+    """TRL's scripts: TrlParser((ScriptArguments, DPOConfig, ModelConfig)).parse_args_and_config()."""
+    trl = pytest.importorskip("trl")
+    parser = trl.TrlParser((trl.ScriptArguments, DPOConfig, trl.ModelConfig))
+    script, args, model = parser.parse_args_and_config([
+        "--dataset_name", "data.jsonl", "--model_name_or_path", "my-model", "--output_dir", str(tmp_path / "o"),
+        "--beta", "0.2", "--loss_type", "sigmoid", "sft", "--logging_steps", "5", "--bf16", "false",
+        "--gradient_checkpointing", "--eval_strategy", "steps", "--use_peft", "--lora_r", "8",
+        "--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_kwargs", '{"min_lr_rate": 0.1}'])
+    assert isinstance(args, DPOConfig)
+    assert (args.beta, args.loss_type, args.logging_steps, args.bf16, args.gradient_checkpointing) == (
+        0.2, ["sigmoid", "sft"], 5, False, True)
+    assert args.eval_strategy == "steps" and args.eval_steps == 5 and args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+    assert (script.dataset_name, model.model_name_or_path, model.use_peft, model.lora_r) == (
+        "data.jsonl", "my-model", True, 8)
+    assert args.model_name_or_path is None and args.use_peft is False  # the script passes them on itself
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model_name_or_path: my-model\ndataset_name: data.jsonl\noutput_dir: %s\nbeta: 0.3\n"
+                    "learning_rate: 5.0e-7\nmax_length: 256\nlr_scheduler_type: cosine_with_min_lr\n"
+                    "lr_scheduler_kwargs: {min_lr_rate: 0.1}\nreport_to: none\nlogging_strategy: epoch\n"
+                    "model_init_kwargs: {dtype: bfloat16}\n" % (tmp_path / "o2"))
+    script, args, model = parser.parse_args_and_config(["--config", str(path), "--beta", "0.4"])
+    assert (args.output_dir, args.beta, args.learning_rate, args.max_length) == (str(tmp_path / "o2"), 0.4, 5e-7, 256)
+    assert args.lr_scheduler_kwargs == {"min_lr_rate": 0.1} and args.report_to == ["none"]
+    assert args.logging_strategy == "epoch" and args.model_init_kwargs == {"dtype": "bfloat16"}
+    assert (script.dataset_name, model.model_name_or_path) == ("data.jsonl", "my-model")
+    with pytest.raises(ConfigError, match="torch_compile=True"):
+        parser.parse_args_and_config(["--output_dir", "o", "--torch_compile"])
+
+
+def test_preftune_cli_still_takes_the_fields_hidden_from_hf_parsers():
+    c, _ = DPOConfig.parse_cli(["--model", "m", "--dataset_name", "d.jsonl", "--use_peft", "true",
+                                "--lora_r", "4", "--dtype", "float32", "--logging_strategy", "no"])
+    assert (c.model_name_or_path, c.dataset_name, c.use_peft, c.lora_r, c.dtype) == ("m", "d.jsonl", True, 4, "float32")
+    assert c.logging_strategy == "no"
+
+
+# ---- docs/differences_from_trl.md agrees with the class attributes ------------------------------------------
+def _doc_lists(cls=DPOConfig) -> dict[str, list[str]]:
+    """The three lists of docs/differences_from_trl.md, as the class attributes give them."""
+    return {
+        "Accepted and ignored": [f"- `{n}`: {why}" for n, why in cls.ACCEPTED_IGNORED.items()],
+        "Accepted with preftune's behaviour only": [
+            f"- `{n}`: only {' or '.join(f'`{v!r}`' for v in ok)}; {why}" for n, (ok, why) in cls.SUPPORTED_ONLY.items()],
+        "Refused by name": [f"- `{n}`: {why}" for n, why in cls.REFUSED.items()],
+    }
+
+
+def test_differences_page_lists_what_the_code_does():
+    import pathlib
+
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "differences_from_trl.md").read_text(encoding="utf-8")
+    sections = {}
+    for part in text.split("\n## ")[1:]:
+        title, _, body = part.partition("\n")
+        sections[title.strip()] = [line for line in body.splitlines() if line.startswith("- `")]
+    for title, lines in _doc_lists().items():
+        assert sections.get(title) == lines, f"docs/differences_from_trl.md '{title}' differs from DPOConfig"
+    table = sections and text.split("## Deliberate differences")[1].split("\n## ")[0]
+    for name in (*DPOConfig.TRL_SCRIPT_FIELDS, *TRL_DEFAULTS_REFUSED, "precompute_ref_log_probs",
+                 "gradient_checkpointing", "truncation_mode", "max_prompt_length", "padding_free", "bf16"):
+        assert f"`{name}`" in table, name

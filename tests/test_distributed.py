@@ -272,7 +272,7 @@ def cli_runs(tmp_path_factory):
     model_dir = make_model_dir(tmp / "model")
     data = write_jsonl(tmp / "pairs.jsonl", pair_rows(16))
     flags = ["--model_name_or_path", str(model_dir), "--dataset", str(data), "--eval_dataset", "0.25",
-             "--eval_strategy", "steps", "--eval_steps", "100", "--max_steps", "3",
+             "--eval_strategy", "steps", "--eval_steps", "100", "--eval_on_start", "true", "--max_steps", "3",
              "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--logging_steps", "1",
              "--save_steps", "2", "--seed", "0", "--use_cpu", "true", "--report_to", "none"]  # fmt: skip
     two, one = tmp / "two", tmp / "one"

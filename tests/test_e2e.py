@@ -13,6 +13,7 @@ import time
 import pytest
 
 from preftune import DPOConfig, DPOTrainer
+from preftune.data.pipeline import FROM_CONFIG
 
 pytestmark = pytest.mark.e2e
 
@@ -25,7 +26,7 @@ def test_dpo_on_embedded_smollm2_learns_the_demo_preferences(tmp_path):
         demo_eval_size=32, per_device_eval_batch_size=16, eval_strategy="no", save_strategy="no",
         logging_steps=5, report_to=["none"], seed=0,
     )
-    trainer = DPOTrainer(args=args)  # no model, no data: the embedded model on the demo tasks
+    trainer = DPOTrainer(args=args, train_dataset=FROM_CONFIG)  # no model, no data: the embedded model on the demo tasks
     assert len(trainer.eval_split) == 32
     assert not {p.prompt[0]["content"] for p in trainer.eval_split.rows} & {
         p.prompt[0]["content"] for p in trainer.train_split.rows}  # held-out prompts

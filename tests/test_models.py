@@ -115,6 +115,30 @@ def test_load_model_safetensors(tiny_dir):
     assert load_model(path, attn_implementation="eager").config._attn_implementation == "eager"
 
 
+def test_attention_is_eager_where_the_architecture_declares_no_sdpa(tmp_path, tiny_dir):
+    """Without an explicit choice transformers picks by the class's ``_supports_sdpa``: SDPA for Llama (above),
+    eager for the same architecture declaring no SDPA support; asking for SDPA there is transformers' error."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    class NoSdpaConfig(LlamaConfig):
+        model_type = "preftune_test_no_sdpa"
+
+    class NoSdpaForCausalLM(LlamaForCausalLM):
+        config_class = NoSdpaConfig
+        _supports_sdpa = False
+
+    AutoConfig.register(NoSdpaConfig.model_type, NoSdpaConfig, exist_ok=True)
+    AutoModelForCausalLM.register(NoSdpaConfig, NoSdpaForCausalLM, exist_ok=True)
+    path, original = tiny_dir
+    no_sdpa = NoSdpaForCausalLM(NoSdpaConfig(**original.config.to_dict()))
+    no_sdpa.save_pretrained(tmp_path / "no_sdpa")
+    assert type(load_model(tmp_path / "no_sdpa")).__name__ == "NoSdpaForCausalLM"
+    assert load_model(tmp_path / "no_sdpa").config._attn_implementation == "eager"
+    assert load_model(path).config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="scaled_dot_product_attention"):
+        load_model(tmp_path / "no_sdpa", attn_implementation="sdpa")
+
+
 def test_load_model_rejects_bad_kwargs(tiny_dir):
     path, _ = tiny_dir
     with pytest.raises(ValueError, match=r"model_init_kwargs\['torch_dtype'\]"):

@@ -451,6 +451,86 @@ def test_plain_data_parallel():
         assert plain_data_parallel(types.SimpleNamespace(distributed_type=kind)) == (kind in plain)
 
 
+# ---- the trainer's reference: trainer.ref_model and evaluate(eval_dataset=...) on a new set ----------------
+
+
+def _trainer(tmp_path, name, **kw):
+    from tests.test_trainer import conversational_rows, make_trainer
+
+    return make_trainer(tmp_path, conversational_rows(8), name=name, **kw)
+
+
+def test_trainer_ref_model_as_trl_names_it(tmp_path):
+    """None where the reference is precomputed, the adapters-off policy or absent; else the frozen model."""
+    from peft import LoraConfig
+
+    from preftune.testing import tiny_model
+
+    assert _trainer(tmp_path, "auto").ref_model is None  # automatic precompute
+    assert _trainer(tmp_path, "lora", peft_config=LoraConfig(r=2, target_modules=["q_proj"])).ref_model is None
+    assert _trainer(tmp_path, "free", loss_type="simpo").ref_model is None
+    live = _trainer(tmp_path, "live", precompute_ref_log_probs=False)
+    ref, policy = live.ref_model, live.accelerator.unwrap_model(live.model)
+    assert ref is not None and ref is not policy and not any(p.requires_grad for p in ref.parameters())
+    for (n, a), (_, b) in zip(ref.named_parameters(), policy.named_parameters()):
+        assert torch.equal(a, b), n
+    from preftune import DPOTrainer
+    from preftune.testing import tiny_tokenizer
+    from tests.test_trainer import config, conversational_rows
+
+    given = tiny_model(seed=5)
+    t = DPOTrainer(tiny_model(), ref_model=given, args=config(tmp_path, "given", precompute_ref_log_probs=False),
+                   train_dataset=conversational_rows(8), processing_class=tiny_tokenizer())
+    assert t.ref_model is given
+
+
+def _eval_rows():
+    from tests.test_trainer import conversational_rows
+
+    return conversational_rows(6, split="eval")
+
+
+def test_evaluate_new_set_after_training_reloads_the_initial_weights(tmp_path):
+    """Precomputed reference, a model with a path: the new set's reference is the reloaded initial model,
+    the same numbers as a live reference run (and not the trained policy's 0 rewards)."""
+    from preftune.testing import tiny_model, tiny_tokenizer
+
+    path = tmp_path / "start"
+    tiny_model().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    metrics = {}
+    for name, precompute in (("cached", None), ("live", False)):
+        t = _trainer(tmp_path, name, model=str(path), precompute_ref_log_probs=precompute, max_steps=3)
+        t.train()
+        metrics[name] = t.evaluate(eval_dataset=_eval_rows())
+    assert abs(metrics["cached"]["eval_rewards/margins"]) > 1e-4
+    for key in ("eval_rewards/chosen", "eval_rewards/rejected", "eval_loss"):
+        assert metrics["cached"][key] == pytest.approx(metrics["live"][key], rel=1e-4, abs=1e-6), key
+
+
+def test_evaluate_new_set_before_training_and_refused_after(tmp_path):
+    """A model object with no path and a precomputed reference: before training the policy is the reference;
+    after training its initial weights are gone, so a new set is refused (as TRL does), never scored against
+    the trained policy."""
+    t = _trainer(tmp_path, "nopath", precompute_ref_log_probs=True, eval_rows=_eval_rows())
+    before = t.evaluate(eval_dataset=_eval_rows())
+    assert before["eval_rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    t.train()
+    with pytest.raises(ValueError, match="after training.*initial weights were not kept"):
+        t.evaluate(eval_dataset=_eval_rows())
+    assert "eval_loss" in t.evaluate()  # the run's own eval set reads its table
+
+
+def test_evaluate_new_set_after_training_with_adapters_off(tmp_path):
+    from peft import LoraConfig
+
+    t = _trainer(tmp_path, "lora", precompute_ref_log_probs=True, peft_config=LoraConfig(r=2, target_modules=["q_proj"]),
+                 max_steps=3)
+    t.train()
+    live = t.evaluate(eval_dataset=_eval_rows())
+    assert abs(live["eval_rewards/margins"]) > 0
+
+
 def test_make_reference_dispatch():
     base = tiny_model()
     assert make_reference(loss_needs_reference=False, policy=base) is None

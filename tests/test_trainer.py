@@ -532,3 +532,23 @@ def test_ref_model_name_or_path_is_the_reference_of_a_lora_run(tmp_path):
     plain.train()
     assert isinstance(plain.reference, AdapterDisabledReference)
     assert train_rows(trainer)[0]["rewards/margins"] != train_rows(plain)[0]["rewards/margins"]
+
+
+def test_saved_models_carry_a_model_card_and_merge_lora_merges_at_the_end(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    trainer = make_trainer(tmp_path, max_steps=1, peft_config=_lora(), merge_lora=True, name="lora")
+    trainer.train()
+    out = trainer.save_model()
+    card = (out / "README.md").read_text()
+    assert "DPO" in card and "preftune" in card and "sigmoid" in card
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")  # no peft needed
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    assert (out / "merged" / "README.md").is_file()
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    policy = trainer.accelerator.unwrap_model(trainer.model).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, policy(input_ids=ids).logits, atol=2e-5, rtol=1e-5)
+    assert any("lora_" in n for n, _ in policy.named_parameters())  # the trained model keeps its adapters
+    with pytest.raises(ValueError, match="merge_lora=True but the run trains no LoRA adapters"):
+        make_trainer(tmp_path, max_steps=1, merge_lora=True, name="full")
