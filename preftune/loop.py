@@ -501,6 +501,11 @@ class TrainLoop:
         window = self._log_eval_save(run, window, log_due, eval_due, save_due)
         if self.control.should_training_stop and run.last_logged.get("step") != state.global_step:
             window = self._log_eval_save(run, window, True, False, False)  # stopped by on_evaluate / on_save
+        if self.control.should_epoch_stop and not epoch_end and not self.control.should_training_stop:
+            raise ValueError(
+                f"a callback set control.should_epoch_stop at step {state.global_step}, in the middle of an epoch: "
+                "preftune's step plan fixes every step's pairs in advance (for exact resume), so it cannot cut an "
+                "epoch short; set control.should_training_stop to end the run, or max_steps")
         if epoch_end or self.control.should_training_stop:
             run.epoch_open = False
             self.control = handler.on_epoch_end(self.args, self.state, self.control)

@@ -170,6 +170,15 @@ def test_should_save_evaluate_and_log_are_obeyed(tmp_path):
     assert [r["step"] for r in rows if "loss" in r] == [3, 4]
 
 
+def test_should_epoch_stop_mid_epoch_is_refused_by_name(tmp_path):
+    trainer = make_trainer(tmp_path, conversational_rows(8), callbacks=[SetAt(1, "should_epoch_stop")], max_steps=4)
+    with pytest.raises(ValueError, match="should_epoch_stop at step 1, in the middle of an epoch"):
+        trainer.train()
+    at_the_end = make_trainer(tmp_path, conversational_rows(8), name="end", max_steps=4,
+                              callbacks=[SetAt(4, "should_epoch_stop")])  # the epoch ends there anyway
+    assert at_the_end.train().global_step == 4
+
+
 def test_should_evaluate_without_an_eval_set_is_an_error(tmp_path):
     trainer = make_trainer(tmp_path, callbacks=[SetAt(1, "should_evaluate")], max_steps=2)
     with pytest.raises(ValueError, match="should_evaluate but this trainer has no eval_dataset"):
