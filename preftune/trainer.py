@@ -79,16 +79,24 @@ class DPOTrainer(TrainLoop):
         model=None,
         ref_model=None,
         args: DPOConfig | None = None,
+        data_collator=None,
         train_dataset=None,
         eval_dataset=None,
         processing_class=None,
-        peft_config=None,
-        tokenizer=None,
-        callbacks=None,
         compute_metrics=None,
+        callbacks=None,
         optimizers=(None, None),
-        data_collator=None,
+        quantization_config=None,
+        peft_config=None,
+        *,
+        tokenizer=None,
     ):
+        # the parameters in TRL 1.16's order, so positional calls written for TRL mean the same here
+        if quantization_config is not None:
+            raise ValueError(
+                "quantization_config: preftune does not load quantized models (bitsandbytes 4/8-bit); load the model "
+                "yourself with transformers (quantization_config=...) and pass it as model=, or train LoRA adapters on "
+                "the full-precision model (use_peft / peft_config)")
         if data_collator is not None:
             raise ValueError(
                 "data_collator: preftune builds its batches itself from the tokenized pairs (chosen and rejected "

@@ -552,3 +552,12 @@ def test_saved_models_carry_a_model_card_and_merge_lora_merges_at_the_end(tmp_pa
     assert any("lora_" in n for n, _ in policy.named_parameters())  # the trained model keeps its adapters
     with pytest.raises(ValueError, match="merge_lora=True but the run trains no LoRA adapters"):
         make_trainer(tmp_path, max_steps=1, merge_lora=True, name="full")
+
+
+def test_the_constructor_takes_trls_positional_order():
+    import inspect
+
+    trl = pytest.importorskip("trl")
+    ours = list(inspect.signature(DPOTrainer.__init__).parameters)
+    theirs = list(inspect.signature(trl.DPOTrainer.__init__).parameters)
+    assert ours[: len(theirs)] == theirs
