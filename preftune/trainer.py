@@ -94,9 +94,8 @@ class DPOTrainer(TrainLoop):
         # the parameters in TRL 1.16's order, so positional calls written for TRL mean the same here
         if quantization_config is not None:
             raise ValueError(
-                "quantization_config: preftune does not load quantized models (bitsandbytes 4/8-bit); load the model "
-                "yourself with transformers (quantization_config=...) and pass it as model=, or train LoRA adapters on "
-                "the full-precision model (use_peft / peft_config)")
+                "quantization_config: preftune does not load or train quantized (bitsandbytes 4/8-bit) models; train "
+                "LoRA adapters on the full-precision model instead (use_peft / peft_config)")
         if data_collator is not None:
             raise ValueError(
                 "data_collator: preftune builds its batches itself from the tokenized pairs (chosen and rejected "
