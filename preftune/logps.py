@@ -302,6 +302,22 @@ class _TiedEmbedding(torch.autograd.Function):
         return None, None, None, None
 
 
+def _zero3_head(head) -> tuple[bool, torch.Tensor | None, torch.Tensor | None]:
+    """(plain, weight, bias) for a Linear head whose parameters DeepSpeed ZeRO-3 partitions. A frozen head
+    (LoRA): a whole copy of its weight gathered for this forward, then the plain chunked path. A head that
+    trains: the module path (``_module_token_logps``), where ZeRO-3 gathers the weight inside each call and
+    reduces its gradient."""
+    params = [p for p in (head.weight, head.bias) if p is not None]
+    if any(p.requires_grad for p in params):
+        return False, None, None
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params):
+        weight = head.weight.detach().clone()
+        bias = None if head.bias is None else head.bias.detach().clone()
+    return True, weight, bias
+
+
 def _tied_embedding(base, head) -> torch.nn.Module | None:
     """The input embedding module whose weight is ``head``'s, where ``_TiedEmbedding`` can stand in for
     its forward: a plain ``nn.Embedding`` (no max_norm, frequency scaling or sparse gradient, no
@@ -714,6 +730,9 @@ def model_token_logps(model, batch: dict, *, chunk_size: int | None = None, temp
     # a plain Linear head, also when FSDP2 has swapped its class (FSDPLinear keeps Linear.forward);
     # calling a sharded head module chunk by chunk would free the final norm's gathered weight
     plain = isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward
+    head_weight, head_bias = (head.weight, head.bias) if plain else (None, None)
+    if plain and hasattr(head.weight, "ds_id"):  # partitioned by DeepSpeed ZeRO-3: whole only in its forward
+        plain, head_weight, head_bias = _zero3_head(head)
     tie = plain and getattr(head, TIED_EMBEDDING_GRAD, True) and torch.is_grad_enabled()  # use_tied_embedding_grad
     embed = _tied_embedding(base, head) if tie else None
     tied = _TiedSlot() if embed is not None else None
@@ -721,13 +740,14 @@ def model_token_logps(model, batch: dict, *, chunk_size: int | None = None, temp
         hidden = _final_hidden(model, base, inputs)  # (R, T, H)
     triton = plain and getattr(head, TRITON_HEAD, False)  # head_token_logps checks the tensors (kernels.usable)
     if chunk_size is None:
-        chunk_size = auto_chunk_size(head.weight.shape[0] if hasattr(head, "weight") else base.config.vocab_size)
+        weight = getattr(head, "weight", None)
+        chunk_size = auto_chunk_size(base.config.vocab_size if weight is None else getattr(weight, "ds_shape", weight.shape)[0])
     token, ent, lss = head_token_logps(
         hidden,
-        head.weight if plain else None,
+        head_weight,
         batch["positions"].to(device),
         batch["targets"].to(device),
-        lm_head_bias=head.bias if plain else None,
+        lm_head_bias=head_bias,
         chunk_size=chunk_size,
         logit_scale=scale,
         logit_softcap=softcap,
