@@ -406,7 +406,7 @@ class TrainLoop:
         state = run.state
         stepped = self._in_backward is not None  # each parameter was updated inside backward
         if self._deepspeed:  # DeepSpeed clips, updates (ZeRO-1/2 skip a non-finite step) and zeroes gradients
-            grad_norm, updated, stepped = zero.step(self.model), None, True
+            grad_norm, updated, stepped = zero.step(self.model, state.global_step + 1), None, True
         else:
             grad_norm = self._in_backward.grad_norm() if stepped else self._clip()
             updated = self._in_backward.updated() if stepped else None

@@ -11,7 +11,8 @@ norm is not finite. So under DeepSpeed the loop
   loss is already divided by the global batch (:func:`backward`);
 - takes the step through ``engine.step()`` instead of its own clipping and ``optimizer.step()``, and
   logs DeepSpeed's gradient norm (before clipping, as torch's ``clip_grad_norm_`` returns it)
-  (:func:`step`);
+  (:func:`step`). A step DeepSpeed skipped for a non-finite gradient is counted by the loop's guard as
+  any skipped step; where DeepSpeed applies such an update (ZeRO-3 outside fp16) the run stops at once;
 - checkpoints the optimizer state in DeepSpeed's own per-process format (``engine.save_checkpoint``)
   inside preftune's checkpoint folder, beside the whole model as Hugging Face files
   (:func:`save_engine_state`, :func:`load_engine_state`).
@@ -23,6 +24,7 @@ DeepSpeed's ZeRO optimizer wraps and steps.
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 from pathlib import Path
 
@@ -120,12 +122,32 @@ def backward(engine, loss: torch.Tensor, *, boundary: bool) -> None:
     engine.backward(loss, scale_wrt_gas=False)
 
 
-def step(engine) -> torch.Tensor:
+class NonFiniteUpdateError(RuntimeError):
+    """DeepSpeed applied an update whose gradient was not finite (ZeRO-3 outside fp16)."""
+
+
+def skips_nonfinite(engine) -> bool:
+    """Whether DeepSpeed skips an update whose gradient norm is not finite: ZeRO-1/2 do (in bf16 unless
+    the config's bf16.check_grad_overflow is false), ZeRO-3 only under fp16's loss scaling."""
+    if engine.fp16_enabled():
+        return True
+    if engine.zero_optimization_stage() == 3:
+        return False
+    return not engine.bfloat16_enabled() or bool(getattr(engine.optimizer, "check_grad_overflow", True))
+
+
+def step(engine, step_number: int) -> torch.Tensor:
     """DeepSpeed's step (clip, update or skip a non-finite one, zero the gradients); returns the gradient
-    norm before clipping (NaN where DeepSpeed computed none)."""
+    norm before clipping (NaN where DeepSpeed computed none). Where DeepSpeed applied a non-finite update
+    the weights are lost: the run stops here, before anything saves them."""
     engine.step()
-    norm = engine.get_global_grad_norm()
-    return torch.as_tensor(float("nan") if norm is None else float(norm), dtype=torch.float32)
+    raw = engine.get_global_grad_norm()
+    if raw is not None and not math.isfinite(float(raw)) and not skips_nonfinite(engine):
+        raise NonFiniteUpdateError(
+            f"step {step_number}: the gradient was not finite and DeepSpeed applied the update (ZeRO-3 skips such "
+            "steps only under fp16), so the weights are no longer finite; stopped without saving. Resume from the "
+            "last checkpoint with a lower learning_rate or beta, or check the data")
+    return torch.as_tensor(float("nan") if raw is None else float(raw), dtype=torch.float32)
 
 
 def save_engine_state(engine, output_dir: Path, step: int) -> Path:
@@ -166,5 +188,6 @@ def load_engine_state(engine, path: Path) -> None:
         raise ValueError(f"checkpoint {path}: DeepSpeed found nothing to load in {Path(path) / ENGINE_DIR}")
 
 
-__all__ = ["ENGINE_DIR", "is_deepspeed", "zero_stage", "configure", "backward", "step", "save_engine_state",
+__all__ = ["ENGINE_DIR", "NonFiniteUpdateError", "is_deepspeed", "zero_stage", "model_loading", "configure", "backward",
+           "skips_nonfinite", "step", "save_engine_state",
            "move_engine_state", "check_resume", "load_engine_state"]

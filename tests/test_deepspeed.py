@@ -18,6 +18,7 @@ relative (DeepSpeed's gradient norm is its own sum of squares over partitions).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,7 @@ DS_ENV = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_GRADIENT_ACCUMULATION_
           "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none", "DS_ACCELERATOR": "cpu"}
 ZERO3_ENV = {"ACCELERATE_DEEPSPEED_ZERO3_INIT": "false", "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true"}
 LORA = dict(use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+TRDPO = dict(precompute_ref_log_probs=False, sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5)
 ADAPTER = "adapter_model.safetensors"
 
 
@@ -56,12 +58,14 @@ def base(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ds")
     model_dir = make_model_dir(tmp / "model")
     data = write_jsonl(tmp / "pairs.jsonl", pair_rows(20))
-    one = {name: tmp / name for name in ("one", "one_live", "one_lora")}
+    one = {name: tmp / name for name in ("one", "one_lora", "one_trdpo")}
     _launch({"model": str(model_dir), "jobs": [  # the one-process twins, accumulation 2
         {"config": _config_base(one["one"], data, tmp / "cache1", gradient_accumulation_steps=2),
          "out": str(tmp / "one.json")},
         {"config": _config_base(one["one_lora"], data, tmp / "cache1", gradient_accumulation_steps=2,
                            precompute_ref_log_probs=False, **LORA), "out": str(tmp / "one_lora.json")},
+        {"config": _config_base(one["one_trdpo"], data, tmp / "cache1", gradient_accumulation_steps=2, **TRDPO),
+         "out": str(tmp / "one_trdpo.json")},
     ]}, tmp / "spec1.json", procs=1)
     return dict(tmp=tmp, model_dir=model_dir, data=data, **one,
                 info={n: json.loads((tmp / f"{n}.json").read_text()) for n in ("one", "one_lora")})
@@ -73,7 +77,7 @@ def _stage_runs(base, stage: int) -> dict:
 
     tmp, data = base["tmp"], base["data"]
     names = ("full", "live", "lora", "resumed", "lora_resumed")
-    out = {name: tmp / f"z{stage}_{name}" for name in names}
+    out = {name: tmp / f"z{stage}_{name}" for name in (*names, "trdpo")}
     cache = tmp / f"cache_z{stage}"
     env = dict(DS_ENV, ACCELERATE_DEEPSPEED_ZERO_STAGE=str(stage), **(ZERO3_ENV if stage == 3 else {}))
     log = _launch({"model": str(base["model_dir"]), "deepspeed_on_cpu": True, "jobs": [
@@ -86,6 +90,9 @@ def _stage_runs(base, stage: int) -> dict:
          "out": str(tmp / f"z{stage}_resumed.json")},
         {"config": _config(out["lora_resumed"], data, cache, precompute_ref_log_probs=False, **LORA),
          "resume": str(out["lora"] / "checkpoint-2"), "out": str(tmp / f"z{stage}_lora_resumed.json")},
+        {"config": _config(out["trdpo"], data, cache, **TRDPO), "out": str(tmp / f"z{stage}_trdpo.json"),
+         **({"expect_error": "sync_ref_model=True (TR-DPO) is not supported with sharded parameters"}
+            if stage == 3 else {})},
     ]}, tmp / f"spec_z{stage}.json", procs=2, env=env)
     info = {name: json.loads((tmp / f"z{stage}_{name}.json").read_text()) for name in names}
     return dict(out, info=info, log=log, stage=stage)
@@ -163,3 +170,119 @@ def test_env_matches_the_example_configs():
         assert ds["offload_optimizer_device"] == ds["offload_param_device"] == "none"
         if stage == 3:
             assert ds["zero3_init_flag"] is False and ds["zero3_save_16bit_model"] is True
+
+
+def test_tr_dpo_under_zero2_matches_one_process_and_is_refused_under_zero3(base, zero2, zero3):
+    """TR-DPO mixes the policy into the reference every step: ZeRO-2 keeps whole parameters on every
+    process (the reference is a frozen stage-0 engine), ZeRO-3 does not."""
+    _assert_weights_close(_weights(zero2["trdpo"]), _weights(base["one_trdpo"]), atol=1e-5,
+                          start=_weights(base["model_dir"]))
+    _assert_rows_close(_rows(zero2["trdpo"]), _rows(base["one_trdpo"]), rel=1e-4)
+    assert zero3["log"].count("expected error: sync_ref_model=True (TR-DPO) is not supported") == 2  # each rank
+
+
+# --- in-process pieces: the config preftune fills, and what it refuses ---------------------------------
+
+
+def _accelerator(config: dict, processes: int = 2, zero3_init: bool = False):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    plugin = SimpleNamespace(deepspeed_config=config, is_zero3_init_enabled=lambda: zero3_init)
+    return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=processes,
+                           state=SimpleNamespace(deepspeed_plugin=plugin))
+
+
+def _args(**kw):
+    from preftune.config import DPOConfig
+
+    return DPOConfig(**{"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4, "max_grad_norm": 0.5, **kw})
+
+
+def test_configure_fills_deepspeed_config_from_preftune_settings():
+    from preftune import zero
+
+    cfg = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 4, "gradient_clipping": "auto",
+           "train_batch_size": "auto", "zero_optimization": {"stage": 3}}
+    acc = _accelerator(cfg, processes=8)
+    zero.configure(acc, _args())
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (2, 4)
+    assert cfg["gradient_clipping"] == 0.5 and cfg["train_batch_size"] == 64
+    assert cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    zero.configure(acc, _args())  # a second trainer in the same process: checked against the given config
+    with pytest.raises(ValueError, match=r"gradient_accumulation_steps=4 but gradient_accumulation_steps=2"):
+        zero.configure(acc, _args(gradient_accumulation_steps=2))
+    cfg = {"gradient_clipping": 0.0}
+    zero.configure(_accelerator(cfg), _args(max_grad_norm=0))  # 0 = no clipping on both sides
+    assert cfg["gradient_clipping"] == 0.0
+
+
+@pytest.mark.parametrize("config, args, message", [
+    ({"gradient_accumulation_steps": 1}, {}, "sets gradient_accumulation_steps=1 but gradient_accumulation_steps=4"),
+    ({"gradient_clipping": 1.0}, {}, "sets gradient_clipping=1.0 but max_grad_norm=0.5"),
+    ({"train_micro_batch_size_per_gpu": 8}, {}, "train_micro_batch_size_per_gpu=8 but per_device_train_batch_size=2"),
+    ({"optimizer": {"type": "AdamW"}}, {}, "has a 'optimizer' section"),
+    ({"scheduler": {"type": "WarmupLR"}}, {}, "has a 'scheduler' section"),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, {},
+     "offload_optimizer.device='cpu': offloading has not run"),
+    ({"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}}, {},
+     "stage3_gather_16bit_weights_on_model_save=false"),
+])  # fmt: skip
+def test_configure_refuses_what_preftune_does_otherwise(config, args, message):
+    from preftune import zero
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        zero.configure(_accelerator(config), _args(**args))
+
+
+def test_configure_refuses_precompute_with_zero3_init():
+    from preftune import zero
+
+    with pytest.raises(ValueError, match="precompute_ref_log_probs=True under ZeRO-3 with zero3_init_flag=true"):
+        zero.configure(_accelerator({"zero_optimization": {"stage": 3}}, zero3_init=True),
+                       _args(precompute_ref_log_probs=True))
+    zero.configure(_accelerator({"zero_optimization": {"stage": 3}}, zero3_init=True),
+                   _args(precompute_ref_log_probs=False))
+
+
+def test_a_checkpoint_resumes_only_under_the_engine_that_wrote_it(tmp_path):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from preftune import zero
+
+    ds, plain = tmp_path / "ds", tmp_path / "plain"
+    (ds / "deepspeed").mkdir(parents=True)
+    plain.mkdir()
+    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
+    assert zero.check_resume(ds, _accelerator({})) is True
+    assert zero.check_resume(plain, ddp) is False
+    with pytest.raises(ValueError, match="was written under DeepSpeed .* resume it under DeepSpeed"):
+        zero.check_resume(ds, ddp)
+    with pytest.raises(ValueError, match="was not written under DeepSpeed"):
+        zero.check_resume(plain, _accelerator({}))
+
+
+@pytest.mark.parametrize("stage, fp16, bf16, stops", [(2, False, False, False), (3, False, False, True),
+                                                      (3, True, False, False), (3, False, True, True)])
+def test_a_non_finite_update_deepspeed_applied_stops_the_run(stage, fp16, bf16, stops):
+    """ZeRO-1/2 skip an update whose gradient norm is not finite (the loop then books a skipped step);
+    ZeRO-3 skips only under fp16, so an applied non-finite update stops the run before anything saves it."""
+    from types import SimpleNamespace
+
+    from preftune import zero
+
+    steps = []
+    engine = SimpleNamespace(step=lambda: steps.append(1), get_global_grad_norm=lambda: float("nan"),
+                             fp16_enabled=lambda: fp16, bfloat16_enabled=lambda: bf16,
+                             zero_optimization_stage=lambda: stage, optimizer=SimpleNamespace())
+    if stops:
+        with pytest.raises(zero.NonFiniteUpdateError, match="step 7: the gradient was not finite and DeepSpeed applied"):
+            zero.step(engine, 7)
+    else:
+        assert torch.isnan(zero.step(engine, 7))
+    assert steps == [1]
+    engine.get_global_grad_norm = lambda: 2.5
+    assert float(zero.step(engine, 8)) == 2.5
