@@ -78,7 +78,9 @@ def make_accelerator(args):
         logger.warning("%s=True but this %s has no fast %s kernels; training in float32 instead. Drop --%s to "
                        "silence this.", mixed, "GPU" if on_gpu else "CPU", mixed, mixed)  # fmt: skip
         mixed = "no"
-    return Accelerator(cpu=not on_gpu, mixed_precision=mixed)
+    acc = Accelerator(cpu=not on_gpu, mixed_precision=mixed)
+    zero.warn_if_ignored(acc)
+    return acc
 
 
 def device_defers_checks(device: torch.device) -> bool:

@@ -39,6 +39,18 @@ def is_deepspeed(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
+def warn_if_ignored(accelerator) -> None:
+    """accelerate takes its DeepSpeed path only off-CPU: say so when a DeepSpeed launch trains without it."""
+    import logging
+    import os
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not is_deepspeed(accelerator):
+        logging.getLogger("preftune").warning(
+            "accelerate was launched with DeepSpeed, but accelerate runs DeepSpeed only on GPUs: these %d CPU "
+            "process(es) train with %s instead (docs/distributed.md)", accelerator.num_processes,
+            accelerator.distributed_type.value)
+
+
 def zero_stage(accelerator) -> int:
     cfg = accelerator.state.deepspeed_plugin.deepspeed_config
     return int((cfg.get("zero_optimization") or {}).get("stage", 0))

@@ -8,9 +8,8 @@ full fine-tuning with the precomputed reference (a checkpoint at step 2), the sa
 reference model, LoRA (reference = adapters off), and exact resumes of both checkpoints. The twins
 (tests/test_distributed.py's arithmetic): 1 process x batch 2 x accumulation 2, the same global batch.
 
-Tolerance: DeepSpeed's ZeRO optimizers keep fp32 master weights in flat buffers, reduce gradients
-with a reduce-scatter/all-reduce averaged over the processes, and compute the clipping norm over the
-partitions: sums in another order than one process's, so the weights agree to float32 rounding
+Tolerance: DeepSpeed's ZeRO optimizers keep fp32 master weights in flat buffers, average gradients
+over the processes in partitioned reductions, and compute the clipping norm over the partitions: sums in another order than one process's, so the weights agree to float32 rounding
 (1e-5 after 3 steps of AdamW at lr 1e-3, as the DDP tests), not bit for bit; logged metrics to 1e-4
 relative (DeepSpeed's gradient norm is its own sum of squares over partitions).
 """
