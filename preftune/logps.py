@@ -730,14 +730,15 @@ def model_token_logps(model, batch: dict, *, chunk_size: int | None = None, temp
     # a plain Linear head, also when FSDP2 has swapped its class (FSDPLinear keeps Linear.forward);
     # calling a sharded head module chunk by chunk would free the final norm's gathered weight
     plain = isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward
-    head_weight, head_bias = (head.weight, head.bias) if plain else (None, None)
-    if plain and hasattr(head.weight, "ds_id"):  # partitioned by DeepSpeed ZeRO-3: whole only in its forward
-        plain, head_weight, head_bias = _zero3_head(head)
     tie = plain and getattr(head, TIED_EMBEDDING_GRAD, True) and torch.is_grad_enabled()  # use_tied_embedding_grad
     embed = _tied_embedding(base, head) if tie else None
     tied = _TiedSlot() if embed is not None else None
     with forward, recompute, rope, _tied_lookup(embed, tied):
         hidden = _final_hidden(model, base, inputs)  # (R, T, H)
+    # read after the forward: FSDP2 leaves the unsharded weight on a head kept whole after forward
+    head_weight, head_bias = (head.weight, head.bias) if plain else (None, None)
+    if plain and hasattr(head.weight, "ds_id"):  # partitioned by DeepSpeed ZeRO-3: whole only in its forward
+        plain, head_weight, head_bias = _zero3_head(head)
     triton = plain and getattr(head, TRITON_HEAD, False)  # head_token_logps checks the tensors (kernels.usable)
     if chunk_size is None:
         weight = getattr(head, "weight", None)
