@@ -285,3 +285,23 @@ def test_a_non_finite_update_deepspeed_applied_stops_the_run(stage, fp16, bf16, 
     assert steps == [1]
     engine.get_global_grad_norm = lambda: 2.5
     assert float(zero.step(engine, 8)) == 2.5
+
+
+def test_a_deepspeed_launch_that_accelerate_runs_without_deepspeed_says_so(monkeypatch, caplog):
+    """On CPU processes accelerate drops the DeepSpeed settings and trains with DDP: a warning says so."""
+    import logging
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from preftune import zero
+
+    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2)
+    with caplog.at_level(logging.WARNING, logger="preftune"):
+        zero.warn_if_ignored(ddp)
+        assert not caplog.records
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+        zero.warn_if_ignored(_accelerator({}))
+        assert not caplog.records
+        zero.warn_if_ignored(ddp)
+    assert "accelerate runs DeepSpeed only on GPUs: these 2 CPU process(es) train with MULTI_CPU" in caplog.text
