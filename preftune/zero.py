@@ -44,7 +44,8 @@ def warn_if_ignored(accelerator) -> None:
     import logging
     import os
 
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not is_deepspeed(accelerator):
+    launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if launched and not is_deepspeed(accelerator) and getattr(accelerator, "is_main_process", True):
         logging.getLogger("preftune").warning(
             "accelerate was launched with DeepSpeed, but accelerate runs DeepSpeed only on GPUs: these %d CPU "
             "process(es) train with %s instead (docs/distributed.md)", accelerator.num_processes,
