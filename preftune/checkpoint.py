@@ -189,7 +189,8 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(output_dir: Path, trainer, state: TrainState, accelerator, state_dict: dict | None = None,
-                    optimizer_state: dict | None = None, rng_states: list[dict] | None = None) -> Path:  # fmt: skip
+                    optimizer_state: dict | None = None, rng_states: list[dict] | None = None,
+                    engine_state: Path | None = None) -> Path:  # fmt: skip
     """Write `<output_dir>/checkpoint-<step>/` atomically; then apply `save_total_limit` (never deleting the
     best checkpoint, ``trainer.state.best_model_checkpoint``).
 
@@ -201,7 +202,9 @@ def save_checkpoint(output_dir: Path, trainer, state: TrainState, accelerator, s
     every rank with ``accelerator.get_state_dict`` before the main process calls this.
     optimizer_state: the full optimizer state under FSDP, from :func:`gather_optimizer_state` (also a
     collective); None saves ``trainer.optimizer.state_dict()``.
-    rng_states: every process's RNG state from :func:`gather_rng_states` (a collective), or None."""
+    rng_states: every process's RNG state from :func:`gather_rng_states` (a collective), or None.
+    engine_state: under DeepSpeed, the folder every process wrote its part of DeepSpeed's checkpoint to
+    (``preftune.zero.save_engine_state``): moved in as ``deepspeed/``, in place of ``optimizer.pt``."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{state.global_step}"
     tmp = output_dir / f".tmp-checkpoint-{state.global_step}-{os.getpid()}"
@@ -213,8 +216,13 @@ def save_checkpoint(output_dir: Path, trainer, state: TrainState, accelerator, s
         tmp.mkdir(parents=True)
         save_tagged(model, tmp / "model", model_tags(trainer), state_dict=state_dict)
         trainer.tokenizer.save_pretrained(tmp / "model")
-        optimizer_state = optimizer_state if optimizer_state is not None else trainer.optimizer.state_dict()
-        torch.save(optimizer_state, tmp / "optimizer.pt")
+        if engine_state is not None:  # DeepSpeed: the optimizer state is DeepSpeed's, per process
+            from preftune.zero import move_engine_state
+
+            move_engine_state(engine_state, tmp)
+        else:
+            optimizer_state = optimizer_state if optimizer_state is not None else trainer.optimizer.state_dict()
+            torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
         rng = _rng_state()
         if rng_states:
@@ -315,10 +323,14 @@ def load_model_weights(path: Path, trainer, accelerator) -> None:
     """Load a checkpoint's model (or adapter) weights into ``trainer.model`` (sharded under FSDP)."""
     from safetensors.torch import load_file
 
+    from preftune import zero
+
     model = accelerator.unwrap_model(trainer.model)
     model_dir = Path(path) / "model"
     adapter = model_dir / "adapter_model.safetensors"
-    if adapter.is_file() and _is_fsdp(accelerator):
+    if zero.check_resume(path, accelerator):  # DeepSpeed: the model and its optimizer partition from its files
+        zero.load_engine_state(trainer.model, path)
+    elif adapter.is_file() and _is_fsdp(accelerator):
         _load_sharded(model, _adapter_keys_to_model_keys(model, load_file(str(adapter)), path), path, adapter=True)
     elif adapter.is_file():
         from peft import set_peft_model_state_dict
@@ -338,11 +350,14 @@ def load_model_weights(path: Path, trainer, accelerator) -> None:
 def _load_optimizer_rng_reference(path: Path, trainer, accelerator) -> TrainState:
     from safetensors.torch import load_file
 
-    optimizer_state = torch.load(Path(path) / "optimizer.pt", map_location="cpu", weights_only=True)
-    if _is_fsdp(accelerator):
-        _load_sharded_optimizer(trainer, optimizer_state, path)
-    else:
-        trainer.optimizer.load_state_dict(optimizer_state)
+    from preftune import zero
+
+    if not zero.is_deepspeed(accelerator):  # DeepSpeed's engine loads its own partitions
+        optimizer_state = torch.load(Path(path) / "optimizer.pt", map_location="cpu", weights_only=True)
+        if _is_fsdp(accelerator):
+            _load_sharded_optimizer(trainer, optimizer_state, path)
+        else:
+            trainer.optimizer.load_state_dict(optimizer_state)
     trainer.scheduler.load_state_dict(torch.load(Path(path) / "scheduler.pt", weights_only=True))
     _set_rng_state(_own_rng_state(_load_rng_state(Path(path) / "rng_state.pt"), accelerator))
     ref_file = Path(path) / "reference.safetensors"

@@ -306,6 +306,22 @@ class _TiedEmbedding(torch.autograd.Function):
         return None, None, None, None
 
 
+def _zero3_head(head) -> tuple[bool, torch.Tensor | None, torch.Tensor | None]:
+    """(plain, weight, bias) for a Linear head whose parameters DeepSpeed ZeRO-3 partitions. A frozen head
+    (LoRA): a whole copy of its weight gathered for this forward, then the plain chunked path. A head that
+    trains: the module path (``_module_token_logps``), where ZeRO-3 gathers the weight inside each call and
+    reduces its gradient."""
+    params = [p for p in (head.weight, head.bias) if p is not None]
+    if any(p.requires_grad for p in params):
+        return False, None, None
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params):
+        weight = head.weight.detach().clone()
+        bias = None if head.bias is None else head.bias.detach().clone()
+    return True, weight, bias
+
+
 def _tied_embedding(base, head) -> torch.nn.Module | None:
     """The input embedding module whose weight is ``head``'s, where ``_TiedEmbedding`` can stand in for
     its forward: a plain ``nn.Embedding`` (no max_norm, frequency scaling or sparse gradient, no
@@ -781,15 +797,20 @@ def model_token_logps(model, batch: dict, *, chunk_size: int | None = None, temp
     tied = _TiedSlot() if embed is not None else None
     with forward, recompute, rope, _tied_lookup(embed, tied):
         hidden, aux = _final_hidden(model, base, inputs, aux_tokens=aux_tokens)  # (R, T, H), () or None
+    # read after the forward: FSDP2 leaves the unsharded weight on a head kept whole after forward
+    head_weight, head_bias = (head.weight, head.bias) if plain else (None, None)
+    if plain and hasattr(head.weight, "ds_id"):  # partitioned by DeepSpeed ZeRO-3: whole only in its forward
+        plain, head_weight, head_bias = _zero3_head(head)
     triton = plain and getattr(head, TRITON_HEAD, False)  # head_token_logps checks the tensors (kernels.usable)
     if chunk_size is None:
-        chunk_size = auto_chunk_size(head.weight.shape[0] if hasattr(head, "weight") else base.config.vocab_size)
+        weight = getattr(head, "weight", None)
+        chunk_size = auto_chunk_size(base.config.vocab_size if weight is None else getattr(weight, "ds_shape", weight.shape)[0])
     token, ent, lss = head_token_logps(
         hidden,
-        head.weight if plain else None,
+        head_weight,
         batch["positions"].to(device),
         batch["targets"].to(device),
-        lm_head_bias=head.bias if plain else None,
+        lm_head_bias=head_bias,
         chunk_size=chunk_size,
         logit_scale=scale,
         logit_softcap=softcap,

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from preftune import checkpoint as ckpt
-from preftune import kernels
+from preftune import kernels, zero
 from preftune.callbacks import (
     history_row,
     legacy_log_history,
@@ -93,7 +93,9 @@ def make_accelerator(args):
                        "silence this.", mixed, "GPU" if on_gpu else "CPU", mixed, mixed)  # fmt: skip
         mixed = "no"
     set_tf32(args.tf32, on_gpu)
-    return Accelerator(cpu=not on_gpu, mixed_precision=mixed, kwargs_handlers=accelerator_handlers(args))
+    acc = Accelerator(cpu=not on_gpu, mixed_precision=mixed, kwargs_handlers=accelerator_handlers(args))
+    zero.warn_if_ignored(acc)
+    return acc
 
 
 def set_tf32(tf32: bool | None, on_gpu: bool) -> None:
@@ -190,6 +192,7 @@ class TrainLoop:
     sample_name = "samples"  # what one unit of the global batch is called in logs and messages
     algorithm = "training"  # the algorithm's name in model cards and tags
     progress_desc = "train"
+    _deepspeed = False  # set in _start: accelerate runs DeepSpeed, whose engine clips and steps
 
     def __init__(self, model, args, *, processing_class=None, peft_config=None, callbacks=None,
                  optimizers=(None, None)):
@@ -214,8 +217,9 @@ class TrainLoop:
         self.layout = resolve_layout(args.batch_layout)
         self.pad_multiple, self.cudnn_attention = resolve_shapes(args, self.accelerator.device)
         self._model_given = model is not None and not isinstance(model, (str, os.PathLike))
-        policy = load_policy(model, args, processing_class=processing_class, peft_config=peft_config,
-                             device=self.accelerator.device)
+        with zero.model_loading(self.accelerator):  # ZeRO-3: whole, or partitioned as zero3_init_flag says
+            policy = load_policy(model, args, processing_class=processing_class, peft_config=peft_config,
+                                 device=self.accelerator.device)
         self.model, self.tokenizer = policy.model, policy.tokenizer
         self.processing_class = self.tokenizer
         self.callback_handler.model, self.callback_handler.processing_class = self.model, self.tokenizer
@@ -332,6 +336,9 @@ class TrainLoop:
                 f"{plan.global_batch} (per_device_train_batch_size x processes x gradient_accumulation_steps); "
                 "lower them or add data")
         self._warn_unused_eval()
+        self._deepspeed = zero.is_deepspeed(acc)  # DeepSpeed's engine clips and steps (preftune/zero.py)
+        if self._deepspeed:
+            zero.configure(acc, args)
         self._before_train()
         warmup = args.num_warmup_steps(total_steps)
         log_every, eval_every, save_every = (args.interval(n, total_steps) for n in ("logging_steps", "eval_steps", "save_steps"))
@@ -544,9 +551,13 @@ class TrainLoop:
         was good now (False when deferred: the fused AdamW skipped it on the device if it was not)."""
         state = run.state
         stepped = self._in_backward is not None  # each parameter was updated inside backward
-        grad_norm = self._in_backward.grad_norm() if stepped else self._clip()
-        updated = self._in_backward.updated() if stepped else None
-        self.control = self.callback_handler.on_pre_optimizer_step(self.args, self.state, self.control)
+        if self._deepspeed:  # DeepSpeed clips, updates (ZeRO-1/2 skip a non-finite step) and zeroes gradients
+            self.control = self.callback_handler.on_pre_optimizer_step(self.args, self.state, self.control)
+            grad_norm, updated, stepped = zero.step(self.model, state.global_step + 1), None, True
+        else:
+            grad_norm = self._in_backward.grad_norm() if stepped else self._clip()
+            updated = self._in_backward.updated() if stepped else None
+            self.control = self.callback_handler.on_pre_optimizer_step(self.args, self.state, self.control)
         finite_t = torch.isfinite(torch.stack([step_loss.float(), grad_norm.float().to(step_loss.device)])).all()
         step = state.global_step + 1
         if run.defer:  # the fused AdamW skips a non-finite step on the device; the host learns of it later
@@ -669,7 +680,8 @@ class TrainLoop:
         sample_losses = []
         for k, indices in enumerate(micro):
             sync = k == len(micro) - 1
-            ctx = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
+            no_sync = not sync and acc.num_processes > 1 and not self._deepspeed
+            ctx = acc.no_sync(self.model) if no_sync else contextlib.nullcontext()
             with ctx, acc.autocast():
                 if host is None:
                     losses, batch_metrics, tokens, ids = self._sample_losses(indices)
@@ -678,7 +690,10 @@ class TrainLoop:
                 loss = losses.sum() * scale
                 if self._in_backward is not None:
                     self._in_backward.begin(loss)
-                acc.backward(loss)
+                if self._deepspeed:  # its boundary is the step's last micro-batch; no division by it
+                    zero.backward(self.model, loss, boundary=sync)
+                else:
+                    acc.backward(loss)
                 if self._in_backward is not None:
                     self._in_backward.finish()
             sample_losses.append((losses.detach(), ids))
@@ -901,9 +916,12 @@ class TrainLoop:
         full = self._full_state_dict()
         optimizer_state = ckpt.gather_optimizer_state(self, self.accelerator)  # a collective under FSDP
         rng_states = ckpt.gather_rng_states(self.accelerator)  # a collective with several processes
+        engine_state = (zero.save_engine_state(self.model, Path(self.args.output_dir), state.global_step)
+                        if getattr(self, "_deepspeed", False) else None)  # every process writes its partition
+        self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             ckpt.save_checkpoint(Path(self.args.output_dir), self, state, self.accelerator, state_dict=full,
-                                 optimizer_state=optimizer_state, rng_states=rng_states)
+                                 optimizer_state=optimizer_state, rng_states=rng_states, engine_state=engine_state)
         self.accelerator.wait_for_everyone()
 
     def _log(self, run: _Run | None, row: dict):

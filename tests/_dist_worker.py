@@ -2,7 +2,7 @@
 
     python tests/_dist_worker.py SPEC.json
 
-SPEC: {"model": dir, "fsdp_on_cpu": bool (optional), "jobs": [{"config": {DPOConfig fields},
+SPEC: {"model": dir, "fsdp_on_cpu": bool (optional), "deepspeed_on_cpu": bool (optional), "jobs": [{"config": {DPOConfig fields},
 "resume": path or null, "out": json path, "expect_error": text or absent, "model": dir (optional, the
 spec's otherwise), "predictions": bool (optional: a compute_metrics records the last evaluation's
 EvalPrediction.predictions into "out")}]}.
@@ -14,6 +14,11 @@ is exactly what a user does; nothing here knows how many processes there are.
 plugin (ACCELERATE_USE_FSDP, FSDP_* variables) and trains with plain DDP over gloo. This flag makes
 accelerate take its FSDP path anyway, the one `accelerate launch --config_file fsdp.yaml` takes on
 GPUs (fully_shard, DTensor parameters, full state dicts): see :func:`force_fsdp_on_cpu`.
+
+"deepspeed_on_cpu": the same for DeepSpeed (ACCELERATE_USE_DEEPSPEED and the ACCELERATE_DEEPSPEED_*
+variables that `accelerate launch --config_file zero2.yaml` sets): accelerate ignores them for CPU
+processes; DeepSpeed itself has a CPU accelerator (DS_ACCELERATOR=cpu) that communicates over gloo.
+See :func:`force_deepspeed_on_cpu`.
 """
 
 from __future__ import annotations
@@ -44,6 +49,32 @@ def force_fsdp_on_cpu() -> None:
     AcceleratorState.__init__ = __init__
 
 
+def force_deepspeed_on_cpu() -> None:
+    """Make accelerate's state report DeepSpeed for CPU processes that were given a DeepSpeed plugin.
+
+    accelerate (1.x) takes its DeepSpeed path only when it is not told `cpu=True` (preftune's Accelerator
+    on a CPU) and, without `cpu`, finds no process group on a machine without accelerators. With `cpu`
+    it starts the gloo group as for any multi-CPU run; this sets the state as accelerate sets it for
+    DeepSpeed on GPUs (the active plugin, DeepSpeed's own mixed precision), in both shared-state dicts.
+    `accelerator.prepare` then calls `deepspeed.initialize`, which takes over the gloo group."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def __init__(self, *args, deepspeed_plugin=None, **kwargs):
+        original(self, *args, deepspeed_plugin=deepspeed_plugin, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU and deepspeed_plugin is not None:
+            deepspeed_plugin.set_mixed_precision(self._mixed_precision)
+            deepspeed_plugin.select(_from_accelerator_state=True)
+            self.deepspeed_plugins = deepspeed_plugin
+            self.distributed_type = DistributedType.DEEPSPEED
+            self._mixed_precision = "no"  # DeepSpeed's config carries it
+            PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+
+    AcceleratorState.__init__ = __init__
+
+
 def _engine(trainer) -> dict:
     """What the run really was: the engine, and under FSDP whether every trainable parameter is a
     DTensor sharded over all processes and is exactly what the optimizer updates."""
@@ -63,6 +94,22 @@ def _engine(trainer) -> dict:
             for p in trainable
         )
         out["optimizer_holds_sharded_params"] = {id(p) for p in optimized} == {id(p) for p in trainable}
+    if out["distributed_type"] == "DEEPSPEED":
+        from preftune import zero
+
+        trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+        out["zero_stage"] = zero.zero_stage(acc)
+        out["engine"] = type(trainer.model).__name__
+        out["zero_optimizer"] = type(trainer.optimizer.optimizer).__name__
+        # ZeRO-3: every parameter is managed (ds_id); those above its persistence threshold (accelerate's
+        # 10 x hidden size: the tiny model's base Linear weights, not LoRA's 4 x 32) are empty placeholders
+        # outside a gather, with this process's partition in ds_tensor
+        if out["zero_stage"] == 3:  # parameters an evaluation forward left gathered (ZeRO-3 reuses them) let go
+            trainer.model.empty_partition_cache()
+        params = list(trainer.model.parameters())
+        big = [p for p in params if getattr(p, "ds_numel", 0) > 512]
+        out["partitioned"] = all(hasattr(p, "ds_id") for p in params) and bool(big) and all(
+            p.numel() == 0 and 0 < p.ds_tensor.numel() < p.ds_numel for p in big)
     return out
 
 
@@ -70,6 +117,8 @@ def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     if spec.get("fsdp_on_cpu"):
         force_fsdp_on_cpu()
+    if spec.get("deepspeed_on_cpu"):
+        force_deepspeed_on_cpu()
     from preftune.config import DPOConfig
     from preftune.data.pipeline import FROM_CONFIG
     from preftune.trainer import DPOTrainer

@@ -46,7 +46,24 @@ def test_gguf_is_an_extra_that_make_installs():
     project = pyproject()["project"]
     assert not [d for d in project["dependencies"] if d.startswith("gguf")]
     assert project["optional-dependencies"]["gguf"] == ["gguf>=0.10"]
-    assert '-e ".[dev,report,gguf]"' in (ROOT / "Makefile").read_text()
+    assert "gguf" in _make_extras()
+
+
+def _make_extras() -> set[str]:
+    """The extras `make setup` installs (the `pip install -e ".[...]"` line of its .installed target)."""
+    text = (ROOT / "Makefile").read_text()
+    setup = text[text.index("$(VENV)/.installed:"):].split("\n\n")[0]
+    found = re.findall(r'-e "\.\[([a-z0-9_,-]+)\]"', setup)
+    assert len(found) == 1, found
+    return set(found[0].split(","))
+
+
+def test_deepspeed_is_an_extra_that_make_installs():
+    """tests/test_deepspeed.py skips without it: `make test` (CI) installs it so the ZeRO tests run."""
+    project = pyproject()["project"]
+    assert not [d for d in project["dependencies"] if d.startswith("deepspeed")]
+    assert project["optional-dependencies"]["deepspeed"] == ["deepspeed>=0.19"]
+    assert {"dev", "report", "gguf", "deepspeed"} <= _make_extras()
 
 
 @pytest.fixture
