@@ -170,12 +170,9 @@ class TrainConfig:
         **dict.fromkeys(("accelerator_config", "parallelism_config"),
                         "multi-device settings come from `accelerate launch` / `accelerate config`, not from the "
                         "config"),
-        **dict.fromkeys(("hub_model_id", "hub_token", "hub_strategy", "hub_private_repo", "hub_always_push",
-                         "hub_revision"),
-                        "preftune does not talk to a model hub; upload output_dir yourself"),
         "tools": "tool-calling chat templates are not supported",
     }
-    REFUSED_UNSET: ClassVar[dict[str, Any]] = {"hub_strategy": "every_save", "local_rank": -1}
+    REFUSED_UNSET: ClassVar[dict[str, Any]] = {"local_rank": -1}
     # Fields accepted so that configs written for TRL / TrainingArguments load, which change nothing in preftune:
     # each says why. Set to anything but its default, a warning says so when the config is built. A subclass
     # adds its own like REFUSED. Every other field is read by the code that trains (tests/test_config.py scans
@@ -204,6 +201,8 @@ class TrainConfig:
                         "preftune's own fused layers and Triton kernels (fused_layers, triton_kernels) do the "
                         "work of Liger's; Liger is not used"),
         "dataloader_in_order": "micro-batches always reach the loop in the step plan's order",
+        "hub_always_push": "every upload finishes before training goes on, so no checkpoint's push is ever "
+                           "skipped for one still in progress: every save is pushed, whatever this says",
     }
     # Fields other tools have whose only accepted values are what preftune does: (those values, what to do
     # instead). Any other value is refused by name when the config is built. A subclass adds its own.
@@ -254,8 +253,10 @@ class TrainConfig:
         "debug": (("", []), "no debug options are implemented; for overflow hunting see max_nonfinite_steps "
                   "(the samples of a non-finite step are logged)"),
         "skip_memory_metrics": ((True,), "torch.cuda.max_memory_allocated() after train() gives the peak"),
+        "hub_strategy": (("end", "every_save"), "checkpoints themselves (optimizer and random state) are not "
+                         "uploaded; resume from output_dir's checkpoint-* folders"),
     }
-    VALIDATED_ONLY: ClassVar[tuple[str, ...]] = ("push_to_hub", *SUPPORTED_ONLY)
+    VALIDATED_ONLY: ClassVar[tuple[str, ...]] = tuple(SUPPORTED_ONLY)
     # Newer names of another field (newer -> older): set and the older one unset, the value goes there; set to
     # a different value than the older one, refused. The code reads the older one.
     SYNONYMS: ClassVar[dict[str, str]] = {"activation_checkpointing": "gradient_checkpointing",
@@ -433,7 +434,20 @@ class TrainConfig:
     save_total_limit: Optional[int] = _f(None, "Keep only the newest N checkpoints (None = all).", group="log")
     resume_from_checkpoint: Optional[str] = _f(None, "Checkpoint directory to resume from, or 'last' for the "
                                                "newest in output_dir.", group="log")
-    push_to_hub: bool = _f(False, "Not supported (no model hub); must stay false.", group="log")
+    push_to_hub: bool = _f(False, "Upload the saved model folder to the Hugging Face Hub (hub_model_id) with "
+                           "huggingface_hub when the model is saved; needs a token (hub_token, `hf auth login` or "
+                           "HF_TOKEN).", group="log")
+    hub_model_id: Optional[str] = _f(None, "Hub repository to push to, 'namespace/name' (None = the output_dir's "
+                                     "name under the token's user).", group="log")
+    hub_token: Optional[str] = _f(None, "Hub token with write access (None = huggingface_hub's stored token or "
+                                  "HF_TOKEN).", group="log")
+    hub_private_repo: Optional[bool] = _f(None, "Create the hub repository private (None = the hub's default for "
+                                          "the namespace); no effect on an existing repository.", group="log")
+    hub_strategy: str = _f("every_save", "When to push: end (when the final model is saved) or every_save (also "
+                           "the model of each checkpoint, as it is saved).", group="log")
+    hub_revision: Optional[str] = _f(None, "Branch of the hub repository to push to (None = main).", group="log")
+    hub_always_push: bool = _f(False, "Accepted: uploads finish before training goes on, so every save is "
+                               "pushed whatever this says.", group="log")
 
     # ---- TrainingArguments fields: honoured, accepted and ignored (ACCEPTED_IGNORED, a warning when set) or
     # accepting only what preftune does (SUPPORTED_ONLY); each help says which -----------------------------
@@ -682,8 +696,8 @@ class TrainConfig:
                    "must be a whole number of steps or a fraction < 1")
         if isinstance(c.eval_dataset, float):
             k.need(0 < c.eval_dataset < 1, "eval_dataset", "a number means a held-out fraction and must be in (0, 1)")
-        k.need(not c.push_to_hub, "push_to_hub", "preftune has no model hub access; save to output_dir and upload "
-               "it yourself")
+        k.need(c.hub_model_id is None or (bool(c.hub_model_id.strip()) and c.hub_model_id.count("/") <= 1),
+               "hub_model_id", "must be 'name' or 'namespace/name'")
         k.need(bool(c.output_dir), "output_dir", "must be a non-empty path")
         k.number("eval_delay", 0)
         k.need(c.ddp_timeout >= 1, "ddp_timeout", "must be an integer >= 1 (seconds)")

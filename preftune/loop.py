@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from preftune import checkpoint as ckpt
-from preftune import kernels, zero
+from preftune import hub, kernels, zero
 from preftune.callbacks import (
     history_row,
     legacy_log_history,
@@ -200,6 +200,9 @@ class TrainLoop:
         from transformers import TrainerControl, TrainerState
 
         self.args = args
+        # push_to_hub: the token is found (or its absence reported) before anything loads or trains
+        self._hub_token = hub.resolve_token(args.hub_token) if args.push_to_hub else None
+        self.hub_model_id: str | None = None  # the hub repository's full id, once created (init_hf_repo)
         self.accelerator = make_accelerator(args)
         self.optimizer, self.lr_scheduler = self._check_optimizers(optimizers)
         self.scheduler = self.lr_scheduler
@@ -920,9 +923,25 @@ class TrainLoop:
                         if getattr(self, "_deepspeed", False) else None)  # every process writes its partition
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            ckpt.save_checkpoint(Path(self.args.output_dir), self, state, self.accelerator, state_dict=full,
-                                 optimizer_state=optimizer_state, rng_states=rng_states, engine_state=engine_state)
+            folder = ckpt.save_checkpoint(Path(self.args.output_dir), self, state, self.accelerator, state_dict=full,
+                                          optimizer_state=optimizer_state, rng_states=rng_states,
+                                          engine_state=engine_state)
+            if self.args.push_to_hub and self.args.hub_strategy == "every_save":
+                self._push_from_checkpoint(folder, state.global_step)
         self.accelerator.wait_for_everyone()
+
+    def _push_from_checkpoint(self, folder: Path, step: int) -> None:
+        """hub_strategy='every_save': the model of a checkpoint just saved (its ``model/`` folder, weights and
+        tokenizer) uploaded to the hub repository's root, as the HF Trainer does. A failure is logged and training
+        goes on: the final save pushes again."""
+        message = (f"Training in progress, epoch {int(self.state.epoch or 0)}" if self.args.save_strategy == "epoch"
+                   else f"Training in progress, step {step}")
+        try:
+            self.init_hf_repo()
+            hub.upload(self._hub_token, self.hub_model_id, Path(folder) / "model", commit_message=message,
+                       revision=self.args.hub_revision)
+        except hub.HubUploadError as e:
+            logger.error("%s; training goes on", e)
 
     def _log(self, run: _Run | None, row: dict):
         """One logged row ({"step", "epoch", ...}): metrics.jsonl and the trackers (main process, during a run),
@@ -950,8 +969,10 @@ class TrainLoop:
                                  attention_heads(getattr(base, "config", None)), dtype,
                                  grouped_kv=self.args.sdpa_grouped_kv)
 
-    def save_model(self, output_dir: str | os.PathLike | None = None):
-        """Save the model (or adapter) and tokenizer in Hugging Face format, atomically."""
+    def save_model(self, output_dir: str | os.PathLike | None = None, _internal_call: bool = False):
+        """Save the model (or adapter) and tokenizer in Hugging Face format, atomically, with its model card.
+        With push_to_hub, the saved folder is then uploaded to the hub (as the HF Trainer's save_model does); a
+        failed upload raises `preftune.hub.HubUploadError` after the save, which stays on disk."""
         out = Path(output_dir or self.args.output_dir)
         self.accelerator.wait_for_everyone()
         full = self._full_state_dict()
@@ -962,7 +983,48 @@ class TrainLoop:
             if self.args.merge_lora:
                 self._save_merged(out, sharded=full is not None)
         self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub and not _internal_call:
+            self._push_folder(out, commit_message="Model save", token=self._hub_token, revision=self.args.hub_revision)
         return out
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None, *, _folder: Path | None = None) -> None:
+        """Create the hub repository (hub_model_id, else the output_dir's name under the token's user) if it does
+        not exist, on the main process; sets ``self.hub_model_id`` to its full id."""
+        if not self.accelerator.is_main_process or self.hub_model_id is not None:
+            return
+        token = hub.resolve_token(token or self.args.hub_token or self._hub_token)
+        private = private if private is not None else self.args.hub_private_repo
+        name = hub.repo_name(self.args.hub_model_id, self.args.output_dir)
+        self.hub_model_id = hub.create_repo(token, name, private, folder=_folder)
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs):
+        """Save the model to output_dir and upload that folder to the hub repository (hub_model_id), as the HF
+        Trainer's push_to_hub: checkpoints (checkpoint-*), the reference log-prob cache and names starting with
+        "_" stay behind. Works with push_to_hub=False too. token: else hub_token, else huggingface_hub's stored
+        token or HF_TOKEN; revision: else hub_revision; private: else hub_private_repo (only when the repository is
+        created). Returns huggingface_hub's CommitInfo (a Future when blocking=False) on the main process, None on
+        the others. Keyword arguments of the HF Trainer's model card (language, license, tags, ...) are refused:
+        preftune writes its own card."""
+        if kwargs:
+            raise TypeError(f"push_to_hub() got {sorted(kwargs)}: preftune writes its own model card (README.md) from "
+                            "the run; edit it in output_dir and push again to change it")
+        if self.accelerator.is_main_process:
+            token = hub.resolve_token(token or self.args.hub_token or self._hub_token)
+        self.save_model(_internal_call=True)
+        revision = revision if revision is not None else self.args.hub_revision
+        return self._push_folder(Path(self.args.output_dir), commit_message=commit_message or "End of training",
+                                 token=token, revision=revision, private=private, blocking=blocking)
+
+    def _push_folder(self, folder: Path, *, commit_message: str, token, revision, private=None, blocking=True):
+        """Upload a saved folder on the main process (HubUploadError on failure: the folder stays saved)."""
+        if not self.accelerator.is_main_process:
+            return None
+        token = hub.resolve_token(token or self.args.hub_token or self._hub_token)
+        self.init_hf_repo(token=token, private=private, _folder=folder)
+        logger.info("pushing %s to the hub repository %s", folder, self.hub_model_id)
+        return hub.upload(token, self.hub_model_id, folder, commit_message=commit_message, revision=revision,
+                          ignore_patterns=hub.IGNORE_PATTERNS, blocking=blocking)
 
     def _save_merged(self, out: Path, *, sharded: bool) -> None:
         """``merge_lora``: the adapters folded into the base weights, saved in <out>/merged (loads without peft).

@@ -71,9 +71,16 @@ def train(config: DPOConfig | None = None, *, eval_at_end: bool = False, **overr
     trainer = DPOTrainer(args=config, train_dataset=FROM_CONFIG)  # the config's dataset_name, else the demo data
     trainer.eval_at_end = eval_at_end
     trainer.train()
-    out = trainer.save_model()
+    from preftune.hub import HubUploadError
+
+    try:
+        out, failed = trainer.save_model(), None
+    except HubUploadError as e:  # the model is saved; report the run, then the failed upload
+        out, failed = e.folder, e
     if trainer.accelerator.is_main_process:
         _report(trainer, out)
+    if failed is not None:
+        raise failed
     return trainer
 
 
