@@ -32,6 +32,10 @@ from typing import Any, ClassVar, Optional, Union, get_args, get_origin, get_typ
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+# report_to's names: transformers' integrations (INTEGRATION_TO_CALLBACK; tests/test_tracking.py checks the
+# list against the installed transformers), "all" and "none"
+REPORT_TO = ("none", "all", "azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "flyte", "kubeflow",
+             "mlflow", "neptune", "swanlab", "tensorboard", "trackio", "wandb")
 
 
 logger = logging.getLogger("preftune")
@@ -195,8 +199,6 @@ class TrainConfig:
         "log_on_each_node": "preftune logs from the main process of the whole run only",
         "length_column_name": "read only with train_sampling_strategy='group_by_length', which preftune "
                               "does not do",
-        **dict.fromkeys(("project", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id"),
-                        "a Trackio setting; preftune does not report to Trackio (report_to: tensorboard)"),
         **dict.fromkeys(("use_liger_kernel", "liger_kernel_config"),
                         "preftune's own fused layers and Triton kernels (fused_layers, triton_kernels) do the "
                         "work of Liger's; Liger is not used"),
@@ -276,7 +278,8 @@ class TrainConfig:
     # ---- run and model -------------------------------------------------------------------------------
     output_dir: str = _f("trainer_output", "Directory for checkpoints, metrics.jsonl, config.yaml and the report.",
                          group="run")
-    run_name: Optional[str] = _f(None, "Name of the run in logs; None = the output_dir's name.", group="run")
+    run_name: Optional[str] = _f(None, "Name of the run in the trackers that name runs (wandb, trackio, mlflow, "
+                                 "comet_ml, swanlab); None = the tracker's own choice.", group="run")
     model_name_or_path: Optional[str] = _f(
         None, "Local path or cached hub id of the policy model (alias --model). None = the embedded "
         "SmolLM2-135M-Instruct.", group="run", extra=True)
@@ -417,8 +420,9 @@ class TrainConfig:
     logging_steps: float = _f(10, "Log every N optimizer steps (a value in (0, 1) is a fraction "
                                           "of the total).", group="log")
     logging_first_step: bool = _f(False, "Also log the first step.", group="log")
-    report_to: list[str] = _f(None, "Extra metric sinks besides metrics.jsonl: none, tensorboard or all "
-                              "([] or None = none).", group="log", choices=("none", "tensorboard", "all"),
+    report_to: list[str] = _f(None, "Experiment trackers besides metrics.jsonl, through transformers' integration "
+                              "callbacks as TrainingArguments takes them: a name, a list, all (the installed ones) "
+                              "or none ([] or None = none).", group="log", choices=REPORT_TO,
                               factory=lambda: ["none"])
     disable_tqdm: Optional[bool] = _f(None, "Hide the progress bar (None = shown on the main process).",
                                       group="log")
@@ -488,10 +492,10 @@ class TrainConfig:
                                              "batch's pairs on any number of devices.", group="batch")
     use_cache: bool = _f(False, "Accepted and ignored: forwards keep no key/value cache.", group="batch")
     log_on_each_node: bool = _f(True, "Accepted and ignored: the run's main process logs.", group="log")
-    project: str = _f("huggingface", "Accepted and ignored: a Trackio setting.", group="log")
-    trackio_space_id: Optional[str] = _f(None, "Accepted and ignored: a Trackio setting.", group="log")
-    trackio_bucket_id: Optional[str] = _f(None, "Accepted and ignored: a Trackio setting.", group="log")
-    trackio_static_space_id: Optional[str] = _f(None, "Accepted and ignored: a Trackio setting.", group="log")
+    project: str = _f("huggingface", "Trackio's project (report_to=trackio).", group="log")
+    trackio_space_id: Optional[str] = _f(None, "Trackio's Space to log to (report_to=trackio).", group="log")
+    trackio_bucket_id: Optional[str] = _f(None, "Trackio's bucket (report_to=trackio).", group="log")
+    trackio_static_space_id: Optional[str] = _f(None, "Trackio's static Space (report_to=trackio).", group="log")
     use_liger_kernel: bool = _f(False, "Accepted and ignored: fused_layers and triton_kernels do that work.",
                                 group="batch")
     liger_kernel_config: Optional[Union[dict, str]] = _f(None, "Accepted and ignored, like use_liger_kernel.", group="batch")
@@ -765,6 +769,15 @@ class TrainConfig:
         """All fields as plain YAML/JSON-safe values: a torch.dtype inside a mapping (model_init_kwargs=
         {"dtype": torch.float16}) is written as its name ("float16"), which loads back as the same dtype."""
         return {k: _plain(v) for k, v in asdict(self).items()}
+
+    def to_json_string(self) -> str:
+        """The config as JSON (what transformers' TensorBoardCallback logs as the run's ``args``)."""
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def to_sanitized_dict(self) -> dict[str, Any]:
+        """`to_dict` with every value that is not a bool, int, float or str as its text (TensorBoard's hparams
+        take no others), as TrainingArguments.to_sanitized_dict gives them to the trackers."""
+        return {k: v if type(v) in (bool, int, float, str) else str(v) for k, v in self.to_dict().items()}
 
     def to_yaml(self, path: Optional[str] = None) -> str:
         """The resolved config as YAML; written to ``path`` (atomically) when given. Returns the text."""

@@ -5,7 +5,7 @@ micro-batch is the sum of its per-sample losses divided by the number of samples
 batch (B_global = B_micro x N_procs x K_accum), so that 1 x 4 and 4 x 1 give the same gradient. The
 loop owns devices and processes, the optimizer and schedule, clipping, the non-finite guard,
 optimizer-in-backward, the cadence of logging, evaluation and saving, checkpoints and exact resume,
-trackers and the progress bar. An algorithm (``preftune.trainer.DPOTrainer``) subclasses `TrainLoop`
+and the progress bar. An algorithm (``preftune.trainer.DPOTrainer``) subclasses `TrainLoop`
 and supplies its data, its per-sample losses and metrics, and its evaluation:
 
 - ``_num_train_samples()``: how many samples one epoch holds;
@@ -23,7 +23,8 @@ and supplies its data, its per-sample losses and metrics, and its evaluation:
 The loop keeps the HF Trainer's contract around it (`preftune.callbacks`): ``trainer.state`` is a
 `transformers.TrainerState` (its log history holds every logged row), ``callbacks`` are
 `transformers.TrainerCallback` objects called through transformers' `CallbackHandler` at the HF Trainer's
-points, and the `TrainerControl` flags they set are obeyed. preftune's own `TrainState`
+points, and the `TrainerControl` flags they set are obeyed. ``report_to``'s trackers are transformers'
+integration callbacks among them (`preftune.tracking`). preftune's own `TrainState`
 (``trainer.train_state``) stays what exact resume reads.
 """
 
@@ -57,6 +58,7 @@ from preftune.logps import _unwrap, attention_kernels
 from preftune.memory import StepInBackward, init_adamw_state, tune_malloc
 from preftune.metrics import MetricAccumulator
 from preftune.policy import attention_heads, load_policy
+from preftune.tracking import integration_callbacks
 
 logger = logging.getLogger("preftune")
 
@@ -160,7 +162,6 @@ class _Run:
     scheduler: object
     state: ckpt.TrainState
     metrics_path: Path
-    trackers: object
     log_every: int
     eval_every: int
     save_every: int
@@ -210,7 +211,9 @@ class TrainLoop:
                                   is_world_process_zero=self.accelerator.is_main_process)
         self.control = TrainerControl()
         self.train_state = ckpt.TrainState()  # preftune's own: what exact resume needs
-        self.callback_handler = make_callback_handler(callbacks, None, None)
+        # report_to's integration callbacks first, then the user's, as the HF Trainer orders them; a tracker
+        # whose package is missing is refused here, before the model is loaded
+        self.callback_handler = make_callback_handler([*integration_callbacks(args), *(callbacks or [])], None, None)
         self._run: _Run | None = None
         if self.accelerator.device.type == "cpu":
             tune_malloc()  # a process-wide malloc setting, made where a CPU training run starts
@@ -303,8 +306,8 @@ class TrainLoop:
             raise TypeError(f"train() got unexpected arguments {sorted(kwargs)}; it takes resume_from_checkpoint")
         if trial is not None:
             raise ValueError("train(trial=...): preftune has no hyperparameter search; run one training per setting")
-        # the progress bar and trackers are closed however the run ends (a NonFiniteError too), so a
-        # failed run flushes its trackers and leaves no bar to be printed at interpreter exit
+        # the progress bar is closed however the run ends (a NonFiniteError too), so a failed run leaves no
+        # bar to be printed at interpreter exit (the trackers' callbacks flush at each on_log)
         try:
             with self._attention_kernels(), contextlib.ExitStack() as self._closing:
                 self._run = run = self._start(resume_from_checkpoint)
@@ -366,11 +369,10 @@ class TrainLoop:
         metrics_path = out_dir / "metrics.jsonl"
         if acc.is_main_process:
             ckpt.truncate_metrics(metrics_path, state.global_step, lines=state.metrics_lines if state.global_step else 0)
-        trackers = self._trackers(out_dir)
         inner = getattr(optimizer, "optimizer", optimizer)
         return _Run(plan=plan, total_steps=total_steps, optimizer=optimizer, scheduler=scheduler, state=state,
                     loader=self._micro_batch_loader(plan),
-                    metrics_path=metrics_path, trackers=trackers, log_every=log_every, eval_every=eval_every,
+                    metrics_path=metrics_path, log_every=log_every, eval_every=eval_every,
                     save_every=save_every, defer=self._defers_nonfinite_checks(inner),
                     # deferred: the host reads the steps' finiteness at most this many steps late, and at every
                     # boundary (log, eval, save, the end); once a run of bad steps has begun, every step
@@ -428,16 +430,6 @@ class TrainLoop:
             persistent_workers=bool(args.dataloader_persistent_workers), seed=plan.seed)
         self._closing.callback(loader.close)
         return loader
-
-    def _trackers(self, out_dir: Path):
-        if not self.accelerator.is_main_process:
-            return None
-        from preftune.tracking import make_trackers
-
-        trackers = make_trackers(self.args.report_to, out_dir, self.args.to_dict(), self.args.run_name)
-        if trackers is not None:
-            self._closing.callback(trackers.close)
-        return trackers
 
     def _initial_eval(self, run: _Run) -> None:
         """``eval_on_start``: one evaluation before the first step (not again on resume)."""
@@ -649,8 +641,6 @@ class TrainLoop:
             self.final_eval = self.evaluate()
             if update_best_metric(self.args, self.state, self.final_eval):
                 ckpt._note_best_checkpoint(self.state, Path(self.args.output_dir), run.state.global_step)
-        if run.trackers is not None:
-            run.trackers.close()
         self.train_state = run.state
         runtime = time.perf_counter() - run.start_time
         steps = run.state.global_step - run.start_step
@@ -808,7 +798,8 @@ class TrainLoop:
 
     def log(self, logs: dict, start_time=None, *, write: bool = True) -> None:
         """Log `logs` as the HF Trainer does: with ``epoch``, into ``state.log_history`` (plus ``step``) and to
-        the callbacks' on_log; during training also into metrics.jsonl and the trackers (``write``)."""
+        the callbacks' on_log (``report_to``'s trackers among them); during training also into metrics.jsonl
+        (``write``)."""
         row = {"step": self.state.global_step, **({"epoch": self.state.epoch} if self.state.epoch is not None else {}),
                **logs}
         self._log(self._run if write else None, row)
@@ -944,16 +935,13 @@ class TrainLoop:
             logger.error("%s; training goes on", e)
 
     def _log(self, run: _Run | None, row: dict):
-        """One logged row ({"step", "epoch", ...}): metrics.jsonl and the trackers (main process, during a run),
-        the HF log history and the callbacks' on_log (every process, as the HF Trainer)."""
+        """One logged row ({"step", "epoch", ...}): metrics.jsonl (main process, during a run), the HF log history
+        and the callbacks' on_log, trackers included (every process, as the HF Trainer)."""
         clean = {k: (float(v) if isinstance(v, (float, int)) and not isinstance(v, bool) else v) for k, v in row.items()}
         clean["step"] = int(row["step"])
         if run is not None and self.accelerator.is_main_process:
             with open(run.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(clean) + "\n")
-            if run.trackers is not None:
-                run.trackers.log({k: v for k, v in clean.items() if k != "step" and isinstance(v, (int, float))},
-                                 clean["step"])
         self.state.log_history.append(history_row(clean))
         logs = {k: v for k, v in clean.items() if k != "step"}
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)

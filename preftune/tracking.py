@@ -1,147 +1,92 @@
-"""Experiment trackers behind one tiny interface: ``make_trackers(report_to, run_dir, config)``
-returns an object with ``.log(metrics, step)`` and ``.close()``.
+"""Experiment trackers (``report_to``) through transformers' own integration callbacks.
 
-Backends (``report_to``, TRL's field name and values):
+The loop runs transformers' `CallbackHandler` (`preftune.callbacks`), so ``report_to`` adds the callbacks
+the HF Trainer adds for it (`transformers.integrations.INTEGRATION_TO_CALLBACK`: TensorBoardCallback,
+WandbCallback, MLflowCallback, CometCallback, TrackioCallback, ...), ahead of the user's callbacks, and they
+log what every other callback's ``on_log`` gets: the same tags (``train/loss``, ``eval/loss``), the same
+environment variables (``WANDB_PROJECT``, ``WANDB_MODE``, ``TENSORBOARD_LOGGING_DIR``, ...) and the same
+places as under the HF Trainer. TensorBoard writes to ``output_dir/runs/<date>_<host>`` unless
+``TENSORBOARD_LOGGING_DIR`` says otherwise. metrics.jsonl is written whatever ``report_to`` says.
 
-- ``"tensorboard"``: ``torch.utils.tensorboard.SummaryWriter`` into ``<run_dir>/tensorboard``; metric
-  names become tags as they are (``rewards/chosen`` groups under ``rewards``), the config is logged
-  as text. View with ``tensorboard --logdir <run_dir>/tensorboard``.
-- ``"wandb"``: a Weights & Biases run in ``<run_dir>``, offline unless ``WANDB_MODE`` says otherwise
-  (sync later with ``wandb sync``).
-- ``"none"`` / None / [] — nothing; ``"all"`` — every installed backend.
-
-A requested backend whose package is missing is skipped with a one-line warning, so a run never
-dies for want of a logger. Call it on the main process only; the trainer does.
+preftune's part is small: ``"all"`` and ``"none"`` resolved as TrainingArguments resolves them, a missing
+package refused by its report_to name before the model is loaded, and the tracker settings that would
+change nothing (a Trackio ``project`` without ``trackio``) said so.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import math
+import logging
 import os
-import warnings
-from pathlib import Path
 
-BACKENDS = ("tensorboard", "wandb")
-_INSTALL = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}
+logger = logging.getLogger("preftune")
 
-
-def _installed(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
-
-
-def _scalars(metrics: dict) -> dict[str, float]:
-    """The finite numeric entries of `metrics` (bools and strings dropped; `step` is the x axis)."""
-    out = {}
-    for key, value in metrics.items():
-        if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if math.isfinite(value):
-            out[key] = float(value)
-    return out
-
-
-class TensorBoardTracker:
-    name = "tensorboard"
-
-    def __init__(self, run_dir: Path, config: dict, run_name: str | None = None):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.log_dir = Path(run_dir) / "tensorboard"
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))
-        text = json.dumps(config, indent=2, default=str)
-        title = f"config ({run_name})" if run_name else "config"
-        self.writer.add_text(title, "```\n" + text + "\n```", global_step=0)
-
-    def log(self, metrics: dict, step: int) -> None:
-        for key, value in _scalars(metrics).items():
-            self.writer.add_scalar(key, value, global_step=int(step))
-
-    def close(self) -> None:
-        self.writer.flush()
-        self.writer.close()
-
-
-class WandbTracker:
-    name = "wandb"
-
-    def __init__(self, run_dir: Path, config: dict, run_name: str | None = None):
-        import wandb
-
-        mode = os.environ.get("WANDB_MODE", "offline")
-        project = os.environ.get("WANDB_PROJECT", "preftune")
-        self.run = wandb.init(project=project, name=run_name, dir=str(run_dir), mode=mode,
-                              config=json.loads(json.dumps(config, default=str)))
-
-    def log(self, metrics: dict, step: int) -> None:
-        self.run.log(_scalars(metrics), step=int(step))
-
-    def close(self) -> None:
-        self.run.finish()
-
-
-_CLASSES = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker}
-_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
-
-
-class Trackers:
-    """Fan-out over the active trackers; also a context manager (closes on exit)."""
-
-    def __init__(self, trackers: list):
-        self.trackers = trackers
-
-    @property
-    def names(self) -> list[str]:
-        return [t.name for t in self.trackers]
-
-    def log(self, metrics: dict, step: int) -> None:
-        for tracker in self.trackers:
-            tracker.log(metrics, step)
-
-    def close(self) -> None:
-        for tracker in self.trackers:
-            tracker.close()
-        self.trackers = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+# the integrations that name a run with ``run_name`` (transformers' callbacks read ``args.run_name``)
+RUN_NAME_READERS = ("wandb", "trackio", "mlflow", "dagshub", "comet_ml", "swanlab")
+TRACKIO_SETTINGS = {"project": "huggingface", "trackio_space_id": None, "trackio_bucket_id": None,
+                    "trackio_static_space_id": None}
 
 
 def resolve_report_to(report_to) -> list[str]:
-    """Normalise ``report_to`` (None, a name, a comma-separated string or a list) to backend names.
-
-    ``"all"`` expands to the installed backends; ``"none"`` and empty values to []. An unknown name
-    raises ValueError listing the choices.
-    """
-    if report_to is None:
-        return []
-    items = report_to.split(",") if isinstance(report_to, str) else list(report_to)
+    """``report_to`` (a validated config's list, or None / a name) as integration names: ``"none"`` and
+    empty values are [], ``"all"`` is every installed integration (transformers'
+    `get_available_reporting_integrations`), duplicates are dropped."""
+    items = [report_to] if isinstance(report_to, str) else list(report_to or [])
     names: list[str] = []
-    for item in (str(i).strip().lower() for i in items):
+    for item in items:
         if item in ("", "none"):
             continue
         if item == "all":
-            expanded = [b for b in BACKENDS if _installed(_PACKAGES[b])]
-        elif item in BACKENDS:
-            expanded = [item]
+            from transformers.integrations import get_available_reporting_integrations
+
+            expanded = get_available_reporting_integrations()
         else:
-            choices = ", ".join(repr(c) for c in (*BACKENDS, "all", "none"))
-            raise ValueError(f"report_to: unknown tracker {item!r}; choose from {choices}")
+            expanded = [item]
         names += [n for n in expanded if n not in names]
     return names
 
 
-def make_trackers(report_to, run_dir, config: dict, run_name: str | None = None) -> Trackers:
-    """Open the trackers named by `report_to` for the run in `run_dir` (see the module docstring)."""
-    active = []
-    for name in resolve_report_to(report_to):
-        if not _installed(_PACKAGES[name]):
-            warnings.warn(f"report_to={name!r}: {name} is not installed ({_INSTALL[name]}); not logging to it",
-                          stacklevel=2)
-            continue
-        active.append(_CLASSES[name](Path(run_dir), config, run_name))
-    return Trackers(active)
+def integration_callbacks(args) -> list:
+    """The callbacks ``args.report_to`` asks for, made as the HF Trainer makes them. A name whose package is
+    missing raises a ValueError naming it (transformers' own message says what to install)."""
+    names = resolve_report_to(args.report_to)
+    _check_settings(args, names)
+    if not names:
+        return []
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, TensorBoardCallback
+    from transformers.integrations.integration_utils import default_logdir
+
+    out = []
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ValueError(f"report_to={name!r}: transformers has no such integration; choose from "
+                             f"{', '.join(INTEGRATION_TO_CALLBACK)}, all or none")
+        try:
+            callback = INTEGRATION_TO_CALLBACK[name]()
+        except (RuntimeError, ImportError) as e:
+            raise ValueError(f"report_to={name!r}: {e} Or drop {name!r} from report_to.") from None
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            # where the HF Trainer puts it; set now so that an evaluate() before train() writes there too
+            callback.logging_dir = os.path.join(args.output_dir, default_logdir())
+        out.append(callback)
+    return out
+
+
+def _check_settings(args, names: list[str]) -> None:
+    if "trackio" in names and not hasattr(args, "hub_private_repo"):
+        raise ValueError(f"report_to='trackio': transformers' TrackioCallback reads hub_private_repo, which "
+                         f"{type(args).__name__} does not have; report to another tracker")
+    if "wandb" in names and os.environ.get("WANDB_LOG_MODEL", "false").lower() == "end":
+        raise ValueError("report_to='wandb' with WANDB_LOG_MODEL=end: transformers' WandbCallback then saves the "
+                         "model through an HF Trainer built from the config, which a preftune config cannot build; "
+                         "set WANDB_LOG_MODEL=checkpoint (uploads each checkpoint folder) or false")
+    if "trackio" not in names:
+        for name, unset in TRACKIO_SETTINGS.items():
+            if getattr(args, name) != unset:
+                logger.warning("%s=%r is a Trackio setting and report_to=%r has no 'trackio': it changes nothing",
+                               name, getattr(args, name), args.report_to)
+    if args.run_name is not None and not set(names) & set(RUN_NAME_READERS):
+        logger.warning("run_name=%r names the run in %s; report_to=%r has none of them: it changes nothing",
+                       args.run_name, ", ".join(RUN_NAME_READERS), args.report_to)
+
+
+__all__ = ["integration_callbacks", "resolve_report_to"]
