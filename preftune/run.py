@@ -56,7 +56,7 @@ def demo_generation_eval(trainer):
     from preftune.data.demo import demo_dataset, verify
     from preftune.evaluate import generation_eval
 
-    rows = demo_dataset("eval", n=n)
+    rows = demo_dataset("eval", n=n, tasks=getattr(args, "demo_tasks", None))
     policy = trainer.accelerator.unwrap_model(trainer.model)
     return generation_eval(policy, reference, trainer.tokenizer, rows, verify_fn=verify, max_new_tokens=40)
 

@@ -272,6 +272,13 @@ def test_demo_defaults_are_valid():
     assert c.global_batch_size(1) == d["per_device_train_batch_size"] * d["gradient_accumulation_steps"]
 
 
+def test_demo_tasks_are_checked_by_name():
+    assert DPOConfig(demo_tasks=["concise"]).demo_tasks == ["concise"]
+    for bad in (["poetry"], []):
+        with pytest.raises(ConfigError, match="demo_tasks"):
+            DPOConfig(demo_tasks=bad)
+
+
 def test_eval_steps_default_to_logging_steps():
     assert DPOConfig(eval_strategy="steps", logging_steps=7).eval_steps == 7
     assert DPOConfig(eval_strategy="steps", eval_steps=3).eval_steps == 3

@@ -91,6 +91,19 @@ def test_verifiers_by_hand():
         verify({"task": "poetry"}, "")
 
 
+def test_a_subset_of_tasks_is_balanced_and_stays_held_out():
+    tasks = ["concise", "constraint"]
+    train, held_out = demo_dataset("train", n=400, tasks=tasks), demo_dataset("eval", n=64, tasks=tasks)
+    assert Counter(r["task"] for r in train) == {"concise": 200, "constraint": 200}
+    assert Counter(r["task"] for r in held_out) == {"concise": 32, "constraint": 32}
+    assert not {text(r, "prompt") for r in train} & {text(r, "prompt") for r in held_out}
+    assert all(prompt_split(text(r, "prompt")) == "eval" for r in held_out)
+    assert demo_dataset("eval", n=8, tasks=list(TASKS)) == demo_dataset("eval", n=8)  # None = all four
+    for bad in (["poetry"], []):
+        with pytest.raises(ValueError, match="demo tasks"):
+            demo_dataset("train", n=4, tasks=bad)
+
+
 def test_bad_split():
     with pytest.raises(ValueError, match="split='test'"):
         demo_dataset("test")

@@ -213,17 +213,22 @@ def prompt_split(prompt: str) -> str:
     return "eval" if hashlib.sha256(prompt.encode("utf-8")).digest()[0] % 10 == 0 else "train"
 
 
-def demo_dataset(split: str = "train", n: int | None = None, seed: int = 0) -> list[dict]:
+def demo_dataset(split: str = "train", n: int | None = None, seed: int = 0,
+                 tasks: list[str] | tuple[str, ...] | None = None) -> list[dict]:
     """n demo rows of one split (default 2400 train / 200 eval), the same for the same seed.
 
-    Tasks are balanced (row i draws task i mod 4, then the rows are shuffled); prompts are unique
-    within the split and never shared between splits.
+    tasks: the task names to draw from (None = all four, in TASKS order). Tasks are balanced (row i
+    draws the (i mod len(tasks))-th task, then the rows are shuffled); prompts are unique within the
+    split and never shared between splits.
     """
     if split not in DEFAULT_SIZES:
         raise ValueError(f"split={split!r}: use 'train' or 'eval'")
+    unknown = [t for t in (tasks or []) if t not in TASKS]
+    if unknown or (tasks is not None and not tasks):
+        raise ValueError(f"demo tasks {list(tasks)!r}: choose one or more of {', '.join(TASKS)}")
     n = DEFAULT_SIZES[split] if n is None else int(n)
     rng = random.Random(f"preftune-demo/{seed}/{split}")
-    names, seen, rows = list(TASKS), set(), []
+    names, seen, rows = list(tasks or TASKS), set(), []
     for i in range(n):
         task = TASKS[names[i % len(names)]]
         for _ in range(10_000):

@@ -104,7 +104,7 @@ def _demo_rows(split: str, args) -> list[dict]:
     from preftune.data.demo import demo_dataset
 
     n = {"train": getattr(args, "demo_train_size", None), "eval": getattr(args, "demo_eval_size", None)}[split]
-    return demo_dataset(split=split, n=n, seed=0)
+    return demo_dataset(split=split, n=n, seed=0, tasks=getattr(args, "demo_tasks", None))
 
 
 def resolve_sources(args) -> tuple[object, object, float | None]:
