@@ -10,10 +10,10 @@ import math
 from pathlib import Path
 
 import pytest
+from _train_worker import make_model_dir, write_jsonl
 
 from preftune.config import DPOConfig
 from preftune.data.demo import demo_dataset
-from preftune.testing import tiny_model, tiny_tokenizer
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 HUB = {"model_name_or_path": "Qwen/Qwen2-0.5B-Instruct", "dataset_name": "trl-lib/ultrafeedback_binarized",
@@ -49,12 +49,9 @@ def ultrafeedback_rows(split: str, n: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
     root = tmp_path_factory.mktemp("examples")
-    tiny_model(300).save_pretrained(root / "model")
-    tiny_tokenizer().save_pretrained(root / "model")
+    make_model_dir(root / "model")
     for split, n in (("train", 4), ("test", 2)):
-        with open(root / f"{split}.jsonl", "w", encoding="utf-8") as f:
-            for row in ultrafeedback_rows(split if split == "train" else "eval", n):
-                f.write(json.dumps(row) + "\n")
+        write_jsonl(root / f"{split}.jsonl", ultrafeedback_rows(split if split == "train" else "eval", n))
     return root
 
 

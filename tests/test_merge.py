@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 import yaml
+from _train_worker import make_model_dir, write_jsonl
 from safetensors import safe_open
 
 from preftune import cli
 from preftune.data.demo import demo_dataset
 from preftune.merge import merge_run
-from preftune.testing import tiny_model, tiny_tokenizer
+from preftune.testing import tiny_tokenizer
 
 
 def _train(root, name: str, *extra: str):
@@ -29,11 +30,8 @@ def _train(root, name: str, *extra: str):
 def runs(tmp_path_factory):
     """A tiny model saved to disk, and two 2-step runs on it: LoRA and full fine-tuning."""
     root = tmp_path_factory.mktemp("merge")
-    tiny_model(300).save_pretrained(root / "model")
-    tiny_tokenizer().save_pretrained(root / "model")
-    with open(root / "train.jsonl", "w", encoding="utf-8") as f:
-        for row in demo_dataset("train", n=4):
-            f.write(json.dumps(row) + "\n")
+    make_model_dir(root / "model")
+    write_jsonl(root / "train.jsonl", demo_dataset("train", n=4))
     return root, _train(root, "lora", "--use_peft", "--lora_r", "4"), _train(root, "full")
 
 
