@@ -341,11 +341,11 @@ def _constraint_partial(name: str, text: str) -> float:
     """How far a reply goes toward a demo constraint, in [0, 1]; 1 exactly when the constraint holds."""
     stripped = text.strip()
     if name in ("uppercase", "lowercase"):
-        letters = [c for c in text if c.isalpha() and c.upper() != c.lower()]
-        if not letters or not demo.CONSTRAINTS[name][2](text):
-            good = sum(c.isupper() if name == "uppercase" else c.islower() for c in letters)
-            return min(good / len(letters), 0.9) if letters else 0.0
-        return 1.0
+        if demo.CONSTRAINTS[name][2](text):
+            return 1.0
+        cased = [c for c in text if c.upper() != c.lower()]  # letters that have a case
+        good = sum(c.isupper() if name == "uppercase" else c.islower() for c in cased)
+        return min(good / len(cased), 0.9) if cased else 0.0  # below 1: the verifier says no
     if name == "exclamation":
         return 1.0 if stripped.endswith("!") else 0.5 if "!" in text else 0.0
     if name == "answer_prefix":
