@@ -1,0 +1,1 @@
+"""Group Relative Policy Optimization: rollouts, rewards, group advantages and the clipped policy loss."""
