@@ -96,8 +96,9 @@ class GRPOTrainer(TrainLoop):
         if reward_funcs is None:
             reward_funcs = self._config_rewards()
         self.rewards = RewardFunctions(reward_funcs, reward_processing_classes=reward_processing_classes,
-                                       device=self.accelerator.device, model_init_kwargs=args.model_init_kwargs)
-        self.reward_funcs = self.rewards.funcs if hasattr(self.rewards, "funcs") else reward_funcs
+                                       device=self.accelerator.device, model_init_kwargs=args.model_init_kwargs,
+                                       chat_template_kwargs=args.chat_template_kwargs)
+        self.reward_funcs = self.rewards.funcs
         self.reward_func_names = list(self.rewards.names)
         if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_func_names):
             raise ValueError(f"reward_weights has {len(args.reward_weights)} values but there are "
@@ -114,14 +115,14 @@ class GRPOTrainer(TrainLoop):
 
     # --- set-up -----------------------------------------------------------------------------------------------
     def _config_rewards(self) -> list:
-        from preftune.rewards import make_reward
+        from preftune.rewards import load_reward
 
         names = list(self.args.reward_funcs or [])
         if not names:
             raise ValueError("GRPO needs at least one reward function: pass reward_funcs= (a callable, a reward "
                              "model's path, or a list of them), or set reward_funcs in the config (--reward NAME or "
                              "--reward module:function on the command line)")
-        return [make_reward(name, self.args) for name in names]
+        return [load_reward(name, self.args) for name in names]
 
     def _eos_token_ids(self) -> list[int]:
         tok = self.tokenizer
@@ -474,9 +475,12 @@ class GRPOTrainer(TrainLoop):
         for i, rec in enumerate(records):
             rec["rewards"] = rewards[i].tolist()
             rec["text"] = texts[i]
-        for key, values in (getattr(out, "logs", None) or {}).items():
+        for key, values in (out.logs or {}).items():
             for rec, v in zip(records, values):
                 rec.setdefault("logs", {})[key] = v
+        for key, values in (out.metrics or {}).items():  # log_metric: averaged over the round
+            vals = values if isinstance(values, (list, tuple)) else [values]
+            records[0].setdefault("metrics", {}).setdefault(key, []).extend(float(v) for v in vals)
 
     def _with_advantages(self, records: list[dict], G: int) -> list[dict]:
         from preftune.grpo.objective import group_advantages
@@ -596,6 +600,12 @@ class GRPOTrainer(TrainLoop):
             col = col[~torch.isnan(col)]
             m[f"rewards/{name}/mean"] = float(col.mean()) if col.numel() else float("nan")
             m[f"rewards/{name}/std"] = float(col.std()) if col.numel() > 1 else float("nan")
+        logged: dict[str, list[float]] = defaultdict(list)
+        for rec in records:
+            for key, vals in rec.get("metrics", {}).items():
+                logged[key].extend(vals)
+        for key, vals in logged.items():
+            m[key] = sum(vals) / len(vals)
         n_groups = len(records) // G
         grouped = total[: n_groups * G].view(n_groups, G)
         m["reward"] = float(total.nanmean())
