@@ -278,6 +278,17 @@ def test_huge_log_ratios(loss_type):
     check(lp, out.loss, call_twin(lp, old, ref, adv, mask, ent, loss_type, o))
 
 
+def test_vespo_weight_clamps_each_token_log_ratio():
+    """Token log-ratios -25 and +24 count as -20 and +20: the sequence ratio is 1, so phi = e^(lam - lam) = 1
+    and the loss is -A * sum(logps) / tokens (without the per-token clamp phi would be e^(3 - 2 - 3/e))."""
+    lp = torch.tensor([[-1.0, -2.0]], dtype=torch.float64, requires_grad=True)
+    old = lp.detach() + torch.tensor([[25.0, -24.0]], dtype=torch.float64)
+    adv = torch.tensor([0.5], dtype=torch.float64)
+    out = policy_loss(lp, old, adv, torch.ones(1, 2), loss_type="vespo")
+    assert out.vespo_phi.item() == 1.0
+    check(lp, out.loss, -0.5 * lp.sum() / 2)
+
+
 def test_clip_metrics_by_hand():
     """Token ratios e^0.5, e^-0.5, 1 with advantages +1 / -1: which tokens count as clipped."""
     lp = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
@@ -482,3 +493,22 @@ def test_nanstd_matches_trl():
     x = torch.tensor([[1.0, NAN, 3.0], [NAN, NAN, 2.0], [4.0, 5.0, 9.0]])
     for dim in (None, 0, 1):
         torch.testing.assert_close(nanstd(x, dim=dim), trl_nanstd(x, dim=dim), equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("option", ["plain", "sequence", "kl", "entropy_bonus", "opsm", "two_sided"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_policy_loss_float32_is_trls_to_the_bit(loss_type, option):
+    """In float32 (training's dtype) the loss is TRL's bit for bit; the gradient may differ in the last bit
+    where autograd sums the KL and policy paths in another order."""
+    _trl()
+    o = OPTIONS[option]
+    lp, old, ref, adv, mask, ent = make_batch(seed=31)
+    lp = lp.detach().float().requires_grad_(True)
+    old, ref, adv, ent = old.float(), ref.float(), adv.float(), ent.float()
+    trl_loss, _ = trl_compute_loss(lp, old, ref, adv, mask, ent, loss_type, o, A=2, P=2, S=4, n_items=77)
+    ours = call_ours(lp, old, ref, adv, mask, ent, loss_type, o, num_items_in_batch=77, num_processes=2,
+                     gradient_accumulation_steps=2, steps_per_generation=4)
+    assert torch.equal(ours.loss, trl_loss)
+    (g_ours,) = torch.autograd.grad(ours.loss, lp, retain_graph=True)
+    (g_trl,) = torch.autograd.grad(trl_loss, lp)
+    torch.testing.assert_close(g_ours, g_trl, rtol=1e-6, atol=1e-8)

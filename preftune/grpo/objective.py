@@ -379,9 +379,13 @@ def policy_loss(per_token_logps: torch.Tensor, old_per_token_logps: torch.Tensor
         (max(num_items_in_batch, 1) / P x A / S);
       entropy bonus (every type): A.
     In evaluation pass A = S = 1 (TRL does not accumulate there). With the defaults (num_items_in_batch
-    None = this call's tokens, P = A = S = 1) the call is the whole global batch. Not reproduced: TRL's
-    vLLM importance-sampling correction (vllm_importance_sampling_*: its ratio and its log-ratio term in
-    VESPO), the MoE router auxiliary loss and the adaptive entropy coefficient (pass the coefficient in).
+    None = this call's tokens, P = A = S = 1) the call is the whole global batch. Metrics are this call's;
+    `totals` gives the sums and counts to add over processes.
+
+    Not reproduced: TRL's vLLM importance-sampling correction (vllm_importance_sampling_*: the ratio it
+    multiplies into the loss and adds to VESPO's log-weight), the MoE router auxiliary loss, and the
+    adaptive entropy controller (the caller passes the coefficient of the step). Metrics at T = 1 with
+    token-level ratios average over the mask's tokens, where TRL averages over all rows.
     """
     if loss_type not in LOSSES:
         raise ValueError(f"loss_type={loss_type!r} is unknown; use one of {', '.join(LOSS_TYPES)}")
