@@ -292,6 +292,7 @@ class GRPOTrainer(TrainLoop):
         old = self._padded(records, "old_logps", logps)
         ref = self._padded(records, "ref_logps", logps)
         adv = torch.tensor([rec["advantage"] for rec in records], dtype=torch.float32, device=logps.device)
+        threshold = self._entropy_threshold(entropies, mask) if train else None
         out = policy_loss(
             logps, old, adv, mask, loss_type=args.loss_type, epsilon=args.epsilon, epsilon_high=args.epsilon_high,
             delta=args.delta, importance_sampling_level=args.importance_sampling_level, beta=args.beta,
@@ -299,7 +300,8 @@ class GRPOTrainer(TrainLoop):
             max_completion_length=args.max_completion_length, sapo_temperature_pos=args.sapo_temperature_pos,
             sapo_temperature_neg=args.sapo_temperature_neg, vespo_k_pos=args.vespo_k_pos,
             vespo_lambda_pos=args.vespo_lambda_pos, vespo_k_neg=args.vespo_k_neg, vespo_lambda_neg=args.vespo_lambda_neg,
-            entropies=entropies, top_entropy_quantile=args.top_entropy_quantile, entropy_coef=args.entropy_coef,
+            entropies=entropies, top_entropy_quantile=args.top_entropy_quantile, entropy_threshold_value=threshold,
+            entropy_coef=args.entropy_coef,
             off_policy_mask_threshold=args.off_policy_mask_threshold,
             num_items_in_batch=rnd.num_items if train else None,
             num_processes=self.accelerator.num_processes if train else 1,
@@ -312,6 +314,19 @@ class GRPOTrainer(TrainLoop):
             if value is not None:
                 metrics[name] = value.detach()
         return out, metrics, int(batch["num_tokens"])
+
+    def _entropy_threshold(self, entropies: torch.Tensor, mask: torch.Tensor):
+        """top_entropy_quantile < 1: the entropy a token needs to stay in the loss, over this micro-batch's tokens of
+        every process (TRL's rule); None with one process (policy_loss takes the call's own tokens)."""
+        from preftune.grpo.objective import entropy_threshold
+
+        acc = self.accelerator
+        if self.args.top_entropy_quantile >= 1.0 or acc.num_processes == 1:
+            return None
+        flat = entropies[mask.bool()].float()
+        flat = acc.pad_across_processes(flat, pad_index=float("nan"))
+        every = acc.gather(flat)
+        return entropy_threshold(every[~torch.isnan(every)], self.args.top_entropy_quantile)
 
     def _loss_mask(self, records: list[dict], mask: torch.Tensor) -> torch.Tensor:
         if self.args.mask_truncated_completions:
