@@ -1,0 +1,1 @@
+"""GRPO: Group Relative Policy Optimization on preftune's training core."""
