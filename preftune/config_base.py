@@ -889,12 +889,16 @@ def _did_you_mean(name: str, candidates: list[str], fallback: str = "; `preftune
     return f"; did you mean {close[0]!r}?" if close else fallback
 
 
+def _help_hint(cls: type) -> str:
+    return f"; `{cls.CLI_PROG} --help` lists every field"  # type: ignore[attr-defined]
+
+
 def _unknown_flag(cls: type, token: str, known: set[str]) -> str:
     """Why ``token`` is refused: a field other tools have (with what to use instead), or a suggestion."""
     name = token.lstrip("-").partition("=")[0].replace("-", "_")
     if name in cls.REFUSED:  # type: ignore[attr-defined]
         return f"{token!r}: {name!r} is not a {cls.__name__} field: {cls.REFUSED[name]}"  # type: ignore[attr-defined]
-    return f"unknown flag {token!r}{_did_you_mean(token, sorted(known))}"
+    return f"unknown flag {token!r}{_did_you_mean(token, sorted(known), _help_hint(cls))}"
 
 
 def _rename(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -916,7 +920,7 @@ def _rename(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
                 continue
             errors.append((key, f"{key!r} is not a {cls.__name__} field: {cls.REFUSED[key]}"))  # type: ignore[attr-defined]
         elif key not in names and key not in aliases:
-            errors.append((key, f"unknown field {key!r}{_did_you_mean(str(key), names + list(aliases))}"))
+            errors.append((key, f"unknown field {key!r}{_did_you_mean(str(key), names + list(aliases), _help_hint(cls))}"))
     if errors:
         raise ConfigError(errors)
     return kwargs

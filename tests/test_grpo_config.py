@@ -532,3 +532,16 @@ def test_differences_page_lists_what_the_code_does():
         sections[title.strip()] = [line for line in body.splitlines() if line.startswith("- `")]
     for title, lines in want.items():
         assert lines and sections.get(title) == lines, f"docs/differences_from_trl.md '{title}' differs from GRPOConfig"
+
+
+def test_preftune_grpo_help_and_unknown_fields_name_the_command(capsys):
+    from preftune.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["grpo", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "usage: preftune grpo" in out
+    for flag in ("--num_generations", "--reward REWARD_FUNCS", "--loss_type", "--scale_rewards", "--config"):
+        assert flag.split()[0] in out, flag
+    with pytest.raises(ConfigError, match="unknown field 'zzz'; `preftune grpo --help` lists every field"):
+        GRPOConfig(zzz=1)
