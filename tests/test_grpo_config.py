@@ -181,6 +181,7 @@ INVALID = [
     (dict(delta=0), "delta", "delta=0.0"),
     (dict(num_iterations=0), "num_iterations", "num_iterations=0"),
     (dict(max_completion_length=0), "max_completion_length", "max_completion_length=0"),
+    (dict(max_completion_length=None), "max_completion_length", "max_completion_length=None: must be an integer >= 1"),
     (dict(top_entropy_quantile=1.5), "top_entropy_quantile", "top_entropy_quantile=1.5"),
     (dict(entropy_coef_min=0.5, entropy_coef_max=0.1), "entropy_coef_max", "entropy_coef_min is its lower bound"),
     (dict(off_policy_mask_threshold=0), "off_policy_mask_threshold", "off_policy_mask_threshold=0.0"),

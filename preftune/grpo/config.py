@@ -157,7 +157,7 @@ class GRPOConfig(TrainConfig):
                               "baseline.", group="generation")
     num_generations_eval: Optional[int] = _f(None, "Completions per prompt in evaluation (None = num_generations).",
                                              group="generation")
-    max_completion_length: int = _f(512, "Max tokens of each completion; one that reaches it without EOS is "
+    max_completion_length: Optional[int] = _f(512, "Max tokens of each completion; one that reaches it without EOS is "
                                     "truncated.", group="generation")
     temperature: float = _f(1.0, "Sampling temperature (> 0); the log-probs of the loss use the same.",
                             group="generation")
@@ -380,7 +380,9 @@ class GRPOConfig(TrainConfig):
         c, k = self, Checks(self)
         k.need(c.num_generations >= 2, "num_generations", "GRPO needs at least 2 completions per prompt: the "
                "group's rewards are the baseline")
-        for name in ("max_completion_length", "num_iterations", "ref_model_sync_steps", "vllm_tensor_parallel_size",
+        k.need(c.max_completion_length is not None and c.max_completion_length >= 1, "max_completion_length",
+               "must be an integer >= 1: generation needs a length limit, and dr_grpo's normalizer is this number")
+        for name in ("num_iterations", "ref_model_sync_steps", "vllm_tensor_parallel_size",
                      "max_resample_rounds"):
             k.need(getattr(c, name) >= 1, name, "must be an integer >= 1")
         for name in ("num_generations_eval", "generation_batch_size", "steps_per_generation", "demo_train_size",
