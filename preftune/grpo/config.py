@@ -93,7 +93,9 @@ class GRPOConfig(TrainConfig):
         "vllm_mode": (("colocate",), "only colocated vLLM is supported (use_vllm=True runs it in the training "
                       "processes); the server mode and its fields are not"),
     }
-    VALIDATED_ONLY: ClassVar[tuple[str, ...]] = tuple(SUPPORTED_ONLY)
+    # vLLM's own settings can differ from TRL's defaults only with use_vllm=True, which the trainer refuses while
+    # preftune has no vLLM engine: every value the run can have is the one it does not use
+    VALIDATED_ONLY: ClassVar[tuple[str, ...]] = (*SUPPORTED_ONLY, *VLLM_ONLY_DEFAULTS)
     REFUSED: ClassVar[dict[str, str]] = {
         **TrainConfig.REFUSED,
         **dict.fromkeys(("vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout",
@@ -348,7 +350,7 @@ class GRPOConfig(TrainConfig):
         return {"output_dir": "runs/grpo-demo", "learning_rate": 2e-5, "max_steps": 40, "num_generations": 8,
                 "per_device_train_batch_size": 16, "per_device_eval_batch_size": 16, "gradient_accumulation_steps": 1,
                 "max_completion_length": 48, "logging_steps": 1, "save_strategy": "no", "warmup_ratio": 0.0,
-                "reward_funcs": ["demo_reward"], "demo_tasks": ["concise", "constraint"],
+                "reward_funcs": ["demo", "demo_shaping"], "demo_tasks": ["concise", "constraint"],
                 "demo_generation_prompts": 64, "demo_eval_size": 64}
 
     # ---- checks --------------------------------------------------------------------------------------------

@@ -86,6 +86,8 @@ class GRPOTrainer(TrainLoop):
             raise ValueError("`train_dataset` is required: a datasets.Dataset / IterableDataset or a list of rows "
                              "with a 'prompt' column (the command line reads the config's dataset_name)")
         self.rollout_func = rollout_func
+        if args.use_vllm:
+            _refuse_vllm()
         super().__init__(model, args, processing_class=processing_class, peft_config=peft_config, callbacks=callbacks,
                          optimizers=optimizers)
         self.num_generations = int(args.num_generations)
@@ -111,6 +113,11 @@ class GRPOTrainer(TrainLoop):
         self._round: _Round | None = None
         self._num_tokens = 0  # prompt + completion tokens trained on so far, over every process (TRL's num_tokens)
         self._micro_index = 0
+        # entropy bonus: the coefficient of the current step (use_adaptive_entropy moves it between steps) and the
+        # controller's last measured entropy over every process (inf: no bonus before the first measurement)
+        self._entropy_coef = float(args.entropy_coef)
+        self._last_world_entropy = float("inf")
+        self._entropy_window = torch.zeros(2, dtype=torch.float64)
         self._completions_path = Path(args.output_dir) / "completions.jsonl"
 
     # --- set-up -----------------------------------------------------------------------------------------------
@@ -248,12 +255,15 @@ class GRPOTrainer(TrainLoop):
 
     def _algorithm_state(self) -> dict | None:
         r = self._round
-        return {"num_tokens": self._num_tokens,
+        return {"num_tokens": self._num_tokens, "entropy_coef": self._entropy_coef,
+                "last_world_entropy": self._last_world_entropy,
                 "round": None if r is None else {"index": r.index, "micro": r.micro, "metrics": r.metrics,
                                                  "num_items": r.num_items}}
 
     def _load_algorithm_state(self, state: dict) -> None:
         self._num_tokens = int(state.get("num_tokens", 0))
+        self._entropy_coef = float(state.get("entropy_coef", self.args.entropy_coef))
+        self._last_world_entropy = float(state.get("last_world_entropy", float("inf")))
         r = state.get("round")
         self._round = None if r is None else _Round(r["index"], r["micro"], r["metrics"], r["num_items"])
 
@@ -301,19 +311,55 @@ class GRPOTrainer(TrainLoop):
             sapo_temperature_neg=args.sapo_temperature_neg, vespo_k_pos=args.vespo_k_pos,
             vespo_lambda_pos=args.vespo_lambda_pos, vespo_k_neg=args.vespo_k_neg, vespo_lambda_neg=args.vespo_lambda_neg,
             entropies=entropies, top_entropy_quantile=args.top_entropy_quantile, entropy_threshold_value=threshold,
-            entropy_coef=args.entropy_coef,
+            entropy_coef=self._applied_entropy_coef(),
             off_policy_mask_threshold=args.off_policy_mask_threshold,
             num_items_in_batch=rnd.num_items if train else None,
             num_processes=self.accelerator.num_processes if train else 1,
             gradient_accumulation_steps=args.gradient_accumulation_steps if train else 1,
             steps_per_generation=self.steps_per_generation if train else 1)
         metrics = {"entropy": _masked_mean(entropies, tok.padded()[1])}
+        if train and args.use_adaptive_entropy:
+            self._adapt_entropy_coef(entropies, mask, threshold if threshold is not None else (
+                _call_threshold(entropies, mask, args.top_entropy_quantile)))
+        if train and (args.entropy_coef != 0.0 or args.use_adaptive_entropy):
+            metrics["entropy_coef"] = torch.tensor(self._entropy_coef)
         for name, key in (("kl", "kl"), ("clip_ratio/low_mean", "clip_ratio_low"),
                           ("clip_ratio/high_mean", "clip_ratio_high"), ("clip_ratio/region_mean", "clip_ratio_region")):
             value = getattr(out, key, None)
             if value is not None:
                 metrics[name] = value.detach()
         return out, metrics, int(batch["num_tokens"])
+
+    def _applied_entropy_coef(self) -> float:
+        """The entropy bonus's coefficient for this micro-batch: entropy_coef, or with use_adaptive_entropy the
+        controller's coefficient while the last measured entropy is at most entropy_target, else 0 (TRL's rule)."""
+        if not self.args.use_adaptive_entropy:
+            return float(self.args.entropy_coef)
+        return self._entropy_coef if self._last_world_entropy <= self.args.entropy_target else 0.0
+
+    def _adapt_entropy_coef(self, entropies: torch.Tensor, mask: torch.Tensor, threshold) -> None:
+        """use_adaptive_entropy: add this micro-batch's entropy over the tokens the bonus acts on to the step's window;
+        at the step's last micro-batch, measure the window's mean over every process and move the coefficient by
+        entropy_coef_delta toward entropy_target (up when the entropy is at or below it), within [entropy_coef_min,
+        entropy_coef_max]. It applies from the next step on."""
+        args, acc = self.args, self.accelerator
+        keep = mask.bool()
+        if threshold is not None:
+            keep = keep & (entropies >= threshold)
+        self._entropy_window += torch.tensor([float(entropies[keep].sum()), float(keep.sum())], dtype=torch.float64)
+        if self._micro_index != args.gradient_accumulation_steps - 1:
+            return
+        window = self._entropy_window.to(acc.device)
+        if acc.num_processes > 1:
+            window = acc.reduce(window, reduction="sum")
+        world = float(window[0] / window[1].clamp(min=1.0))
+        step = args.entropy_coef_delta
+        if world <= args.entropy_target:
+            self._entropy_coef = min(self._entropy_coef + step, args.entropy_coef_max)
+        else:
+            self._entropy_coef = max(self._entropy_coef - step, args.entropy_coef_min)
+        self._last_world_entropy = world
+        self._entropy_window = torch.zeros(2, dtype=torch.float64)
 
     def _entropy_threshold(self, entropies: torch.Tensor, mask: torch.Tensor):
         """top_entropy_quantile < 1: the entropy a token needs to stay in the loss, over this micro-batch's tokens of
@@ -632,7 +678,11 @@ class GRPOTrainer(TrainLoop):
         import json
 
         n = self.args.num_completions_to_print
-        rows = records if n is None else records[: int(n)]
+        rows = records
+        if self.args.log_unique_prompts:  # one row per prompt
+            seen: set = set()
+            rows = [rec for rec in records if not (rec["row"] in seen or seen.add(rec["row"]))]
+        rows = rows if n is None else rows[: int(n)]
         self._completions_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self._completions_path, "a", encoding="utf-8") as f:
             for rec in rows:
@@ -684,6 +734,23 @@ class GRPOTrainer(TrainLoop):
             return metrics
         finally:
             self.model.train(was_training)
+
+
+def _refuse_vllm() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ImportError("use_vllm=True needs the vllm package, which is not installed (it runs on a GPU: pip install "
+                          "vllm); without it set use_vllm=False: preftune generates with its own batched decoding "
+                          "(each prompt's forward once, its cache shared by its completions)")
+    raise ValueError("use_vllm=True: preftune has no vLLM engine yet; set use_vllm=False (preftune's own batched "
+                     "decoding) or use_transformers_continuous_batching=True")
+
+
+def _call_threshold(entropies: torch.Tensor, mask: torch.Tensor, quantile: float):
+    from preftune.grpo.objective import entropy_threshold
+
+    return entropy_threshold(entropies[mask.bool()], quantile) if quantile < 1.0 else None
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
