@@ -260,10 +260,10 @@ def test_every_layout_equals_the_twin_and_the_padded_layout(model, twin, layout)
     groups, want, want_grads = twin
     R = sum(len(g["completions"]) for g in groups)
     multiple = 8 if layout != "prefix_packed" else None
-    padded = [x.detach() for x in per_response(model_token_logps(
-        model, collate_groups(groups, layout="padded", pad_token_id=PAD), chunk_size=16), R)]
-    tok = model_token_logps(model, collate_groups(groups, layout=layout, pad_token_id=PAD, pad_to_multiple_of=multiple),
-                            chunk_size=16)  # fmt: skip
+    with torch.no_grad():
+        padded = per_response(model_token_logps(model, collate_groups(groups, pad_token_id=PAD), chunk_size=16), R)
+    batch = collate_groups(groups, layout=layout, pad_token_id=PAD, pad_to_multiple_of=multiple)
+    tok = model_token_logps(model, batch, chunk_size=16)
     assert tok.lengths.tolist() == [len(c) for g in groups for c in g["completions"]]
     got = per_response(tok, R)
     for r, (a, b, c) in enumerate(zip(got, want, padded)):
@@ -287,3 +287,60 @@ def test_prefix_packed_runs_one_attention_sequence_per_nonempty_completion(model
     with torch.no_grad():
         model_token_logps(model, b)
     assert attention._calls[0] - calls == model.config.num_hidden_layers
+
+
+def flash_semantics(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=None, is_causal=None,
+                    enable_gqa=False):
+    """Flash's variable-length kernel written out: per sequence, its queries over its (gathered) keys,
+    causal with the queries aligned to the end of the keys."""
+    assert (max_q, max_k) == (int((cu_q[1:] - cu_q[:-1]).max()), int((cu_k[1:] - cu_k[:-1]).max()))
+    assert bool((cu_q[1:] > cu_q[:-1]).all()), "an empty sequence"
+    outs = []
+    for j in range(len(cu_q) - 1):
+        a, b, c, d = cu_q[j], cu_q[j + 1], cu_k[j], cu_k[j + 1]
+        keep = torch.ones(b - a, d - c, dtype=torch.bool).tril(diagonal=int((d - c) - (b - a)))
+        outs.append(F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[c:d].transpose(0, 1),
+                                                   v[c:d].transpose(0, 1), attn_mask=keep, scale=scale,
+                                                   enable_gqa=enable_gqa).transpose(0, 1))  # fmt: skip
+    return torch.cat(outs)
+
+
+def test_gathered_keys_give_the_masked_prefix_attention(monkeypatch):
+    """The flash branch (its kernel written out, on CPU) reads the gathered keys k_index and cu_k, which
+    per_sequence does not use: both, and the prefix layout's masked rows, agree for G completions with
+    empty ones."""
+    monkeypatch.setattr(attention, "_flash_varlen", lambda: (flash_semantics, frozenset({"is_causal", "enable_gqa"})))
+    monkeypatch.setattr(attention, "flash_usable", lambda q: True)
+    groups = [dict(g, prompt_ids=g["prompt_ids"][:9]) for g in model_groups(seed=1)]  # shorter prompts
+    pref = collate_groups(groups, layout="prefix", pad_token_id=PAD)
+    meta = collate_groups(groups, layout="prefix_packed", pad_token_id=PAD)["varlen"]
+    lengths = [group_num_tokens(g, "prefix") for g in groups]
+    G, T, N = len(groups), pref["input_ids"].shape[1], meta.cu_q_host[-1]
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(G, h, T, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2))
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=pref["attention_mask"], scale=0.3, enable_gqa=True)
+
+    def rows_to_packed(x):  # (G, H, T, D) -> (N, H, D), the real tokens row after row
+        return torch.cat([x[i, :, :n].transpose(0, 1) for i, n in enumerate(lengths)])
+
+    qp, kp, vp = (rows_to_packed(t) for t in (q, k, v))
+    assert qp.shape[0] == N
+    got = attention.varlen_prefix_attention(qp, kp, vp, meta, 0.3)
+    torch.testing.assert_close(got, rows_to_packed(want), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(attention.per_sequence(qp, kp, vp, meta, 0.3), got, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_flash_kernel_on_groups_equals_the_prefix_layout_in_bfloat16():
+    groups = model_groups(seed=2)
+    model = tiny_model(V, seed=3).cuda().to(torch.bfloat16)
+    a = model_token_logps(model, collate_groups(groups, layout="prefix", pad_token_id=PAD, device="cuda"))
+    b_batch = collate_groups(groups, layout="prefix_packed", pad_token_id=PAD, device="cuda")
+    b = model_token_logps(model, b_batch)
+    torch.testing.assert_close(b.sums(), a.sums(), rtol=2e-2, atol=0.15)
+    q = torch.randn(b_batch["varlen"].cu_q_host[-1], 4, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = torch.randn_like(q[:, :2]), torch.randn_like(q[:, :2])
+    assert attention.flash_usable(q)
+    got = attention.varlen_prefix_attention(q, k, v, b_batch["varlen"], 0.125)
+    want = attention.per_sequence(q.float(), k.float(), v.float(), b_batch["varlen"], 0.125)
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
