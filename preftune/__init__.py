@@ -1,8 +1,10 @@
-"""preftune: Direct Preference Optimization and its family of losses, fast and lean.
+"""preftune: Direct Preference Optimization and its family of losses, and Group Relative Policy
+Optimization (GRPO) and its variants, fast and lean.
 
 Public API::
 
     from preftune import DPOConfig, DPOTrainer, preference_loss, LOSSES
+    from preftune import GRPOConfig, GRPOTrainer
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ _LAZY = {
     "train": "preftune.run",
     "preference_loss": "preftune.losses",
     "LOSSES": "preftune.losses",
+    "GRPOConfig": "preftune.grpo.config",
+    "GRPOTrainer": "preftune.grpo.trainer",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 HF_STATE = "trainer_state.json"  # transformers' TrainerState, as the HF Trainer writes it
 OWN_STATE = "preftune_state.json"  # TrainState: what exact resume needs (older checkpoints: in HF_STATE)
+ALGORITHM_STATE = "algorithm_state.pt"  # every process's algorithm state (GRPO: its generation batch), in rank order
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -190,7 +191,7 @@ def _set_rng_state(state: dict) -> None:
 
 def save_checkpoint(output_dir: Path, trainer, state: TrainState, accelerator, state_dict: dict | None = None,
                     optimizer_state: dict | None = None, rng_states: list[dict] | None = None,
-                    engine_state: Path | None = None) -> Path:  # fmt: skip
+                    engine_state: Path | None = None, algorithm_state: list | None = None) -> Path:  # fmt: skip
     """Write `<output_dir>/checkpoint-<step>/` atomically; then apply `save_total_limit` (never deleting the
     best checkpoint, ``trainer.state.best_model_checkpoint``).
 
@@ -204,7 +205,9 @@ def save_checkpoint(output_dir: Path, trainer, state: TrainState, accelerator, s
     collective); None saves ``trainer.optimizer.state_dict()``.
     rng_states: every process's RNG state from :func:`gather_rng_states` (a collective), or None.
     engine_state: under DeepSpeed, the folder every process wrote its part of DeepSpeed's checkpoint to
-    (``preftune.zero.save_engine_state``): moved in as ``deepspeed/``, in place of ``optimizer.pt``."""
+    (``preftune.zero.save_engine_state``): moved in as ``deepspeed/``, in place of ``optimizer.pt``.
+    algorithm_state: every process's algorithm state (``TrainLoop._algorithm_state``, in rank order), saved as
+    ``algorithm_state.pt`` (GRPO: the generation batch being trained on)."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{state.global_step}"
     tmp = output_dir / f".tmp-checkpoint-{state.global_step}-{os.getpid()}"
@@ -228,6 +231,8 @@ def save_checkpoint(output_dir: Path, trainer, state: TrainState, accelerator, s
         if rng_states:
             rng["per_process"] = rng_states
         torch.save(rng, tmp / "rng_state.pt")
+        if algorithm_state is not None:
+            torch.save(algorithm_state, tmp / ALGORITHM_STATE)
         state.metrics_lines = _count_lines(output_dir / "metrics.jsonl")
         if sd := _reference_state(trainer.reference):
             from safetensors.torch import save_file
@@ -363,6 +368,13 @@ def _load_optimizer_rng_reference(path: Path, trainer, accelerator) -> TrainStat
     ref_file = Path(path) / "reference.safetensors"
     if ref_file.is_file():
         _load_reference_state(trainer.reference, load_file(str(ref_file)))
+    algo_file = Path(path) / ALGORITHM_STATE
+    if algo_file.is_file():
+        states = torch.load(algo_file, map_location="cpu", weights_only=False)
+        if len(states) != accelerator.num_processes:
+            raise CheckpointError(f"{algo_file} holds the state of {len(states)} processes but this run has "
+                                  f"{accelerator.num_processes}; resume with the same number of processes")
+        trainer._load_algorithm_state(states[accelerator.process_index])
     return read_states(path)[0]
 
 

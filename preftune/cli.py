@@ -1,4 +1,4 @@
-"""Command line: preftune train | eval | precompute-ref | merge | losses | report | data demo | --version.
+"""Command line: preftune train | grpo | eval | precompute-ref | merge | losses | report | data demo | --version.
 
 `preftune train` with no arguments runs DPO on the embedded SmolLM2-135M-Instruct with the bundled
 demo preference data. Every DPOConfig field is a flag (`preftune train --help` lists them);
@@ -15,6 +15,8 @@ USAGE = """preftune <command> [options]
 
 commands:
   train            train with DPO (no arguments: embedded default model + bundled demo data)
+  grpo             train with GRPO (no arguments: embedded default model + bundled demo prompts and
+                   their verifiers as rewards); --reward NAME|module:fn, repeatable
   eval             reward metrics and generation-based evaluation of a trained model
   precompute-ref   run only the reference log-prob pass into the on-disk cache
   merge RUN_DIR --out DIR   merge a LoRA run's adapters into a full Hugging Face model
@@ -45,6 +47,16 @@ def cmd_train(argv: list[str]) -> int:
     # unless an eval_strategy says otherwise, where the Python API keeps eval_strategy="no" as it is
     eval_at_end = config.eval_dataset is not None and "eval_strategy" not in extras.fields_set
     train(config, eval_at_end=eval_at_end)
+    return 0
+
+
+def cmd_grpo(argv: list[str]) -> int:
+    from preftune.grpo.config import GRPOConfig
+
+    config, _ = GRPOConfig.parse_cli(argv, prog="preftune grpo", use_demo_defaults_when_empty=True)
+    from preftune.grpo.run import train
+
+    train(config)
     return 0
 
 
@@ -121,6 +133,7 @@ def cmd_eval(argv: list[str]) -> int:
 
 COMMANDS = {
     "train": cmd_train,
+    "grpo": cmd_grpo,
     "eval": cmd_eval,
     "precompute-ref": cmd_precompute_ref,
     "merge": cmd_merge,

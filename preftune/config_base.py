@@ -274,6 +274,7 @@ class TrainConfig:
         "loss": "loss", "reference": "reference model", "optim": "optimizer and schedule",
         "log": "logging, evaluation and checkpoints"}
     CLI_DESCRIPTION: ClassVar[str] = "Train. Every field below is also a key of the --config YAML file."
+    CLI_PROG: ClassVar[str] = "preftune train"  # the command that takes this config's flags and --config files
 
     # ---- run and model -------------------------------------------------------------------------------
     output_dir: str = _f("trainer_output", "Directory for checkpoints, metrics.jsonl, config.yaml and the report.",
@@ -783,7 +784,7 @@ class TrainConfig:
         """The resolved config as YAML; written to ``path`` (atomically) when given. Returns the text."""
         import yaml
 
-        text = "# preftune resolved config: `preftune train --config` this file to rerun.\n" + yaml.safe_dump(
+        text = f"# preftune resolved config: `{self.CLI_PROG} --config` this file to rerun.\n" + yaml.safe_dump(
             self.to_dict(), sort_keys=False, default_flow_style=False, allow_unicode=True)
         if path is not None:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -841,7 +842,7 @@ class TrainConfig:
 
     @classmethod
     def parse_cli(cls, argv: Optional[list[str]] = None, *, parser: Optional[argparse.ArgumentParser] = None,
-                  defaults: Optional[dict[str, Any]] = None, prog: str = "preftune train",
+                  defaults: Optional[dict[str, Any]] = None, prog: Optional[str] = None,
                   use_demo_defaults_when_empty: bool = False) -> tuple[Any, argparse.Namespace]:
         """Parse flags into a config. ``parser`` may carry the caller's own arguments: their values come back
         as the second element (a Namespace). Unknown flags raise ConfigError with a suggestion.
@@ -850,7 +851,8 @@ class TrainConfig:
         starts from ``demo_defaults()`` under ``defaults``, so `preftune train --max_steps 20` is a short demo."""
         import sys
 
-        parser = parser if parser is not None else argparse.ArgumentParser(prog=prog, description=cls.CLI_DESCRIPTION)
+        parser = parser if parser is not None else argparse.ArgumentParser(prog=prog or cls.CLI_PROG,
+                                                                           description=cls.CLI_DESCRIPTION)
         parser.allow_abbrev = False  # "--bet" must not silently mean "--beta"
         cls.add_arguments(parser)
         argv = list(sys.argv[1:] if argv is None else argv)
@@ -887,12 +889,16 @@ def _did_you_mean(name: str, candidates: list[str], fallback: str = "; `preftune
     return f"; did you mean {close[0]!r}?" if close else fallback
 
 
+def _help_hint(cls: type) -> str:
+    return f"; `{cls.CLI_PROG} --help` lists every field"  # type: ignore[attr-defined]
+
+
 def _unknown_flag(cls: type, token: str, known: set[str]) -> str:
     """Why ``token`` is refused: a field other tools have (with what to use instead), or a suggestion."""
     name = token.lstrip("-").partition("=")[0].replace("-", "_")
     if name in cls.REFUSED:  # type: ignore[attr-defined]
         return f"{token!r}: {name!r} is not a {cls.__name__} field: {cls.REFUSED[name]}"  # type: ignore[attr-defined]
-    return f"unknown flag {token!r}{_did_you_mean(token, sorted(known))}"
+    return f"unknown flag {token!r}{_did_you_mean(token, sorted(known), _help_hint(cls))}"
 
 
 def _rename(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -914,7 +920,7 @@ def _rename(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
                 continue
             errors.append((key, f"{key!r} is not a {cls.__name__} field: {cls.REFUSED[key]}"))  # type: ignore[attr-defined]
         elif key not in names and key not in aliases:
-            errors.append((key, f"unknown field {key!r}{_did_you_mean(str(key), names + list(aliases))}"))
+            errors.append((key, f"unknown field {key!r}{_did_you_mean(str(key), names + list(aliases), _help_hint(cls))}"))
     if errors:
         raise ConfigError(errors)
     return kwargs

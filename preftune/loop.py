@@ -280,6 +280,24 @@ class TrainLoop:
     def _progress_fields(self, row: dict) -> dict:
         return {"loss": f"{row.get('loss', float('nan')):.4f}"}
 
+    def _loss_scale(self, plan: StepPlan) -> float:
+        """What a micro-batch's summed per-sample losses are multiplied by before backward: 1 / (global batch) x
+        processes (DDP averages gradients over processes), so a step's gradient is that of the global batch's mean
+        loss. An algorithm whose losses come already normalized (GRPO's token-level aggregations) returns 1."""
+        return 1.0 / plan.global_batch * self.accelerator.num_processes
+
+    def _log_fields(self) -> dict:
+        """Values added to every logged training row (GRPO: the tokens seen so far)."""
+        return {}
+
+    def _algorithm_state(self) -> dict | None:
+        """This process's algorithm state a checkpoint must hold for exact resume (picklable, tensors on the CPU),
+        or None. GRPO: the generation batch being trained on."""
+        return None
+
+    def _load_algorithm_state(self, state: dict) -> None:
+        """Restore what `_algorithm_state` returned (this process's own)."""
+
     # --- plan ---------------------------------------------------------------------------------------
     def _plan(self) -> tuple[StepPlan, int]:
         """The data plan of this run and its number of optimizer steps."""
@@ -623,7 +641,7 @@ class TrainLoop:
         row = {"step": run.state.global_step, "epoch": self._epoch(run), **reduced(window.metrics, acc),
                "learning_rate": run.scheduler.get_last_lr()[0],
                f"{self.sample_name}_per_second": window.samples * acc.num_processes / elapsed,
-               "tokens_per_second": window.tokens * acc.num_processes / elapsed}
+               "tokens_per_second": window.tokens * acc.num_processes / elapsed, **self._log_fields()}
         if run.state.nonfinite_steps:
             row["nonfinite_steps"] = run.state.nonfinite_steps
         if "loss" in row and "loss" in window.metrics._counts:  # for train()'s training_loss
@@ -667,11 +685,12 @@ class TrainLoop:
         collated here. The per-sample losses, (losses, sample ids) per micro-batch, stay on the device: they are
         read only when the step turns out non-finite, so the step has no host sync of its own."""
         acc = self.accelerator
-        scale = 1.0 / plan.global_batch * acc.num_processes  # DDP averages gradients over processes
+        scale = self._loss_scale(plan)
         total = torch.zeros((), device=acc.device)
         n_samples = n_tokens = 0
         sample_losses = []
         for k, indices in enumerate(micro):
+            self._micro_index = k  # which micro-batch of the step this is (GRPO finds its generation batch by it)
             sync = k == len(micro) - 1
             no_sync = not sync and acc.num_processes > 1 and not self._deepspeed
             ctx = acc.no_sync(self.model) if no_sync else contextlib.nullcontext()
@@ -912,11 +931,18 @@ class TrainLoop:
         rng_states = ckpt.gather_rng_states(self.accelerator)  # a collective with several processes
         engine_state = (zero.save_engine_state(self.model, Path(self.args.output_dir), state.global_step)
                         if getattr(self, "_deepspeed", False) else None)  # every process writes its partition
+        algorithm_state = self._algorithm_state()
+        if algorithm_state is not None and self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            algorithm_state = gather_object([algorithm_state])  # a collective: every process's, in rank order
+        elif algorithm_state is not None:
+            algorithm_state = [algorithm_state]
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             folder = ckpt.save_checkpoint(Path(self.args.output_dir), self, state, self.accelerator, state_dict=full,
                                           optimizer_state=optimizer_state, rng_states=rng_states,
-                                          engine_state=engine_state)
+                                          engine_state=engine_state, algorithm_state=algorithm_state)
             if self.args.push_to_hub and self.args.hub_strategy == "every_save":
                 self._push_from_checkpoint(folder, state.global_step)
         self.accelerator.wait_for_everyone()

@@ -705,12 +705,14 @@ def _reads(name: str, text: str) -> bool:
     return re.search(rf"\.{name}\b|[\"']{name}[\"']", text) is not None
 
 
-@pytest.mark.parametrize("cls_path", ["preftune.config_base.TrainConfig", "preftune.config.DPOConfig"])
+@pytest.mark.parametrize("cls_path", [
+    "preftune.config_base.TrainConfig", "preftune.config.DPOConfig", "preftune.grpo.config.GRPOConfig"])
 def test_every_field_is_read_outside_the_config_or_listed_as_ignored(cls_path):
     """A field the training code never reads would look right and do nothing. Each field must be read by the
     package outside the config modules (directly, through the loss registry's readers, or inside a config
     method the package calls), or be on the class's documented ACCEPTED_IGNORED list (which warns when set)
-    or VALIDATED_ONLY list (every accepted value is what preftune does)."""
+    or VALIDATED_ONLY list (every accepted value is what preftune does); an older name (SYNONYMS, RENAMED) counts
+    when the name the config moves its value to is read."""
     import importlib
     import inspect
     import re
@@ -730,7 +732,8 @@ def test_every_field_is_read_outside_the_config_or_listed_as_ignored(cls_path):
 
     unread = [f.name for f in fields(cls)
               if not (read(f.name) or f.name in cls.ACCEPTED_IGNORED or f.name in cls.VALIDATED_ONLY
-                      or (f.name in cls.SYNONYMS and read(cls.SYNONYMS[f.name])))]
+                      or (f.name in cls.SYNONYMS and read(cls.SYNONYMS[f.name]))
+                      or (f.name in getattr(cls, "RENAMED", {}) and read(cls.RENAMED[f.name])))]
     assert unread == [], f"{cls.__name__} fields nothing reads: {unread}; wire them, or list them in ACCEPTED_IGNORED"
     for listed in (*cls.ACCEPTED_IGNORED, *cls.VALIDATED_ONLY):
         assert listed in {f.name for f in fields(cls)}, listed

@@ -19,11 +19,15 @@ import pytest
 
 from preftune.report import (
     COLLAPSE_REMEDIES,
+    GRPO_PLOTS,
     PLOTS,
+    detect_algorithm,
     detect_likelihood_collapse,
     plot_metrics,
     print_collapse_warning,
+    read_completions,
     read_metrics,
+    reward_table,
     table_cells,
     write_report,
 )
@@ -240,6 +244,165 @@ def test_write_report_without_metrics_or_config(tmp_path):
     page = write_report(tmp_path, samples=SAMPLES[1:]).read_text(encoding="utf-8")
     assert "no metrics file" in page and "no config given" in page and "cba" in page
     assert "data:image/png" not in page
+
+
+# --------------------------------------------------------------------------------------------------
+# GRPO runs
+
+GRPO_FUNCS = ("accuracy_reward", "think_format_reward")
+
+
+def grpo_rows(steps: int = 30, eval_every: int = 10, kl: bool = True, seed: int = 0) -> list[dict]:
+    """GRPO train logs every step (TRL's metric names, two reward functions) and eval logs every
+    `eval_every` steps. accuracy_reward rises 0.2 -> 0.8, think_format_reward stays near 0.5."""
+    rng = random.Random(seed)
+    rows = []
+    for step in range(1, steps + 1):
+        f = step / steps
+        acc, fmt = 0.2 + 0.6 * f, 0.5 + rng.uniform(-0.05, 0.05)
+        row = {"step": step, "epoch": round(f, 4), "loss": 0.01 * rng.uniform(-1, 1), "grad_norm": 1 + rng.random(),
+               "learning_rate": 1e-6, "num_tokens": 4000.0 * step,
+               "completions/mean_length": 60 - 20 * f, "completions/min_length": 10.0,
+               "completions/max_length": 128.0, "completions/clipped_ratio": 0.3 * (1 - f),
+               "completions/mean_terminated_length": 50 - 15 * f,
+               f"rewards/{GRPO_FUNCS[0]}/mean": acc, f"rewards/{GRPO_FUNCS[0]}/std": 0.4,
+               f"rewards/{GRPO_FUNCS[1]}/mean": fmt, f"rewards/{GRPO_FUNCS[1]}/std": 0.1,
+               "reward": acc + fmt, "reward_std": 0.3, "frac_reward_zero_std": 0.5 * (1 - f),
+               "entropy": 1.5 - f, "clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.01,
+               "clip_ratio/region_mean": 0.01, "completions_per_second": 8.0, "tokens_per_second": 500.0}
+        if kl:
+            row["kl"] = 0.002 * step
+        rows.append(row)
+        if step % eval_every == 0:
+            rows.append({"step": step, "epoch": round(f, 4), "eval_loss": 0.0, "eval_reward": acc + fmt + 0.05,
+                         f"eval_rewards/{GRPO_FUNCS[0]}/mean": acc + 0.05, f"eval_rewards/{GRPO_FUNCS[0]}/std": 0.4,
+                         "eval_completions/mean_length": 55 - 20 * f, **({"eval_kl": 0.002 * step} if kl else {})})
+    return rows
+
+
+def grpo_completions(rounds=(0, 1, 2), per_round: int = 6) -> list[dict]:
+    return [{"step": 3 * r, "round": r, "prompt": [{"role": "user", "content": f"round {r} <q>{i // 3}</q>"}],
+             "completion": f"answer r{r}c{i} & done", "rewards": {GRPO_FUNCS[0]: float(i % 2), GRPO_FUNCS[1]: None},
+             "advantage": (i % 2 - 0.5) * 1.25}
+            for r in rounds for i in range(per_round)]
+
+
+def test_detect_algorithm():
+    assert detect_algorithm(grpo_rows(steps=2)) == "grpo"
+    assert detect_algorithm([{"step": 1, "loss": 0.1}], [{"step": 1, "eval_reward": 1.0}]) == "grpo"
+    assert detect_algorithm([{"step": 1, "rewards/my_fn/mean": 0.5}]) == "grpo"
+    assert detect_algorithm(synthetic_rows(collapse=True, steps=3)) == "dpo"  # rewards/chosen etc. are DPO's
+    assert detect_algorithm([]) == "dpo"
+
+
+@pytest.mark.parametrize("kl", [True, False])
+def test_plot_metrics_grpo_panels(tmp_path, kl):
+    import matplotlib.image as mpimg
+
+    run = write_run(tmp_path / "run", grpo_rows(kl=kl), config_yaml=None)
+    paths = plot_metrics(run)
+    expected = [s for s, *_ in GRPO_PLOTS if s != "dynamic_sampling" and (kl or s != "kl")]
+    assert [p.stem for p in paths] == expected
+    for p in paths:
+        assert png_size(p.read_bytes()) == (640, 360) and mpimg.imread(p).std() > 0.01
+    # DPO's panels drawn on the same run find only the shared loss / learning rate / grad norm
+    assert [p.stem for p in plot_metrics(run, out_dir=tmp_path / "as_dpo", algorithm="dpo")] == [
+        "loss", "learning_rate", "grad_norm"]
+    with pytest.raises(ValueError, match="algorithm='ppo'.*dpo, grpo"):
+        plot_metrics(run, algorithm="ppo")
+
+
+def test_reward_plot_has_one_curve_and_band_per_function(tmp_path, monkeypatch):
+    """The reward panel draws `reward` plus one line per rewards/<fn>/mean, eval markers, and one
+    ± std band per function (around that function's mean); checked through the calls matplotlib got."""
+    from matplotlib.axes import Axes
+
+    legends, bands = {}, {}
+    real_legend, real_fill = Axes.legend, Axes.fill_between
+
+    def spy_legend(self, *args, **kwargs):
+        legends[self.get_title()] = self.get_legend_handles_labels()[1]
+        return real_legend(self, *args, **kwargs)
+
+    def spy_fill(self, x, lo, hi, **kwargs):
+        bands.setdefault(id(self), []).append((list(x), list(lo), list(hi)))
+        return real_fill(self, x, lo, hi, **kwargs)
+
+    monkeypatch.setattr(Axes, "legend", spy_legend)
+    monkeypatch.setattr(Axes, "fill_between", spy_fill)
+    rows = grpo_rows(steps=6, eval_every=3)
+    plot_metrics(write_run(tmp_path, rows))
+    title = "Reward (mean over the batch's completions)\n(shaded: train mean ± std)"
+    fa, ff = (f"rewards/{n}/mean" for n in GRPO_FUNCS)
+    assert legends[title] == ["train reward", "eval reward", f"train {fa}", f"eval {fa}", f"train {ff}"]
+    assert "Importance-ratio clipping" in legends and "KL to the reference policy" in legends
+    (drawn,) = bands.values()  # only the reward panel has bands
+    train = [r for r in rows if "reward" in r]
+    assert drawn == [([float(r["step"]) for r in train], [r[m] - r[m[:-4] + "std"] for r in train],
+                      [r[m] + r[m[:-4] + "std"] for r in train]) for m in (fa, ff)]
+
+
+def test_reward_table_first_vs_last_logs():
+    train = [r for r in grpo_rows(steps=30) if "reward" in r]
+    header, rows = reward_table(train)
+    assert header == ["metric", "first 10 logs (mean)", "last 10 logs (mean)", "change"]
+    table = {r[0]: r[1:] for r in rows}
+    assert list(table) == ["reward", f"rewards/{GRPO_FUNCS[0]}/mean", f"rewards/{GRPO_FUNCS[1]}/mean"]
+    # accuracy 0.2 + 0.6·step/30: steps 1..10 average 0.2 + 0.6·5.5/30 = 0.31, steps 21..30 0.71
+    assert table[f"rewards/{GRPO_FUNCS[0]}/mean"] == ["0.310", "0.710", "+0.400"]
+    # fewer than 20 logs: the windows shrink so they do not overlap
+    assert reward_table(train[:6])[0][1] == "first 3 logs (mean)"
+    assert reward_table([{"step": 1, "loss": 0.2}])[1] == []
+
+
+def test_read_completions_first_and_last_round(tmp_path):
+    assert read_completions(tmp_path) == []
+    rows = grpo_completions(rounds=(0, 1, 2), per_round=6)
+    (tmp_path / "completions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    picked = read_completions(tmp_path, per_round=4)
+    assert [(r["round"], r["completion"]) for r in picked] == (
+        [(0, f"answer r0c{i} & done") for i in range(4)] + [(2, f"answer r2c{i} & done") for i in range(4)])
+    (tmp_path / "completions.jsonl").write_text(json.dumps(rows[0]) + "\n", encoding="utf-8")
+    assert read_completions(tmp_path) == rows[:1]  # one round: shown once
+
+
+@pytest.mark.parametrize("kl", [True, False])
+def test_write_report_grpo_run(tmp_path, kl):
+    run = write_run(tmp_path / "run", grpo_rows(kl=kl), config_yaml="loss_type: dapo\nnum_generations: 4\nbeta: 0.0\n")
+    rows = grpo_completions()
+    (run / "completions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    page = write_report(run).read_text(encoding="utf-8")
+    expected = [s for s, *_ in GRPO_PLOTS if s != "dynamic_sampling" and (kl or s != "kl")]
+    assert sorted(p.stem for p in (run / "plots").glob("*.png")) == sorted(expected)
+    alts = re.findall(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]+" alt="([^"]+)"', page)
+    assert alts == expected
+    assert "GRPO run: 30 train logs, 3 eval logs" in page and 'id="collapse-warning"' not in page
+    # the reward table and the final metrics name the GRPO metrics
+    assert 'id="reward-table"' in page and f"rewards/{GRPO_FUNCS[0]}/mean" in page and "+0.400" in page
+    for name in ("frac_reward_zero_std", "completions/clipped_ratio", "entropy", "clip_ratio/region_mean"):
+        assert f"<td>{name}</td>" in page
+    assert ("<td>kl</td>" in page) == kl
+    # logged completions: first and last round, escaped, with rewards and advantage
+    assert 'id="completions"' in page
+    assert "user: round 0 &lt;q&gt;0&lt;/q&gt;" in page and "answer r2c3 &amp; done" in page
+    assert "answer r1c0" not in page and "answer r0c4" not in page
+    assert f"{GRPO_FUNCS[0]} = 1.000\n{GRPO_FUNCS[1]} = -" in page and "<td>0.625</td>" in page
+    assert "loss_type: dapo" in page
+
+
+def test_write_report_grpo_without_completions_and_dynamic_sampling(tmp_path):
+    rows = grpo_rows(steps=8, eval_every=100)
+    for r in rows:
+        r.update({"dynamic_sampling/resample_rounds": 1.0, "dynamic_sampling/generated_groups": 6.0,
+                  "dynamic_sampling/frac_filled_zero_std": 0.25})
+    run = write_run(tmp_path / "run", rows, config_yaml=None)
+    page = write_report(run).read_text(encoding="utf-8")
+    assert (run / "plots" / "dynamic_sampling.png").is_file() and 'alt="dynamic_sampling"' in page
+    assert 'id="completions"' not in page and 'id="reward-table"' in page
+
+
+def test_collapse_check_skips_grpo_rows():
+    assert detect_likelihood_collapse([r for r in grpo_rows() if "loss" in r]) is None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -139,6 +139,17 @@ def forward_logps(model: nn.Module, batch: dict, *, ld_alpha: float | None = Non
     return _detached(out)
 
 
+def forward_token_logps(model: nn.Module, batch: dict, **logps_kwargs):
+    """``model_token_logps(model, batch, **logps_kwargs)`` in eval mode without autograd: the per-token view
+    (GRPO's reference and old-policy log-probs), as ordinary detached tensors."""
+    from preftune.logps import TokenLogps, model_token_logps
+
+    device = next(model.parameters()).device
+    with eval_mode(model), _grad_free(model):
+        out = model_token_logps(model, _to_device(batch, device), **logps_kwargs)
+    return TokenLogps(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(out).items()})
+
+
 # --------------------------------------------------------------------------------------------
 # Sources
 # --------------------------------------------------------------------------------------------
@@ -155,6 +166,10 @@ class Reference:
     def logps(self, batch: dict, **logps_kwargs):
         raise NotImplementedError
 
+    def token_logps(self, batch: dict, **logps_kwargs):
+        """Per-token log-probs (``preftune.logps.TokenLogps``) of the batch's completions, without autograd."""
+        raise NotImplementedError(f"{type(self).__name__} holds no per-token log-probs")
+
     def on_optimizer_step(self, step: int, policy: nn.Module) -> None:
         """Called after optimizer step ``step`` (1-based); TR-DPO syncs here. No-op by default."""
 
@@ -167,6 +182,9 @@ class _ModelReference(Reference):
 
     def logps(self, batch: dict, **logps_kwargs):
         return forward_logps(self.model, batch, **logps_kwargs)
+
+    def token_logps(self, batch: dict, **logps_kwargs):
+        return forward_token_logps(self.model, batch, **logps_kwargs)
 
 
 class FrozenModelReference(_ModelReference):
@@ -254,6 +272,10 @@ class AdapterDisabledReference(Reference):
         with self._adapters_off():
             return forward_logps(self.model, batch, **logps_kwargs)
 
+    def token_logps(self, batch: dict, **logps_kwargs):
+        with self._adapters_off():
+            return forward_token_logps(self.model, batch, **logps_kwargs)
+
 
 class RefAdapterReference(Reference):
     """TR-DPO with LoRA: the reference is base + a frozen second adapter "ref".
@@ -311,6 +333,10 @@ class RefAdapterReference(Reference):
     def logps(self, batch: dict, **logps_kwargs):
         with self._ref_active():
             return forward_logps(self.model, batch, **logps_kwargs)
+
+    def token_logps(self, batch: dict, **logps_kwargs):
+        with self._ref_active():
+            return forward_token_logps(self.model, batch, **logps_kwargs)
 
     def on_optimizer_step(self, step: int, policy: nn.Module) -> None:
         if self.sync.due(step):
