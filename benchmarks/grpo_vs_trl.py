@@ -196,8 +196,8 @@ def _load(job: dict):
     tok = AutoTokenizer.from_pretrained(job["model"])
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    prompt_tokens = {r["prompt"]: len(tok(r["prompt"])["input_ids"]) for r in rows}
-    return Dataset.from_list(rows), model, tok, device, prompt_tokens
+    prompts = {r["prompt"]: (i, len(tok(r["prompt"])["input_ids"])) for i, r in enumerate(rows)}  # (row, tokens)
+    return Dataset.from_list(rows), model, tok, device, prompts
 
 
 def shared_args(job: dict, device: str, output_dir: str) -> dict:
@@ -217,11 +217,13 @@ def shared_args(job: dict, device: str, output_dir: str) -> dict:
     )
 
 
-def _result(job: dict, side: str, trainer, clock_cb, wall: float, init_s: float, device: str, n_matmul: int,
-            prompt_tokens: dict) -> dict:
+def _result(side: str, clock_cb, wall: float, init_s: float, device: str, n_matmul: int, prompts: dict) -> dict:
     steps = clock_cb.steps
-    for s in steps:  # the trained tokens: each completion's own plus its prompt's (the prompt once per completion)
-        s["trained_tokens"] = s["completion_tokens"] + sum(prompt_tokens.get(p, 0) for p in s.pop("prompts"))
+    for s in steps:
+        seen = s.pop("prompts")
+        # the trained tokens: each completion's own plus its prompt's (the prompt once per completion)
+        s["trained_tokens"] = s["completion_tokens"] + sum(prompts[p][1] for p in seen)
+        s["prompt_rows"] = list(dict.fromkeys(prompts[p][0] for p in seen))  # the step's prompts, in order
     return dict(side=side, wall_s=wall, init_s=init_s, steps=steps, peak_mem=vs_trl.peak_memory_bytes(device),
                 n_matmul=n_matmul, device=device)
 
@@ -229,7 +231,7 @@ def _result(job: dict, side: str, trainer, clock_cb, wall: float, init_s: float,
 def run_trl(job: dict) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
-    ds, model, tok, device, prompt_tokens = _load(job)
+    ds, model, tok, device, prompts = _load(job)
     n_matmul = vs_trl.matmul_params(model)
     clock = PhaseClock(device)
     import torch
@@ -248,18 +250,17 @@ def run_trl(job: dict) -> dict:
     trainer, wall, init_s = vs_trl._timed_job(device, lambda: GRPOTrainer(
         model=model, reward_funcs=vowel_share, args=GRPOConfig(**args), train_dataset=ds, processing_class=tok,
         peft_config=vs_trl._lora() if job["mode"] == "lora" else None, callbacks=[cb]))
-    res = _result(job, job["side"], trainer, cb, wall, init_s, device, n_matmul, prompt_tokens)
+    res = _result(job["side"], cb, wall, init_s, device, n_matmul, prompts)
     res["gradient_checkpointing"] = bool(trainer.args.gradient_checkpointing)
     return res
 
 
 def run_preftune(job: dict) -> dict:
-    import preftune.grpo.rollout as rollout
-
     from preftune import GRPOConfig, GRPOTrainer
+    from preftune.grpo import rollout
 
     trainer_module = sys.modules[GRPOTrainer.__module__]
-    ds, model, tok, device, prompt_tokens = _load(job)
+    ds, model, tok, device, prompts = _load(job)
     n_matmul = vs_trl.matmul_params(model)
     clock = PhaseClock(device)
     generate = clock.wrap(rollout.generate_groups, "generation")
@@ -275,7 +276,7 @@ def run_preftune(job: dict) -> dict:
     trainer, wall, init_s = vs_trl._timed_job(device, lambda: GRPOTrainer(
         model=model, reward_funcs=vowel_share, args=GRPOConfig(**shared_args(job, device, out)), train_dataset=ds,
         processing_class=tok, peft_config=vs_trl._lora() if job["mode"] == "lora" else None, callbacks=[cb]))
-    return _result(job, "preftune", trainer, cb, wall, init_s, device, n_matmul, prompt_tokens)
+    return _result("preftune", cb, wall, init_s, device, n_matmul, prompts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,8 +401,13 @@ def main(argv=None) -> int:
     rows = []
     for job in jobs:
         raw = {side: spawn(dict(job, side=side)) for side in a.sides}
+        orders = {side: [s["prompt_rows"] for s in r["steps"]] for side, r in raw.items()}
         row = dict(shape=job["shape"], mode=job["mode"], generations=job["generations"], job=job,
-                   sides={side: summarize(r, job["mode"], peak) for side, r in raw.items()}, raw=raw)
+                   sides={side: summarize(r, job["mode"], peak) for side, r in raw.items()},
+                   same_prompts=len({json.dumps(o) for o in orders.values()}) == 1, raw=raw)
+        if not row["same_prompts"]:
+            print(f"WARNING: the sides trained on different prompts (dataset rows per step: {orders}); their "
+                  "rewards are not comparable", flush=True)
         if "preftune" in row["sides"]:
             ours = row["sides"]["preftune"]
             row["ratios"] = {side: {k: ours[k] / r[k] for k in ("step_s", "job_s", "peak_mem")}

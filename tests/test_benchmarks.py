@@ -87,3 +87,125 @@ def test_memory_trace_accounts_rss_and_heap():
     assert out["max_rss"][0] >= max(rss for _, rss, _ in out["rows"])
     assert out["max_in_use"][0] >= max(use for _, _, use in out["rows"])
     assert len(out["result"]["losses"]) == 1
+
+
+# --- benchmarks/grpo_vs_trl.py: its arguments, its clock and each side's worker on a tiny model (no timings) ---
+
+
+def test_grpo_vs_trl_dry_run_lists_one_job_per_shape_mode_and_group_size(capsys):
+    import json
+
+    bench = _load("grpo_vs_trl")
+    assert bench.main(["--dry-run", "--shapes", "short", "long", "--modes", "full", "--generations", "4", "8",
+                       "--beta", "0.04", "--sides", "preftune", "trl"]) == 0
+    jobs = json.loads(capsys.readouterr().out)
+    assert [(j["shape"], j["generations"]) for j in jobs] == [("short", 4), ("short", 8), ("long", 4), ("long", 8)]
+    assert [j["max_completion_length"] for j in jobs] == [32, 32, 64, 64]
+    assert all(j["beta"] == 0.04 and j["temperature"] == 1.0 and j["sides"] == ["preftune", "trl"] for j in jobs)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--accumulation", "3"], "--accumulation 3 must divide the 16 completions"),
+    (["--generations", "1"], "--generations 1"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--sides", "trl-gc"], "invalid choice"),
+])
+def test_grpo_vs_trl_refuses_bad_arguments_by_name(argv, message, capsys):
+    bench = _load("grpo_vs_trl")
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--dry-run", *argv])  # the default --generations 4 8: 16 completions a step first
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_grpo_vs_trl_phase_clock_counts_nested_calls_once(monkeypatch):
+    """A wrapped call's seconds exclude those of wrapped calls inside it; a call whose condition is false is not
+    counted (a fake clock: no timing)."""
+    bench = _load("grpo_vs_trl")
+    now = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    clock = bench.PhaseClock("cpu")
+
+    def advance(dt):
+        now[0] += dt
+
+    inner = clock.wrap(lambda: advance(5.0), "generation")
+    skipped = clock.wrap(lambda: advance(7.0), "logps", when=lambda: False)
+
+    def outer_body():
+        advance(1.0)
+        inner()
+        skipped()
+        advance(2.0)
+
+    clock.wrap(outer_body, "update")()
+    assert clock.take() == {"generation": 5.0, "update": 10.0}
+    assert clock.take() == {}
+
+
+def test_grpo_vs_trl_reward_varies_and_summary_skips_the_first_step():
+    bench = _load("grpo_vs_trl")
+    bench.REWARD_CALLS.clear()
+    assert bench.vowel_share(["aa", "ab", "", "xyz"], completion_ids=[[1], [2, 3], [], [4]]) == [1.0, 0.5, 0.0, 0.0]
+    assert bench.REWARD_CALLS[0]["completion_tokens"] == [1, 2, 0, 1]
+
+    def step(seconds, update, reward):
+        return dict(seconds=seconds, phases={"generation": seconds - update, "update": update}, completions=4,
+                    completion_tokens=10, trained_tokens=50, mean_reward=reward, prompt_rows=[0])
+
+    raw = dict(wall_s=20.0, peak_mem=2**20, n_matmul=1000,
+               steps=[step(10.0, 5.0, 0.1), step(4.0, 2.0, 0.2), step(6.0, 3.0, 0.3)])
+    full, lora = bench.summarize(raw, "full", peak=1.0), bench.summarize(raw, "lora", peak=1.0)
+    assert full["step_s"] == 5.0  # the median of the steps after the first
+    assert full["phases_s"]["update"] == 2.5 and full["phases_s"]["scoring"] == 0.0
+    assert (full["reward_first"], full["reward_last"]) == (0.1, 0.3)
+    assert full["completions_per_s"] == 12 / 20.0 and full["tokens_per_s"] == 30 / 20.0
+    assert full["update_mfu"] == pytest.approx(6 * 1000 * 150 / 10.0)
+    assert lora["update_mfu"] == pytest.approx(4 * 1000 * 150 / 10.0)
+
+
+@pytest.fixture(scope="module")
+def grpo_worker_results(tmp_path_factory):
+    """Each side's worker (its own process, as the benchmark runs it) for 2 steps of 2 prompts x G 2 on a tiny
+    model, computed once per side."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _train_worker import make_model_dir
+
+    model = make_model_dir(tmp_path_factory.mktemp("grpo-bench-model"))
+    bench = _load("grpo_vs_trl")
+    results = {}
+
+    def run(side):
+        if side not in results:
+            job = bench.make_job(str(model), "short", steps=2, prompts_per_step=2, generations=2,
+                                 max_completion_length=4, side=side)
+            results[side] = bench.spawn(job)
+        return results[side]
+
+    return run
+
+
+def _check_worker_result(res, side):
+    assert res["side"] == side and len(res["steps"]) == 2
+    for step in res["steps"]:
+        assert step["completions"] == 4 and 0 < step["completion_tokens"] <= 16
+        assert step["trained_tokens"] > step["completion_tokens"]  # the prompts counted too
+        phases = step["phases"]
+        assert phases["generation"] > 0 and phases["update"] > 0 and phases["scoring"] > 0
+        assert phases["other"] > -1e-6  # no phase counted twice
+        assert sum(phases.values()) == pytest.approx(step["seconds"])
+    assert [s["prompt_rows"] for s in res["steps"]] == [[0, 1], [2, 3]]  # in dataset order, no shuffle
+
+
+def test_grpo_vs_trl_preftune_worker_splits_each_step(grpo_worker_results):
+    _check_worker_result(grpo_worker_results("preftune"), "preftune")
+
+
+@pytest.mark.parametrize("side", ["trl", "trl-nogc"])
+def test_grpo_vs_trl_trl_worker_splits_each_step(side, grpo_worker_results):
+    pytest.importorskip("trl")
+    res = grpo_worker_results(side)
+    _check_worker_result(res, side)
+    assert res["gradient_checkpointing"] is (side == "trl")  # TRL's default, and the side without it
