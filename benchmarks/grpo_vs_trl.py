@@ -1,7 +1,7 @@
 """preftune vs TRL's GRPOTrainer: the same GRPO job, side by side, in one invocation.
 
     python benchmarks/grpo_vs_trl.py                    # CPU: SmolLM2-135M (embedded), float32, 4 prompts x G
-    python benchmarks/grpo_vs_trl.py --steps 3 --shapes short --modes full --generations 4
+    python benchmarks/grpo_vs_trl.py --steps 3 --shapes short --modes full --generations 4 --repeats 3
     python benchmarks/grpo_vs_trl.py --sides trl --steps 2 --shapes short --modes full   # TRL only (a harness check)
 
 Each side runs in its own subprocess (so peak memory is its own), one after the other: the same model weights,
@@ -313,7 +313,8 @@ def summarize(res: dict, mode: str, peak: float) -> dict:
     update_s = sum(s["phases"].get("update", 0.0) for s in steps)
     flops = (4 if mode == "lora" else 6) * res["n_matmul"] * sum(s["trained_tokens"] for s in steps)
     return dict(
-        step_s=statistics.median(s["seconds"] for s in later), job_s=wall, steps=len(steps),
+        step_s=statistics.median(s["seconds"] for s in later), job_s=wall, walls_s=res.get("walls_s", [wall]),
+        steps=len(steps),
         completions_per_s=completions / wall, tokens_per_s=sum(s["completion_tokens"] for s in steps) / wall,
         phases_s={p: statistics.median(s["phases"].get(p, 0.0) for s in later) for p in PHASES},
         peak_mem=res["peak_mem"], update_mfu=flops / update_s / peak if update_s > 0 else float("nan"),
@@ -350,6 +351,9 @@ def main(argv=None) -> int:
     p.add_argument("--generations", nargs="+", type=int, default=[4, 8], help="num_generations G (one job each)")
     p.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES), help="which sides to run")
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per job")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds of all sides, one after the other; each side reports its median-wall run (and "
+                        "every run's wall), so drift of a shared machine cannot favour one side")
     p.add_argument("--prompts-per-step", type=int, default=4, help="prompts per optimizer step (x G completions)")
     p.add_argument("--accumulation", type=int, default=1,
                    help="gradient_accumulation_steps: the step's completions in this many micro-batches")
@@ -369,7 +373,7 @@ def main(argv=None) -> int:
         res = run_preftune(job) if job["side"] == "preftune" else run_trl(job)
         print(json.dumps(res))
         return 0
-    for name in ("steps", "prompts_per_step", "accumulation"):
+    for name in ("steps", "repeats", "prompts_per_step", "accumulation"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(a, name)})")
     for g in a.generations:
@@ -400,7 +404,11 @@ def main(argv=None) -> int:
     print("versions: " + ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("device", "cpus")), flush=True)
     rows = []
     for job in jobs:
-        raw = {side: spawn(dict(job, side=side)) for side in a.sides}
+        runs: dict[str, list[dict]] = {side: [] for side in a.sides}
+        for _ in range(a.repeats):  # rounds of every side in turn: a slow spell of the machine hits all of them
+            for side in a.sides:
+                runs[side].append(spawn(dict(job, side=side)))
+        raw = {side: vs_trl._median_run(r) for side, r in runs.items()}
         orders = {side: [s["prompt_rows"] for s in r["steps"]] for side, r in raw.items()}
         row = dict(shape=job["shape"], mode=job["mode"], generations=job["generations"], job=job,
                    sides={side: summarize(r, job["mode"], peak) for side, r in raw.items()},

@@ -108,6 +108,7 @@ def test_grpo_vs_trl_dry_run_lists_one_job_per_shape_mode_and_group_size(capsys)
     (["--accumulation", "3"], "--accumulation 3 must divide the 16 completions"),
     (["--generations", "1"], "--generations 1"),
     (["--steps", "0"], "--steps must be at least 1"),
+    (["--repeats", "0"], "--repeats must be at least 1"),
     (["--sides", "trl-gc"], "invalid choice"),
 ])
 def test_grpo_vs_trl_refuses_bad_arguments_by_name(argv, message, capsys):
@@ -209,3 +210,33 @@ def test_grpo_vs_trl_trl_worker_splits_each_step(side, grpo_worker_results):
     res = grpo_worker_results(side)
     _check_worker_result(res, side)
     assert res["gradient_checkpointing"] is (side == "trl")  # TRL's default, and the side without it
+
+
+def test_grpo_vs_trl_main_writes_ratios_of_each_sides_median_run(tmp_path, monkeypatch, capsys):
+    """The driver without workers: rounds of every side, each side's median-wall run, ratios preftune / TRL,
+    a warning when the sides saw different prompts, and the JSON."""
+    import json
+
+    bench = _load("grpo_vs_trl")
+    walls = {"preftune": iter([30.0, 10.0, 20.0]), "trl": iter([40.0, 60.0, 50.0])}
+
+    def fake_spawn(job):
+        wall = next(walls[job["side"]])
+        rows = [[0, 1], [2, 3]] if job["side"] == "preftune" else [[0, 1], [3, 2]]
+        steps = [dict(seconds=wall / 2, phases={"update": 1.0, "other": wall / 2 - 1.0}, completions=8,
+                      completion_tokens=20, trained_tokens=100, mean_reward=0.5, prompt_rows=r) for r in rows]
+        return dict(side=job["side"], wall_s=wall, init_s=0.0, steps=steps, peak_mem=wall * 2**20, n_matmul=10)
+
+    monkeypatch.setattr(bench, "spawn", fake_spawn)
+    monkeypatch.setattr(bench.vs_trl, "matmul_peak", lambda device, dtype: 1.0)
+    monkeypatch.setattr(bench.vs_trl, "versions", lambda: {"device": "test", "cpus": 1})
+    out = tmp_path / "r.json"
+    assert bench.main(["--shapes", "short", "--modes", "full", "--generations", "4", "--sides", "preftune", "trl",
+                       "--repeats", "3", "--steps", "2", "--out", str(out)]) == 0
+    assert "WARNING: the sides trained on different prompts" in capsys.readouterr().out
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["sides"]["preftune"]["walls_s"] == [30.0, 10.0, 20.0] and row["sides"]["preftune"]["job_s"] == 20.0
+    assert row["sides"]["trl"]["job_s"] == 50.0
+    assert row["ratios"]["trl"]["step_s"] == pytest.approx(20.0 / 50.0)
+    assert row["ratios"]["trl"]["peak_mem"] == pytest.approx(20.0 / 50.0)
+    assert row["same_prompts"] is False
