@@ -186,8 +186,9 @@ def generate_groups(model, prompts, num_generations, *, max_new_tokens, eos_toke
     Each prompt's forward runs once; its KV cache is repeated to ``num_generations`` rows and all rows
     decode as one batch. ``seeds``: one int per completion row (``len(prompts) * num_generations``);
     None draws them from torch's default generator. ``generation_kwargs`` override the sampling
-    arguments (keys in ``GENERATION_KWARGS``; others are refused). ``compact=False`` keeps finished rows
-    in the batch (fed padding) instead of dropping them: same tokens, more work. The model runs in eval
+    arguments (keys in ``GENERATION_KWARGS``; others are refused). ``compact``: True drops finished
+    rows from the batch after every step, an int k every k steps, False never (finished rows are fed
+    padding): the same tokens either way, only the work differs. The model runs in eval
     mode without gradients; every module's training flag is restored afterwards.
     """
     from transformers import DynamicCache
@@ -206,6 +207,9 @@ def generate_groups(model, prompts, num_generations, *, max_new_tokens, eos_toke
     G = int(num_generations)
     _check_args(prompts, G, max_new_tokens, eos_token_ids, seeds, sampling["temperature"] if do_sample else None)
 
+    every = int(compact)  # True -> 1: drop finished rows at every step's end
+    if every < 0:
+        raise ValueError(f"generate_groups: compact={compact}; pass True, False or a number of steps >= 1")
     device = next(model.parameters()).device
     n, R = len(prompts), len(prompts) * G
     if seeds is None:
@@ -258,7 +262,7 @@ def generate_groups(model, prompts, num_generations, *, max_new_tokens, eos_toke
             if step + 1 == max_new_tokens or bool(done.all()):
                 break
             tok = tok.masked_fill(done, int(pad_token_id))
-            if compact and bool(hit.any()):
+            if every and (step + 1) % every == 0 and bool(done.any()):
                 keep = (~done).nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
                 active, tok, mask, next_pos, done = active[keep], tok[keep], mask[keep], next_pos[keep], done[keep]
