@@ -73,6 +73,7 @@ def seed_tensor(seeds, device=None) -> torch.Tensor:
     vals = [int(s) % (1 << 64) for s in seeds]
     return torch.tensor([[v & _M32, v >> 32] for v in vals], dtype=torch.long, device=device).reshape(-1, 2)
 
+
 def row_uniforms(seed_words: torch.Tensor, step: int) -> torch.Tensor:
     """(R,) float64 in [0, 1): a function of (seed, step) only, 53 random bits each."""
     lo, hi = seed_words[:, 0], seed_words[:, 1]
@@ -172,6 +173,14 @@ def _module_modes(model) -> list[tuple[torch.nn.Module, bool]]:
     return [(m, m.training) for m in model.modules()]
 
 
+def _cache_kwarg(model) -> str:
+    """The forward keyword that takes the KV cache: ``cache`` in newer transformers, ``past_key_values`` before."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper passes it on
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -232,9 +241,13 @@ def generate_groups(model, prompts, num_generations, *, max_new_tokens, eos_toke
         mask = (torch.arange(L, device=device) >= (L - lengths)[:, None]).long()  # (n, L)
         pos = (mask.cumsum(-1) - 1).clamp_(min=0)
         cache = DynamicCache(config=getattr(model, "config", None))
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
-                    use_cache=True, logits_to_keep=1)
-
+        cache_kw = {_cache_kwarg(model): cache}
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                    **cache_kw)
+        if cache.get_seq_length() != L:
+            raise RuntimeError(f"generate_groups: {type(model).__name__} did not fill the KV cache passed as "
+                               f"{next(iter(cache_kw))}=; the rollout needs a transformers causal LM that takes "
+                               "a DynamicCache")
         logits = out.logits[:, -1].repeat_interleave(G, dim=0)  # (R, V)
         if G > 1:
             cache.batch_repeat_interleave(G)
@@ -272,8 +285,7 @@ def generate_groups(model, prompts, num_generations, *, max_new_tokens, eos_toke
                 history = torch.cat([history, tok[:, None]], dim=-1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
             out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                        cache=cache, use_cache=True)
-
+                        use_cache=True, **cache_kw)
             logits = out.logits[:, -1]
             next_pos = next_pos + 1
         _sync(device)
