@@ -1,9 +1,10 @@
 """Attention of the ``prefix_packed`` layout: variable-length causal sequences instead of a mask.
 
-A ``prefix_packed`` batch (``preftune.data.batching``) is one row of pairs end to end, each
-``prompt + chosen + rejected``, with a `VarlenPrefix` that cuts it into sequences: ``prompt +
-chosen`` attending causally to itself, and ``rejected`` attending to its prompt's keys and then
-its own, causally aligned at the end. On a GPU that is one call of flash attention's
+A ``prefix_packed`` batch (``preftune.data.batching``) is one row of prompts end to end, each
+followed by its responses (``prompt + chosen + rejected`` for a pair, ``prompt + completion 0 + ... +
+completion G-1`` for a GRPO group), with a `VarlenPrefix` that cuts it into sequences: ``prompt +
+response 0`` attending causally to itself, and each later response attending to its prompt's keys
+and then its own, causally aligned at the end. On a GPU that is one call of flash attention's
 variable-length kernel (``torch.nn.attention.varlen.varlen_attn``): no padding, no (T, T) mask, no
 attention over the blocks a mask would hide, and no per-shape plan (cuDNN's masked attention builds
 one for every new row length). ``per_sequence`` is the slow, obvious twin (one SDPA call per
@@ -61,32 +62,41 @@ def varlen_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
 
 
 def per_sequence(q, k, v, meta, scale: float | None = None) -> torch.Tensor:
-    """``varlen_prefix_attention`` as two SDPA calls per pair with explicit masks, on views of the row
-    (no gathered copy of the prompt's keys kept for backward): ``prompt + chosen`` causal over itself;
-    ``rejected`` over the pair's whole span, its chosen keys masked out, its prompt keys visible and its
-    own causal."""
+    """``varlen_prefix_attention`` as one SDPA call per sequence with an explicit mask, on views of the row
+    (no gathered copy of the prompt's keys kept for backward): ``prompt + response 0`` causal over itself;
+    each later response over its prompt's whole span up to its own end, the other responses' keys masked
+    out, its prompt keys visible and its own causal."""
     outs = []
-    cu_q = meta.cu_q_host
-    for i, (keep_own, keep_rejected) in zip(range(0, len(cu_q) - 1, 2), _masks(meta, q.device)):
-        a0, a1, end = cu_q[i], cu_q[i + 1], cu_q[i + 2]  # prompt+chosen = [a0, a1), rejected = [a1, end)
-        outs.append(_sdpa(q[a0:a1], k[a0:a1], v[a0:a1], keep_own, scale))
-        outs.append(_sdpa(q[a1:end], k[a0:end], v[a0:end], keep_rejected, scale))
+    for (a, b, k0), keep in zip(_spans(meta), _masks(meta, q.device)):
+        outs.append(_sdpa(q[a:b], k[k0:b], v[k0:b], keep, scale))
     return torch.cat(outs)
 
 
-def _masks(meta, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per pair, ``per_sequence``'s two masks, made once per batch (every layer uses the same)."""
+def _spans(meta) -> list[tuple[int, int, int]]:
+    """Per query sequence, (start, end, key start) in row offsets: the keys a view ``k[key start:end]``
+    holds. A sequence whose keys are its queries starts its prompt's span (key start = its start); a later
+    one's key start is that span's start (its prompt)."""
+    cu_q, cu_k, out, k0 = meta.cu_q_host, meta.cu_k_host, [], 0
+    for i in range(len(cu_q) - 1):
+        a, b = cu_q[i], cu_q[i + 1]
+        if cu_k[i + 1] - cu_k[i] == b - a:
+            k0 = a
+        out.append((a, b, k0))
+    return out
+
+
+def _masks(meta, device) -> list[torch.Tensor]:
+    """Per sequence, ``per_sequence``'s mask over its view of the keys, made once per batch (every layer
+    uses the same)."""
     key = ("per_sequence_masks", str(device))
     if key not in meta.scratch:
-        masks, cu_q, cu_k = [], meta.cu_q_host, meta.cu_k_host
-        for i in range(0, len(cu_q) - 1, 2):
-            a0, a1, end = cu_q[i], cu_q[i + 1], cu_q[i + 2]
-            r = end - a1
-            p = cu_k[i + 2] - cu_k[i + 1] - r
-            keep_rejected = torch.zeros(r, end - a0, dtype=torch.bool, device=device)
-            keep_rejected[:, :p] = True
-            keep_rejected[:, a1 - a0 :] = torch.ones(r, r, dtype=torch.bool, device=device).tril()
-            masks.append((torch.ones(a1 - a0, a1 - a0, dtype=torch.bool, device=device).tril(), keep_rejected))
+        masks, cu_k = [], meta.cu_k_host
+        for i, (a, b, k0) in enumerate(_spans(meta)):
+            n = b - a
+            keep = torch.zeros(n, b - k0, dtype=torch.bool, device=device)
+            keep[:, : cu_k[i + 1] - cu_k[i] - n] = True  # the prompt's keys (none for the first sequence)
+            keep[:, a - k0 :] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+            masks.append(keep)
         meta.scratch[key] = masks
     return meta.scratch[key]
 
@@ -168,4 +178,4 @@ def prefix_packed_forward(model):
         raise NotImplementedError(
             f"batch_layout='prefix_packed': {made} of this model's {layers if layers is not None else '?'} layers ran "
             "their attention through transformers' attention interface, which the variable-length attention "
-            "needs (the others would attend across pairs); use batch_layout='prefix'")
+            "needs (the others would attend across the packed prompts); use batch_layout='prefix'")

@@ -1,14 +1,15 @@
 """Completion-token log-probs (eq 6.3, 6.7, 6.8): completion-only, chunked output head.
 
-``model_token_logps`` runs the decoder once over a batch from ``preftune.data.batching.collate``,
-gathers the K hidden states whose next token is a completion token (``batch["positions"]``)
-and applies the output head to them ``chunk_size`` rows at a time (logits upcast to float32
-before the log-softmax; the decoder is reached through the outer model, see ``_final_hidden``,
-so PEFT, DDP and autocast wrappers apply). It returns the K per-token log-probs (``TokenLogps``,
-optionally with each token's entropy and log sum_v p_v^2); ``model_logps`` is their sum per
-response, ``model_pair_logps`` adds LD-DPO's weighted sums and WPO's weights. Neither the
-forward nor the backward holds a (tokens, vocab) tensor: the head is a custom autograd
-function that keeps only its inputs and recomputes one chunk's logits at a time in backward.
+``model_token_logps`` runs the decoder once over a batch from ``preftune.data.batching.collate``
+(pairs) or ``collate_groups`` (GRPO groups), gathers the K hidden states whose next token is a
+completion token (``batch["positions"]``) and applies the output head to them ``chunk_size`` rows
+at a time (logits upcast to float32 before the log-softmax; the decoder is reached through the
+outer model, see ``_final_hidden``, so PEFT, DDP and autocast wrappers apply). It returns the K
+per-token log-probs (``TokenLogps``, optionally with each token's entropy and log sum_v p_v^2);
+``model_logps`` is their sum per response, ``model_pair_logps`` adds LD-DPO's weighted sums and
+WPO's weights. Neither the forward nor the backward holds a (tokens, vocab) tensor: the head is a
+custom autograd function that keeps only its inputs and recomputes one chunk's logits at a time in
+backward.
 Prompt and padding positions never reach the head, so they get no gradient (section 6.5.6).
 
 ``logps_from_logits`` is the plain twin over full logits; the tests hold the fast path to it.
@@ -48,14 +49,15 @@ class ResponseLogps:
 
 @dataclass
 class TokenLogps:
-    """Per-token values of the K completion tokens of a batch, flat in the batch's order (``collate``'s
-    ``positions``/``targets``), from ``model_token_logps``.
+    """Per-token values of the K completion tokens of a batch, flat in the batch's order (``collate``'s or
+    ``collate_groups``' ``positions``/``targets``), from ``model_token_logps``.
 
-    ``segments[k]`` is the response token k belongs to (chosen of pair i -> i, rejected -> B + i), R = 2B
-    responses; a response's tokens appear in sequence order (not always next to each other's
-    responses: the prefix layouts interleave chosen and rejected pair by pair). ``lengths`` (R,) counts
-    each response's tokens. ``logps`` carries gradients; ``entropies`` (-sum_v p_v log p_v) and
-    ``log_sum_sq_probs`` (log sum_v p_v^2) are detached, None unless asked for. ``aux_loss``: the
+    ``segments[k]`` is the response token k belongs to: for pairs chosen of pair i -> i, rejected -> B + i
+    (R = 2B responses), for GRPO groups the completions in order (R = ``batch["num_responses"]``). A
+    response's tokens appear in sequence order (not always next to each other's responses: the prefix
+    layouts interleave a pair's chosen and rejected pair by pair). ``lengths`` (R,) counts each
+    response's tokens (0 for an empty completion). ``logps`` carries gradients; ``entropies``
+    (-sum_v p_v log p_v) and ``log_sum_sq_probs`` (log sum_v p_v^2) are detached, None unless asked for. ``aux_loss``: the
     forward's mixture-of-experts load-balancing loss as the model computes it (``model_token_logps``'
     ``router_aux_loss``), with its graph; None unless asked for.
     """
@@ -757,9 +759,10 @@ def model_token_logps(model, batch: dict, *, chunk_size: int | None = None, temp
     sum_sq_probs: also each token's entropy -sum_v p_v log p_v and log sum_v p_v^2 under those logits
     (detached). router_aux_loss: a mixture-of-experts model also returns its router's load-balancing
     loss over the batch's real tokens (``_final_hidden``; the prefix layouts hold each prompt once, the
-    padded layout twice, so the value depends on the layout); a dense model ignores it. Returns a
+    padded layout once per response, so the value depends on the layout); a dense model ignores it. Returns a
     ``TokenLogps`` of the K completion tokens in the batch's order, float32 whatever the model's dtype,
-    with R = 2 * batch["num_pairs"] responses.
+    with R = ``batch["num_responses"]`` responses (a ``collate_groups`` batch) or 2 *
+    ``batch["num_pairs"]`` (a ``collate`` batch).
     """
     base = _unwrap(model)
     head = base.get_output_embeddings()
@@ -821,7 +824,8 @@ def model_token_logps(model, batch: dict, *, chunk_size: int | None = None, temp
         sum_sq_probs=sum_sq_probs,
     )  # (K,) each
     segments = batch["segments"].to(device)
-    lengths = torch.bincount(segments, minlength=2 * batch["num_pairs"])  # (R,)
+    R = batch["num_responses"] if "num_responses" in batch else 2 * batch["num_pairs"]
+    lengths = torch.bincount(segments, minlength=R)  # (R,)
     return TokenLogps(token, segments, lengths, ent, lss, aux)
 
 

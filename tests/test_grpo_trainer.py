@@ -40,12 +40,16 @@ def make_config(tmp_path, **kw):
     return GRPOConfig(**base)
 
 
-def make_trainer(tmp_path, rows=None, reward=length_reward, model=None, **kw):
+def make_trainer(tmp_path, rows=None, reward=length_reward, model=None, rollout_func=None, sgd=None, **kw):
+    """A GRPOTrainer on a tiny random Llama; sgd=lr: plain SGD (AdamW's normalized step turns float-rounding
+    differences of near-zero gradients into differences of the learning rate's size)."""
     from preftune import GRPOTrainer
 
-    return GRPOTrainer(model=model if model is not None else tiny_model(300, seed=0), reward_funcs=reward,
-                       args=make_config(tmp_path, **kw), train_dataset=rows if rows is not None else prompt_rows(16),
-                       processing_class=tiny_tokenizer())
+    model = model if model is not None else tiny_model(300, seed=0)
+    optimizers = (torch.optim.SGD(model.parameters(), lr=sgd), None) if sgd else (None, None)
+    return GRPOTrainer(model=model, reward_funcs=reward, args=make_config(tmp_path, **kw),
+                       train_dataset=rows if rows is not None else prompt_rows(16), processing_class=tiny_tokenizer(),
+                       rollout_func=rollout_func, optimizers=optimizers)
 
 
 def fixed_rollout(lengths=(3, 5)):
@@ -114,7 +118,7 @@ def _written_out_step(model, tokenizer, prompts_ids, completions, rewards, G, lr
         for p in m.parameters():
             if p.grad is not None:
                 p -= lr * p.grad
-    return m, float(loss)
+    return m, float(loss.detach())
 
 
 def test_one_step_is_the_written_out_grpo_update(tmp_path):
@@ -150,7 +154,8 @@ def test_layouts_give_the_same_update_as_the_shared_prompt_layout(tmp_path, layo
     runs = {}
     for name in ("prefix", layout):
         trainer = make_trainer(tmp_path / name, rollout_func=fixed_rollout(), batch_layout=name, max_steps=2,
-                               gradient_accumulation_steps=2, per_device_train_batch_size=3, num_generations=3)
+                               gradient_accumulation_steps=2, per_device_train_batch_size=3, num_generations=3,
+                               sgd=0.5, max_grad_norm=0)
         trainer.train()
         runs[name] = (weights(trainer.accelerator.unwrap_model(trainer.model)), read_rows(tmp_path / name / "run"))
     (w0, rows0), (w1, rows1) = runs["prefix"], runs[layout]

@@ -131,6 +131,13 @@ class GRPOConfig(TrainConfig):
     remove_unused_columns: bool = _f(False, "Accepted and ignored: the reward functions receive every dataset "
                                      "column.", group="data")
     shuffle_dataset: bool = _f(True, "Shuffle the training prompts.", group="data")
+    batch_layout: str = _f("auto", "How a micro-batch's completions sit in the update's forward: 'prefix' = one "
+                           "sequence per prompt, the prompt once and then its completions, each seeing the prompt "
+                           "and itself only (the group's shared prompt computed once); 'prefix_packed' = those rows "
+                           "end to end without padding, attention as variable-length sequences; 'padded' = one row "
+                           "per completion, the prompt repeated (TRL's); 'packed' = those rows end to end; 'auto' = "
+                           "'prefix'. All give the same log-probs.", group="batch",
+                           choices=("auto", "padded", "packed", "prefix", "prefix_packed"), extra=True)
     demo_train_size: Optional[int] = _f(None, "Number of bundled demo training prompts (None = the demo's own).",
                                         group="data", extra=True)
     demo_eval_size: Optional[int] = _f(None, "Number of bundled demo eval prompts (None = the demo's own).",

@@ -456,8 +456,6 @@ class GRPOTrainer(TrainLoop):
         return records
 
     def _generate(self, prompts: PromptSet, slots: list[tuple[int, int, int]], r: int) -> list[dict]:
-        from preftune.grpo.rollout import generate_groups
-
         args = self.args
         runs: list[tuple[int, list[tuple[int, int, int]]]] = []  # (row, its slots) for consecutive slots
         for s in slots:
@@ -473,6 +471,8 @@ class GRPOTrainer(TrainLoop):
         model = self.accelerator.unwrap_model(self.model)
         if self.rollout_func is not None:
             return self._rollout_func_records(prompts, runs, r)
+        from preftune.grpo.rollout import generate_groups
+
         for count, which in by_count.items():
             out = generate_groups(
                 model, [prompts.prompt_ids[runs[i][0]] for i in which], count,
@@ -617,11 +617,11 @@ class GRPOTrainer(TrainLoop):
 
     def _attach_logps(self, micro: list[list[dict]]) -> None:
         """Old-policy (when needed) and reference (beta > 0) per-token log-probs, without autograd, per micro-batch."""
-        from preftune.reference import forward_token_logps
-
         old, ref = self._needs_old_logps(), self.reference is not None
         if not (old or ref):
             return
+        from preftune.reference import forward_token_logps
+
         for records in micro:
             if not records:
                 continue

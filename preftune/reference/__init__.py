@@ -46,6 +46,7 @@ from preftune.reference.sources import (
     choose_source,
     eval_mode,
     forward_logps,
+    forward_token_logps,
     make_reference,
 )
 from preftune.reference.sync import EMAReferenceSync
@@ -65,6 +66,7 @@ __all__ = [
     "eval_mode",
     "fingerprint_beside",
     "forward_logps",
+    "forward_token_logps",
     "load_reference_cache",
     "make_reference",
     "merge_shard_tables",
