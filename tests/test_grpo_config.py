@@ -42,14 +42,11 @@ TRL_GRPO_OVERRIDES = {"learning_rate": 1e-6, "gradient_checkpointing": True, "lo
 HONOURED = """
 model_init_kwargs trust_remote_code router_aux_loss_coef disable_dropout num_generations num_generations_eval
 max_completion_length shuffle_dataset pad_to_multiple_of generation_batch_size steps_per_generation temperature
-top_p top_k min_p generation_kwargs chat_template_kwargs repetition_penalty use_vllm vllm_model_impl
-vllm_enable_sleep_mode vllm_structured_outputs_regex vllm_gpu_memory_utilization vllm_max_model_length
-vllm_tensor_parallel_size beta num_iterations epsilon delta epsilon_high sapo_temperature_neg sapo_temperature_pos
+top_p top_k min_p generation_kwargs chat_template_kwargs repetition_penalty use_vllm beta num_iterations epsilon delta epsilon_high sapo_temperature_neg sapo_temperature_pos
 vespo_k_pos vespo_lambda_pos vespo_k_neg vespo_lambda_neg importance_sampling_level reward_weights
 multi_objective_aggregation scale_rewards loss_type mask_truncated_completions sync_ref_model ref_model_mixup_alpha
 ref_model_sync_steps top_entropy_quantile entropy_coef use_adaptive_entropy entropy_coef_min entropy_coef_max
-entropy_coef_delta entropy_target vllm_importance_sampling_correction vllm_importance_sampling_mode
-vllm_importance_sampling_clip_max vllm_importance_sampling_clip_min off_policy_mask_threshold use_bias_correction_kl
+entropy_coef_delta entropy_target off_policy_mask_threshold use_bias_correction_kl
 log_completions num_completions_to_print log_unique_prompts use_transformers_continuous_batching
 transformers_continuous_batching_config learning_rate gradient_checkpointing logging_steps bf16
 """.split()
@@ -95,7 +92,9 @@ def test_every_trl_field_is_honoured_listed_or_refused_once():
     names = {f.name for f in dataclasses.fields(GRPOConfig)}
     kinds = {"honoured": set(HONOURED), "supported only": set(GRPOConfig.SUPPORTED_ONLY),
              "ignored": set(GRPOConfig.ACCEPTED_IGNORED), "refused": set(GRPOConfig.REFUSED),
-             "renamed": set(GRPOConfig.RENAMED)}
+             "renamed": set(GRPOConfig.RENAMED),
+             # vLLM's own settings: any value but TRL's default needs use_vllm=True, which the trainer refuses
+             "vllm only": set(VLLM_ONLY_DEFAULTS) - set(GRPOConfig.RENAMED)}
     for name in TRL_GRPO_OWN_FIELDS + list(TRL_GRPO_OVERRIDES):
         where = [k for k, members in kinds.items() if name in members]
         assert len(where) == 1, (name, where)
@@ -146,7 +145,7 @@ def test_dpo_only_fields_are_not_grpo_fields():
 
     names = {f.name for f in dataclasses.fields(GRPOConfig)}
     for name in ("loss_weights", "label_smoothing", "ref_model_name_or_path", "precompute_ref_log_probs",
-                 "max_length", "truncation_mode", "batch_layout", "f_divergence_type", "rpo_alpha"):
+                 "max_length", "truncation_mode", "f_divergence_type", "rpo_alpha"):
         assert name in {f.name for f in dataclasses.fields(DPOConfig)} and name not in names, name
     with pytest.raises(ConfigError, match="unknown field 'label_smoothing'"):
         GRPOConfig(label_smoothing=0.1)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_distributed import _run  # the launcher DPO's multi-process tests use
 
 WORKER = Path(__file__).with_name("_grpo_dist_worker.py")

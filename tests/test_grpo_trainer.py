@@ -296,3 +296,13 @@ def test_log_completions_writes_the_table(tmp_path):
     trainer.train()
     lines = [json.loads(x) for x in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
     assert len(lines) == 4 and {"prompt", "completion", "rewards", "advantage"} <= set(lines[0])
+
+
+def test_transformers_continuous_batching_generates_the_groups(tmp_path):
+    trainer = make_trainer(tmp_path, use_transformers_continuous_batching=True, max_steps=1,
+                           transformers_continuous_batching_config={"num_blocks": 16, "max_batch_tokens": 256})
+    trainer.train()
+    recs = [rec for mb in trainer._round.micro for rec in mb]
+    assert len(recs) == 4 and all(1 <= len(r["completion_ids"]) <= 6 for r in recs)
+    assert all(r["truncated"] == (r["completion_ids"][-1] not in trainer.eos_token_ids) for r in recs)
+    assert "reward" in read_rows(tmp_path / "run")[0]

@@ -181,7 +181,12 @@ class GRPOTrainer(TrainLoop):
         """None when beta == 0 (no KL term, no reference built); the policy with its adapters off under LoRA;
         else a frozen copy of the starting policy. sync_ref_model mixes the policy into it (TR-DPO's rule)."""
         from preftune import models
-        from preftune.reference import EMAReferenceSync, make_reference, prepare_reference_model, sharded_parameters
+        from preftune.reference import (
+            EMAReferenceSync,
+            make_reference,
+            prepare_reference_model,
+            sharded_parameters,
+        )
 
         args = self.args
         if args.beta == 0:
@@ -473,6 +478,13 @@ class GRPOTrainer(TrainLoop):
             return self._rollout_func_records(prompts, runs, r)
         from preftune.grpo.rollout import generate_groups
 
+        if args.use_transformers_continuous_batching:
+            ids, trunc = self._generate_continuous(model, [prompts.prompt_ids[row] for row, run in runs for _ in run])
+            k = 0
+            for i, (_, run) in enumerate(runs):
+                done[i] = (ids[k:k + len(run)], trunc[k:k + len(run)])
+                k += len(run)
+            by_count = {}
         for count, which in by_count.items():
             out = generate_groups(
                 model, [prompts.prompt_ids[runs[i][0]] for i in which], count,
@@ -491,6 +503,50 @@ class GRPOTrainer(TrainLoop):
                                 "prompt_ids": prompts.prompt_ids[row], "completion_ids": list(c),
                                 "truncated": bool(t)})
         return records
+
+    def _generate_continuous(self, model, prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[bool]]:
+        """use_transformers_continuous_batching: transformers' continuous-batching engine (``generate_batch``), one
+        request per completion, with transformers' own sampling (its draws are not the per-completion seeded ones
+        of preftune's decoding, so a run is not reproducible across process layouts). On CPU it is far slower than
+        preftune's decoding (docs/benchmarks.md)."""
+        from transformers import GenerationConfig
+        from transformers.generation import ContinuousBatchingConfig
+
+        args = self.args
+        cb = args.transformers_continuous_batching_config
+        if isinstance(cb, str):
+            import json
+
+            cb = json.loads(cb)
+        cb = dict(cb or {})
+        cb.setdefault("max_memory_percent", 0.5)  # room for the update's backward (TRL's training default)
+        config = GenerationConfig(max_new_tokens=args.max_completion_length, do_sample=True,
+                                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or 0,
+                                  min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                                  eos_token_id=self.eos_token_ids, pad_token_id=self.tokenizer.pad_token_id,
+                                  **(args.generation_kwargs or {}))
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model.generate_batch(prompt_ids, generation_config=config,
+                                           continuous_batching_config=ContinuousBatchingConfig(**cb), progress_bar=False)
+        finally:
+            model.train(was_training)
+        results = [out[k] for k in sorted(out, key=lambda k: int(str(k).rsplit("_", 1)[-1]))]
+        failed = [getattr(o, "error", None) for o in results if getattr(o, "error", None)]
+        if len(results) != len(prompt_ids) or failed:
+            raise RuntimeError(f"transformers' continuous batching returned {len(results)} of {len(prompt_ids)} "
+                               f"completions{f' ({failed[0]})' if failed else ''}; adjust "
+                               "transformers_continuous_batching_config or set use_transformers_continuous_batching"
+                               "=False")
+        ids, trunc = [], []
+        for o in results:
+            c = [int(t) for t in o.generated_tokens]
+            end = next((j for j, t in enumerate(c) if t in self.eos_token_ids), None)
+            ids.append(c if end is None else c[: end + 1])
+            trunc.append(end is None)
+        return ids, trunc
 
     def _rollout_func_records(self, prompts: PromptSet, runs, r: int) -> list[dict]:
         counts = {len(run) for _, run in runs}
