@@ -423,6 +423,11 @@ def test_cli_reward_flag_is_repeatable():
     c, _ = GRPOConfig.parse_cli(["--reward", "accuracy_reward", "--reward", "mymod:fn", "--reward_funcs", "x.py:f"])
     assert c.reward_funcs == ["accuracy_reward", "mymod:fn", "x.py:f"]
     assert GRPOConfig.from_dict({"reward": ["a"]}).reward_funcs == ["a"]
+    # a reward's arguments keep their commas: the flag, a YAML list, a comma-separated string
+    spec = "soft_overlong_punishment(max_completion_len=512, soft_punish_cache=128)"
+    assert GRPOConfig.parse_cli(["--reward", "accuracy", "--reward", spec])[0].reward_funcs == ["accuracy", spec]
+    assert GRPOConfig.from_dict({"reward_funcs": ["accuracy", spec]}).reward_funcs == ["accuracy", spec]
+    assert GRPOConfig(reward_funcs=f"accuracy,{spec}").reward_funcs == ["accuracy", spec]
     assert GRPOConfig.parse_cli(["--scale_rewards", "false", "--loss_type", "DR_GRPO"])[0].scale_rewards == "none"
 
 
