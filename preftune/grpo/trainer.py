@@ -25,6 +25,7 @@ import copy
 import logging
 import math
 import random
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,7 @@ class GRPOTrainer(TrainLoop):
         self._round: _Round | None = None
         self._num_tokens = 0  # prompt + completion tokens trained on so far, over every process (TRL's num_tokens)
         self._micro_index = 0
+        self._timings = None  # seconds of the current round's generation, scoring and log-probs
         # entropy bonus: the coefficient of the current step (use_adaptive_entropy moves it between steps) and the
         # controller's last measured entropy over every process (inf: no bonus before the first measurement)
         self._entropy_coef = float(args.entropy_coef)
@@ -426,6 +428,7 @@ class GRPOTrainer(TrainLoop):
         prompts = self._round_prompts(r)
         slots = [(row, g, k) for k, (row, g) in enumerate((row, g) for row in prompts for g in range(G))]
         L = self.generation_batch_size // n_proc
+        self._timings = defaultdict(float)
         records = self._generate_and_score(self.train_prompts, slots[rank * L:(rank + 1) * L], r)
         records = self._gather(records)  # every process's, in slot order
         metrics = self._generation_metrics(records, prefix="")
@@ -436,7 +439,10 @@ class GRPOTrainer(TrainLoop):
         mine = records[rank * L:(rank + 1) * L]
         num_items = sum(self._loss_tokens(rec) for rec in records)
         micro = self._split(mine, r)
+        t = time.perf_counter()
         self._attach_logps(micro)
+        self._timings["timing/logps_s"] += time.perf_counter() - t
+        metrics.update(self._timings)  # this process's seconds of the round's generation, scoring and log-probs
         if args.log_completions and acc.is_main_process:
             self._write_completions(records, r)
         return _Round(r, micro, metrics, num_items)
@@ -455,9 +461,15 @@ class GRPOTrainer(TrainLoop):
 
     def _generate_and_score(self, prompts: PromptSet, slots: list[tuple[int, int, int]], r: int) -> list[dict]:
         """Completion records of these slots ((row, g, slot) triples, a prompt's consecutive), with their rewards."""
+        t0 = time.perf_counter()
         records = self._generate(prompts, slots, r)
+        t1 = time.perf_counter()
         if records:
             self._score(prompts, records)
+        timings = getattr(self, "_timings", None)
+        if timings is not None:
+            timings["timing/generation_s"] += t1 - t0
+            timings["timing/scoring_s"] += time.perf_counter() - t1
         return records
 
     def _generate(self, prompts: PromptSet, slots: list[tuple[int, int, int]], r: int) -> list[dict]:
