@@ -202,7 +202,7 @@ INVALID = [
      "use_transformers_continuous_batching=False"),
     (dict(use_vllm=True, vllm_importance_sampling_cap=2.0, vllm_importance_sampling_clip_max=2.5),
      "vllm_importance_sampling_cap", "older name of the second"),
-    (dict(vllm_mode="server"), "vllm_mode", "only colocated vLLM is supported"),
+    (dict(vllm_mode="server"), "vllm_mode", "the server mode and its fields are not supported"),
     (dict(demo_tasks=["chess"]), "demo_tasks", "demo_tasks=['chess']"),
 ]
 
