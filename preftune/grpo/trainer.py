@@ -287,7 +287,10 @@ class GRPOTrainer(TrainLoop):
         if self.model.training:
             self._num_tokens += self._global_tokens(tokens)
         ids = torch.tensor([rec["row"] for rec in records], dtype=torch.long)
-        return out.loss.reshape(1), {**self._round.metrics, **metrics}, tokens, ids
+        # the loss couples the micro-batch's completions (its normalizers), so each carries an equal share: a
+        # non-finite loss names all of them (the loop sums these)
+        losses = out.loss.reshape(1).expand(len(records)) / len(records)
+        return losses, {**self._round.metrics, **metrics}, tokens, ids
 
     def _global_tokens(self, tokens: int) -> int:
         if self.accelerator.num_processes == 1:
