@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    DPO on the embedded SmolLM2-135M-Instruct with the bundled demo data
+#   make grpo   GRPO on the same model with the bundled demo prompts, their verifiers as rewards
 #   make test   the whole test suite (what CI runs)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run grpo test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +23,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 run: setup
 	$(VENV)/bin/preftune train
+
+grpo: setup
+	$(PY) -m preftune grpo
 
 test: setup
 	# The report page is checked in a real headless browser (Debian's chromium; no-op when present).

@@ -1058,8 +1058,9 @@ def _coerce(value: Any, tp: Any) -> Any:
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise _Bad(f"a list (or comma-separated string) of {item.__name__}")
-        # "a,b" and ["a,b", "c"] (repeated command-line flags) both split on commas
-        value = [p for v in value for p in (v.split(",") if isinstance(v, str) else [v])
+        # "a,b" and ["a,b", "c"] (repeated command-line flags) both split on commas, except inside brackets:
+        # "length(target_len=20, unit='words')" stays one item
+        value = [p for v in value for p in (_split_top_level(v) if isinstance(v, str) else [v])
                  if not isinstance(p, str) or p.strip()]
         try:
             return [_coerce(v.strip() if isinstance(v, str) else v, item) for v in value]
@@ -1075,6 +1076,21 @@ def _coerce(value: Any, tp: Any) -> Any:
             raise _Bad("a mapping (a JSON object on the command line)")
         return dict(value)
     raise TypeError(f"unsupported field type {tp}")
+
+
+def _split_top_level(text: str) -> list[str]:
+    """text split at the commas that are not inside (), [] or {}."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth = max(0, depth - 1)
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
 
 
 def _plain(value: Any) -> Any:

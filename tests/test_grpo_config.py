@@ -42,14 +42,11 @@ TRL_GRPO_OVERRIDES = {"learning_rate": 1e-6, "gradient_checkpointing": True, "lo
 HONOURED = """
 model_init_kwargs trust_remote_code router_aux_loss_coef disable_dropout num_generations num_generations_eval
 max_completion_length shuffle_dataset pad_to_multiple_of generation_batch_size steps_per_generation temperature
-top_p top_k min_p generation_kwargs chat_template_kwargs repetition_penalty use_vllm vllm_model_impl
-vllm_enable_sleep_mode vllm_structured_outputs_regex vllm_gpu_memory_utilization vllm_max_model_length
-vllm_tensor_parallel_size beta num_iterations epsilon delta epsilon_high sapo_temperature_neg sapo_temperature_pos
+top_p top_k min_p generation_kwargs chat_template_kwargs repetition_penalty use_vllm beta num_iterations epsilon delta epsilon_high sapo_temperature_neg sapo_temperature_pos
 vespo_k_pos vespo_lambda_pos vespo_k_neg vespo_lambda_neg importance_sampling_level reward_weights
 multi_objective_aggregation scale_rewards loss_type mask_truncated_completions sync_ref_model ref_model_mixup_alpha
 ref_model_sync_steps top_entropy_quantile entropy_coef use_adaptive_entropy entropy_coef_min entropy_coef_max
-entropy_coef_delta entropy_target vllm_importance_sampling_correction vllm_importance_sampling_mode
-vllm_importance_sampling_clip_max vllm_importance_sampling_clip_min off_policy_mask_threshold use_bias_correction_kl
+entropy_coef_delta entropy_target off_policy_mask_threshold use_bias_correction_kl
 log_completions num_completions_to_print log_unique_prompts use_transformers_continuous_batching
 transformers_continuous_batching_config learning_rate gradient_checkpointing logging_steps bf16
 """.split()
@@ -95,7 +92,9 @@ def test_every_trl_field_is_honoured_listed_or_refused_once():
     names = {f.name for f in dataclasses.fields(GRPOConfig)}
     kinds = {"honoured": set(HONOURED), "supported only": set(GRPOConfig.SUPPORTED_ONLY),
              "ignored": set(GRPOConfig.ACCEPTED_IGNORED), "refused": set(GRPOConfig.REFUSED),
-             "renamed": set(GRPOConfig.RENAMED)}
+             "renamed": set(GRPOConfig.RENAMED),
+             # vLLM's own settings: any value but TRL's default needs use_vllm=True, which the trainer refuses
+             "vllm only": set(VLLM_ONLY_DEFAULTS) - set(GRPOConfig.RENAMED)}
     for name in TRL_GRPO_OWN_FIELDS + list(TRL_GRPO_OVERRIDES):
         where = [k for k, members in kinds.items() if name in members]
         assert len(where) == 1, (name, where)
@@ -146,7 +145,7 @@ def test_dpo_only_fields_are_not_grpo_fields():
 
     names = {f.name for f in dataclasses.fields(GRPOConfig)}
     for name in ("loss_weights", "label_smoothing", "ref_model_name_or_path", "precompute_ref_log_probs",
-                 "max_length", "truncation_mode", "batch_layout", "f_divergence_type", "rpo_alpha"):
+                 "max_length", "truncation_mode", "f_divergence_type", "rpo_alpha"):
         assert name in {f.name for f in dataclasses.fields(DPOConfig)} and name not in names, name
     with pytest.raises(ConfigError, match="unknown field 'label_smoothing'"):
         GRPOConfig(label_smoothing=0.1)
@@ -203,7 +202,7 @@ INVALID = [
      "use_transformers_continuous_batching=False"),
     (dict(use_vllm=True, vllm_importance_sampling_cap=2.0, vllm_importance_sampling_clip_max=2.5),
      "vllm_importance_sampling_cap", "older name of the second"),
-    (dict(vllm_mode="server"), "vllm_mode", "only colocated vLLM is supported"),
+    (dict(vllm_mode="server"), "vllm_mode", "the server mode and its fields are not supported"),
     (dict(demo_tasks=["chess"]), "demo_tasks", "demo_tasks=['chess']"),
 ]
 
@@ -424,6 +423,11 @@ def test_cli_reward_flag_is_repeatable():
     c, _ = GRPOConfig.parse_cli(["--reward", "accuracy_reward", "--reward", "mymod:fn", "--reward_funcs", "x.py:f"])
     assert c.reward_funcs == ["accuracy_reward", "mymod:fn", "x.py:f"]
     assert GRPOConfig.from_dict({"reward": ["a"]}).reward_funcs == ["a"]
+    # a reward's arguments keep their commas: the flag, a YAML list, a comma-separated string
+    spec = "soft_overlong_punishment(max_completion_len=512, soft_punish_cache=128)"
+    assert GRPOConfig.parse_cli(["--reward", "accuracy", "--reward", spec])[0].reward_funcs == ["accuracy", spec]
+    assert GRPOConfig.from_dict({"reward_funcs": ["accuracy", spec]}).reward_funcs == ["accuracy", spec]
+    assert GRPOConfig(reward_funcs=f"accuracy,{spec}").reward_funcs == ["accuracy", spec]
     assert GRPOConfig.parse_cli(["--scale_rewards", "false", "--loss_type", "DR_GRPO"])[0].scale_rewards == "none"
 
 

@@ -507,3 +507,13 @@ def test_reward_model_errors_name_the_model(reward_model_dir):
 def test_reward_model_path_that_is_not_a_model(tmp_path):
     with pytest.raises(ValueError, match="could not be loaded as a sequence-classification model"):
         RewardFunctions(str(tmp_path))
+
+
+def test_an_infinite_reward_is_refused_by_name():
+    from preftune.grpo.rewards import RewardError, RewardFunctions
+
+    def huge(completions, **kwargs):
+        return [1.0, float("-inf")]
+
+    with pytest.raises(RewardError, match="'huge' returned -inf for completion 1"):
+        RewardFunctions(huge)(["a", "b"], ["x", "y"], [[1], [2]], {})

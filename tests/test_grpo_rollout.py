@@ -54,7 +54,7 @@ def _greedy_eos(model, max_new_tokens):
     return [plain[0][2], plain[2][6]]
 
 
-@pytest.mark.parametrize("compact", [True, False])
+@pytest.mark.parametrize("compact", [True, 3, False])
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
 def test_greedy_equals_generate_per_prompt(model, compact, penalty):
     n_new, G = 10, 3

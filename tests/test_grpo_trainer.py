@@ -296,3 +296,37 @@ def test_log_completions_writes_the_table(tmp_path):
     trainer.train()
     lines = [json.loads(x) for x in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
     assert len(lines) == 4 and {"prompt", "completion", "rewards", "advantage"} <= set(lines[0])
+
+
+def test_transformers_continuous_batching_generates_the_groups(tmp_path):
+    trainer = make_trainer(tmp_path, use_transformers_continuous_batching=True, max_steps=1,
+                           transformers_continuous_batching_config={"num_blocks": 16, "max_batch_tokens": 256})
+    trainer.train()
+    recs = [rec for mb in trainer._round.micro for rec in mb]
+    assert len(recs) == 4 and all(1 <= len(r["completion_ids"]) <= 6 for r in recs)
+    assert all(r["truncated"] == (r["completion_ids"][-1] not in trainer.eos_token_ids) for r in recs)
+    assert "reward" in read_rows(tmp_path / "run")[0]
+
+
+def test_a_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch, caplog):
+    import preftune.grpo.objective as objective
+
+    real, calls = objective.policy_loss, []
+
+    def once_nan(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(objective, "policy_loss", once_nan)
+    trainer = make_trainer(tmp_path, max_steps=2)
+    before = weights(trainer.model)
+    with caplog.at_level("WARNING", logger="preftune"):
+        trainer.train()
+    assert any("non-finite loss at step 1" in r.getMessage() for r in caplog.records)
+    rows = read_rows(tmp_path / "run")
+    assert rows[-1]["nonfinite_steps"] == 1
+    after = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # step 2 trained

@@ -38,8 +38,8 @@ VLLM_ONLY_DEFAULTS: dict[str, Any] = {
     "vllm_importance_sampling_cap": None,
 }
 
-_VLLM_SERVER = ("vLLM's server mode is not supported: use_vllm=True runs vLLM colocated in the training processes "
-                "(vllm_mode='colocate'), which needs no server, host or port")
+_VLLM_SERVER = ("vLLM's server mode is not supported (nor, yet, use_vllm=True): preftune generates in the training "
+                "processes with its own batched decoding, which needs no server, host or port")
 
 
 def _world_size() -> int:
@@ -90,8 +90,8 @@ class GRPOConfig(TrainConfig):
         "cache_implementation": ((None,), "generation runs preftune's own decoding loop (each prompt's forward "
                                  "once, its key/value cache shared by its num_generations rows), which keeps its "
                                  "own cache"),
-        "vllm_mode": (("colocate",), "only colocated vLLM is supported (use_vllm=True runs it in the training "
-                      "processes); the server mode and its fields are not"),
+        "vllm_mode": (("colocate",), "the server mode and its fields are not supported (use_vllm=True is refused "
+                      "for now: preftune generates with its own batched decoding in the training processes)"),
     }
     # vLLM's own settings can differ from TRL's defaults only with use_vllm=True, which the trainer refuses while
     # preftune has no vLLM engine: every value the run can have is the one it does not use

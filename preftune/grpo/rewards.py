@@ -272,6 +272,9 @@ class RewardFunctions:
             else:
                 raise RewardError(f"reward function {name!r} returned {_short(r, 60)} ({type(r).__name__}) for "
                                   f"completion {j}: expected a float or None")
+            if math.isinf(values[-1]):  # it would make its whole group's advantages NaN
+                raise RewardError(f"reward function {name!r} returned {values[-1]} for completion {j}: return a "
+                                  "finite number, or None where the reward does not apply")
         return torch.tensor(values, dtype=torch.float32)
 
     def _score_model(self, i: int, prompts: list, completions: list) -> torch.Tensor:

@@ -73,6 +73,7 @@ def seed_tensor(seeds, device=None) -> torch.Tensor:
     vals = [int(s) % (1 << 64) for s in seeds]
     return torch.tensor([[v & _M32, v >> 32] for v in vals], dtype=torch.long, device=device).reshape(-1, 2)
 
+
 def row_uniforms(seed_words: torch.Tensor, step: int) -> torch.Tensor:
     """(R,) float64 in [0, 1): a function of (seed, step) only, 53 random bits each."""
     lo, hi = seed_words[:, 0], seed_words[:, 1]
@@ -172,6 +173,14 @@ def _module_modes(model) -> list[tuple[torch.nn.Module, bool]]:
     return [(m, m.training) for m in model.modules()]
 
 
+def _cache_kwarg(model) -> str:
+    """The forward keyword that takes the KV cache: ``cache`` in newer transformers, ``past_key_values`` before."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper passes it on
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -186,8 +195,9 @@ def generate_groups(model, prompts, num_generations, *, max_new_tokens, eos_toke
     Each prompt's forward runs once; its KV cache is repeated to ``num_generations`` rows and all rows
     decode as one batch. ``seeds``: one int per completion row (``len(prompts) * num_generations``);
     None draws them from torch's default generator. ``generation_kwargs`` override the sampling
-    arguments (keys in ``GENERATION_KWARGS``; others are refused). ``compact=False`` keeps finished rows
-    in the batch (fed padding) instead of dropping them: same tokens, more work. The model runs in eval
+    arguments (keys in ``GENERATION_KWARGS``; others are refused). ``compact``: True drops finished
+    rows from the batch after every step, an int k every k steps, False never (finished rows are fed
+    padding): the same tokens either way, only the work differs. The model runs in eval
     mode without gradients; every module's training flag is restored afterwards.
     """
     from transformers import DynamicCache
@@ -206,6 +216,9 @@ def generate_groups(model, prompts, num_generations, *, max_new_tokens, eos_toke
     G = int(num_generations)
     _check_args(prompts, G, max_new_tokens, eos_token_ids, seeds, sampling["temperature"] if do_sample else None)
 
+    every = int(compact)  # True -> 1: drop finished rows at every step's end
+    if every < 0:
+        raise ValueError(f"generate_groups: compact={compact}; pass True, False or a number of steps >= 1")
     device = next(model.parameters()).device
     n, R = len(prompts), len(prompts) * G
     if seeds is None:
@@ -228,9 +241,13 @@ def generate_groups(model, prompts, num_generations, *, max_new_tokens, eos_toke
         mask = (torch.arange(L, device=device) >= (L - lengths)[:, None]).long()  # (n, L)
         pos = (mask.cumsum(-1) - 1).clamp_(min=0)
         cache = DynamicCache(config=getattr(model, "config", None))
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
-                    use_cache=True, logits_to_keep=1)
-
+        cache_kw = {_cache_kwarg(model): cache}
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                    **cache_kw)
+        if cache.get_seq_length() != L:
+            raise RuntimeError(f"generate_groups: {type(model).__name__} did not fill the KV cache passed as "
+                               f"{next(iter(cache_kw))}=; the rollout needs a transformers causal LM that takes "
+                               "a DynamicCache")
         logits = out.logits[:, -1].repeat_interleave(G, dim=0)  # (R, V)
         if G > 1:
             cache.batch_repeat_interleave(G)
@@ -258,7 +275,7 @@ def generate_groups(model, prompts, num_generations, *, max_new_tokens, eos_toke
             if step + 1 == max_new_tokens or bool(done.all()):
                 break
             tok = tok.masked_fill(done, int(pad_token_id))
-            if compact and bool(hit.any()):
+            if every and (step + 1) % every == 0 and bool(done.any()):
                 keep = (~done).nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
                 active, tok, mask, next_pos, done = active[keep], tok[keep], mask[keep], next_pos[keep], done[keep]
@@ -268,8 +285,7 @@ def generate_groups(model, prompts, num_generations, *, max_new_tokens, eos_toke
                 history = torch.cat([history, tok[:, None]], dim=-1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
             out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                        cache=cache, use_cache=True)
-
+                        use_cache=True, **cache_kw)
             logits = out.logits[:, -1]
             next_pos = next_pos + 1
         _sync(device)

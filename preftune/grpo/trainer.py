@@ -25,6 +25,7 @@ import copy
 import logging
 import math
 import random
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,7 @@ class GRPOTrainer(TrainLoop):
         self._round: _Round | None = None
         self._num_tokens = 0  # prompt + completion tokens trained on so far, over every process (TRL's num_tokens)
         self._micro_index = 0
+        self._timings = None  # seconds of the current round's generation, scoring and log-probs
         # entropy bonus: the coefficient of the current step (use_adaptive_entropy moves it between steps) and the
         # controller's last measured entropy over every process (inf: no bonus before the first measurement)
         self._entropy_coef = float(args.entropy_coef)
@@ -181,7 +183,12 @@ class GRPOTrainer(TrainLoop):
         """None when beta == 0 (no KL term, no reference built); the policy with its adapters off under LoRA;
         else a frozen copy of the starting policy. sync_ref_model mixes the policy into it (TR-DPO's rule)."""
         from preftune import models
-        from preftune.reference import EMAReferenceSync, make_reference, prepare_reference_model, sharded_parameters
+        from preftune.reference import (
+            EMAReferenceSync,
+            make_reference,
+            prepare_reference_model,
+            sharded_parameters,
+        )
 
         args = self.args
         if args.beta == 0:
@@ -280,7 +287,10 @@ class GRPOTrainer(TrainLoop):
         if self.model.training:
             self._num_tokens += self._global_tokens(tokens)
         ids = torch.tensor([rec["row"] for rec in records], dtype=torch.long)
-        return out.loss.reshape(1), {**self._round.metrics, **metrics}, tokens, ids
+        # the loss couples the micro-batch's completions (its normalizers), so each carries an equal share: a
+        # non-finite loss names all of them (the loop sums these)
+        losses = out.loss.reshape(1).expand(len(records)) / len(records)
+        return losses, {**self._round.metrics, **metrics}, tokens, ids
 
     def _global_tokens(self, tokens: int) -> int:
         if self.accelerator.num_processes == 1:
@@ -421,6 +431,7 @@ class GRPOTrainer(TrainLoop):
         prompts = self._round_prompts(r)
         slots = [(row, g, k) for k, (row, g) in enumerate((row, g) for row in prompts for g in range(G))]
         L = self.generation_batch_size // n_proc
+        self._timings = defaultdict(float)
         records = self._generate_and_score(self.train_prompts, slots[rank * L:(rank + 1) * L], r)
         records = self._gather(records)  # every process's, in slot order
         metrics = self._generation_metrics(records, prefix="")
@@ -431,7 +442,10 @@ class GRPOTrainer(TrainLoop):
         mine = records[rank * L:(rank + 1) * L]
         num_items = sum(self._loss_tokens(rec) for rec in records)
         micro = self._split(mine, r)
+        t = time.perf_counter()
         self._attach_logps(micro)
+        self._timings["timing/logps_s"] += time.perf_counter() - t
+        metrics.update(self._timings)  # this process's seconds of the round's generation, scoring and log-probs
         if args.log_completions and acc.is_main_process:
             self._write_completions(records, r)
         return _Round(r, micro, metrics, num_items)
@@ -450,9 +464,15 @@ class GRPOTrainer(TrainLoop):
 
     def _generate_and_score(self, prompts: PromptSet, slots: list[tuple[int, int, int]], r: int) -> list[dict]:
         """Completion records of these slots ((row, g, slot) triples, a prompt's consecutive), with their rewards."""
+        t0 = time.perf_counter()
         records = self._generate(prompts, slots, r)
+        t1 = time.perf_counter()
         if records:
             self._score(prompts, records)
+        timings = getattr(self, "_timings", None)
+        if timings is not None:
+            timings["timing/generation_s"] += t1 - t0
+            timings["timing/scoring_s"] += time.perf_counter() - t1
         return records
 
     def _generate(self, prompts: PromptSet, slots: list[tuple[int, int, int]], r: int) -> list[dict]:
@@ -473,6 +493,13 @@ class GRPOTrainer(TrainLoop):
             return self._rollout_func_records(prompts, runs, r)
         from preftune.grpo.rollout import generate_groups
 
+        if args.use_transformers_continuous_batching:
+            ids, trunc = self._generate_continuous(model, [prompts.prompt_ids[row] for row, run in runs for _ in run])
+            k = 0
+            for i, (_, run) in enumerate(runs):
+                done[i] = (ids[k:k + len(run)], trunc[k:k + len(run)])
+                k += len(run)
+            by_count = {}
         for count, which in by_count.items():
             out = generate_groups(
                 model, [prompts.prompt_ids[runs[i][0]] for i in which], count,
@@ -491,6 +518,50 @@ class GRPOTrainer(TrainLoop):
                                 "prompt_ids": prompts.prompt_ids[row], "completion_ids": list(c),
                                 "truncated": bool(t)})
         return records
+
+    def _generate_continuous(self, model, prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[bool]]:
+        """use_transformers_continuous_batching: transformers' continuous-batching engine (``generate_batch``), one
+        request per completion, with transformers' own sampling (its draws are not the per-completion seeded ones
+        of preftune's decoding, so a run is not reproducible across process layouts). On CPU it is far slower than
+        preftune's decoding (docs/benchmarks.md)."""
+        from transformers import GenerationConfig
+        from transformers.generation import ContinuousBatchingConfig
+
+        args = self.args
+        cb = args.transformers_continuous_batching_config
+        if isinstance(cb, str):
+            import json
+
+            cb = json.loads(cb)
+        cb = dict(cb or {})
+        cb.setdefault("max_memory_percent", 0.5)  # room for the update's backward (TRL's training default)
+        config = GenerationConfig(max_new_tokens=args.max_completion_length, do_sample=True,
+                                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or 0,
+                                  min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                                  eos_token_id=self.eos_token_ids, pad_token_id=self.tokenizer.pad_token_id,
+                                  **(args.generation_kwargs or {}))
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model.generate_batch(prompt_ids, generation_config=config,
+                                           continuous_batching_config=ContinuousBatchingConfig(**cb), progress_bar=False)
+        finally:
+            model.train(was_training)
+        results = [out[k] for k in sorted(out, key=lambda k: int(str(k).rsplit("_", 1)[-1]))]
+        failed = [getattr(o, "error", None) for o in results if getattr(o, "error", None)]
+        if len(results) != len(prompt_ids) or failed:
+            raise RuntimeError(f"transformers' continuous batching returned {len(results)} of {len(prompt_ids)} "
+                               f"completions{f' ({failed[0]})' if failed else ''}; adjust "
+                               "transformers_continuous_batching_config or set use_transformers_continuous_batching"
+                               "=False")
+        ids, trunc = [], []
+        for o in results:
+            c = [int(t) for t in o.generated_tokens]
+            end = next((j for j, t in enumerate(c) if t in self.eos_token_ids), None)
+            ids.append(c if end is None else c[: end + 1])
+            trunc.append(end is None)
+        return ids, trunc
 
     def _rollout_func_records(self, prompts: PromptSet, runs, r: int) -> list[dict]:
         counts = {len(run) for _, run in runs}
