@@ -305,7 +305,8 @@ class GRPOTrainer(TrainLoop):
 
         args = self.args
         batch = self._collate(records)
-        tok = model_token_logps(self.model, batch, temperature=args.temperature, entropies=True)
+        tok = model_token_logps(self.model, batch, chunk_size=args.logps_chunk_size, temperature=args.temperature,
+                                entropies=True)
         logps, mask = tok.padded()  # (B, T) in record order
         entropies, _ = tok.padded(tok.entropies)
         mask = self._loss_mask(records, mask)
@@ -693,15 +694,16 @@ class GRPOTrainer(TrainLoop):
             return
         from preftune.reference import forward_token_logps
 
+        kw = dict(chunk_size=self.args.logps_chunk_size, temperature=self.args.temperature)
         for records in micro:
             if not records:
                 continue
             batch = self._collate(records)
             outs = []
             if old:
-                outs.append(("old_logps", forward_token_logps(self.model, batch, temperature=self.args.temperature)))
+                outs.append(("old_logps", forward_token_logps(self.model, batch, **kw)))
             if ref:
-                outs.append(("ref_logps", self.reference.token_logps(batch, temperature=self.args.temperature)))
+                outs.append(("ref_logps", self.reference.token_logps(batch, **kw)))
             for key, tok in outs:
                 values, mask = tok.padded()
                 for i, rec in enumerate(records):
