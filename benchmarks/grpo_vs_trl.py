@@ -40,9 +40,9 @@ on both sides; whatever no wrapper covers (clipping, the schedule, logging) is "
 MFU of the update: useful FLOPs over the update's seconds and the matmul peak this script measures (the one
 benchmarks/vs_trl.py measures). Useful FLOPs per trained token are 6N for full fine-tuning (forward 2N,
 backward 4N) and 4N with LoRA (no weight gradients of the frozen matmuls), N = parameters of the matmuls.
-The trained tokens are counted the same way for every side, as the math requires: each completion's tokens
-plus its prompt's, the prompt once per completion (G times per group) even where a side computes it once per
-group, so a side that shares the prompt's forward shows it as higher utilization, not as fewer FLOPs.
+The trained tokens are counted the same way for every side, as the work the math needs: each completion's
+tokens plus its prompt's once per group (every completion of a group sees the same prompt states), so a side
+that runs the prompt once per completion does more work than is useful and shows it as lower utilization.
 """
 
 from __future__ import annotations
@@ -221,8 +221,8 @@ def _result(side: str, clock_cb, wall: float, init_s: float, device: str, n_matm
     steps = clock_cb.steps
     for s in steps:
         seen = s.pop("prompts")
-        # the trained tokens: each completion's own plus its prompt's (the prompt once per completion)
-        s["trained_tokens"] = s["completion_tokens"] + sum(prompts[p][1] for p in seen)
+        # the trained tokens: each completion's own plus its prompt's once per group (the step's distinct prompts)
+        s["trained_tokens"] = s["completion_tokens"] + sum(prompts[p][1] for p in dict.fromkeys(seen))
         s["prompt_rows"] = list(dict.fromkeys(prompts[p][0] for p in seen))  # the step's prompts, in order
     return dict(side=side, wall_s=wall, init_s=init_s, steps=steps, peak_mem=vs_trl.peak_memory_bytes(device),
                 n_matmul=n_matmul, device=device)

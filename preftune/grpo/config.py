@@ -354,7 +354,7 @@ class GRPOConfig(TrainConfig):
     def demo_defaults() -> dict[str, Any]:
         """Overrides for the no-argument `preftune grpo` run: the embedded model on the demo prompts, scored by
         the demo tasks' verifiers."""
-        return {"output_dir": "runs/grpo-demo", "learning_rate": 2e-5, "max_steps": 40, "num_generations": 8,
+        return {"output_dir": "runs/grpo-demo", "learning_rate": 5e-5, "max_steps": 40, "num_generations": 8,
                 "per_device_train_batch_size": 16, "per_device_eval_batch_size": 16, "gradient_accumulation_steps": 1,
                 "max_completion_length": 48, "logging_steps": 1, "save_strategy": "no", "warmup_ratio": 0.0,
                 "reward_funcs": ["demo", "demo_shaping"], "demo_tasks": ["concise", "constraint"],
