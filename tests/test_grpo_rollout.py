@@ -242,3 +242,38 @@ def test_uniforms_depend_on_seed_and_step_only():
     hist = torch.histc(u.float(), bins=20, min=0, max=1).double()
     stat, df = _chi2(hist, torch.full((20,), 1 / 20, dtype=torch.double), 100000)
     assert stat < _chi2_threshold(df)
+
+
+def test_lora_generation_with_merged_weights_equals_the_adapters_forward():
+    """merged_lora: the same greedy tokens as the base matmul plus the adapter's, the logits to float rounding, the
+    base weights untouched and every forward restored after."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from preftune.grpo.rollout import generate_groups, merged_lora
+    from preftune.testing import tiny_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model(300, seed=3), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                               lora_dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)  # a trained-looking adapter (peft starts B at 0)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([[5, 17, 42, 9, 100, 7]])
+    model.eval()
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with merged_lora(model) as n:
+            fast = model(input_ids=ids).logits
+    assert n == 14  # 7 linears x 2 layers
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5)
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
+    assert not any("forward" in vars(m) for m in model.modules() if type(m).__name__ == "Linear"
+                   and hasattr(m, "lora_A"))
+    prompts = [[5, 17, 42], [9, 100, 7, 8, 2]]
+    kw = dict(max_new_tokens=8, eos_token_ids=[0], pad_token_id=1, do_sample=False)
+    merged_out = generate_groups(model, prompts, 2, **kw)
+    plain_out = generate_groups(copy.deepcopy(model), prompts, 2, merge_lora=False, **kw)
+    assert merged_out.completion_ids == plain_out.completion_ids

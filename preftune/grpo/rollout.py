@@ -23,6 +23,7 @@ the other warpers named in ``GENERATION_KWARGS``.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -186,10 +187,57 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def merged_lora(model):
+    """While generating, each LoRA linear of ``model`` (peft's ``lora.Linear`` with plain adapters active) runs as
+    one matmul with a merged copy of its weight, W + sum of the active adapters' scale * B @ A, instead of the
+    base matmul plus the adapter's two small ones and an add per layer per token: decoding a LoRA policy then
+    costs what decoding the full model costs. The base weights are never written (unlike peft's ``merge``, whose
+    ``unmerge`` would leave rounding in them), and the copies are freed on exit: they exist only while decoding,
+    when no activations are held. The logits differ from the unmerged forward by float rounding only. Layers
+    with DoRA or another LoRA variant, a LoRA bias, adapters turned off or merged, or sharded weights (FSDP,
+    DeepSpeed ZeRO-3) keep their own forward. Yields the number of layers merged."""
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:  # no peft: nothing to merge
+        yield 0
+        return
+    patched: list[tuple[torch.nn.Module, object]] = []
+    try:
+        for m in model.modules():
+            if not isinstance(m, LoraLinear) or m.merged or m.disable_adapters:
+                continue
+            active = [a for a in m.active_adapters if a in m.lora_A]
+            if not active or any(getattr(m, "lora_variant", {}).get(a) is not None for a in active) or any(
+                    m.use_dora.get(a, False) or getattr(m, "lora_bias", {}).get(a, False) for a in active):
+                continue
+            base = m.get_base_layer()
+            w = base.weight
+            if type(w).__name__ == "DTensor" or hasattr(w, "ds_id") or not w.is_floating_point():
+                continue
+            with torch.no_grad():
+                weight = w.detach().clone()
+                for a in active:
+                    weight += m.get_delta_weight(a).to(weight.dtype)
+
+            def forward(x, *args, _w=weight, _b=base.bias, **kwargs):
+                return torch.nn.functional.linear(x, _w, _b)
+
+            patched.append((m, vars(m).get("forward")))
+            m.forward = forward
+        yield len(patched)
+    finally:
+        for m, prev in patched:
+            if prev is None:
+                del m.forward
+            else:
+                m.forward = prev
+
+
 @torch.no_grad()
 def generate_groups(model, prompts, num_generations, *, max_new_tokens, eos_token_ids, pad_token_id,
                     temperature=1.0, top_p=1.0, top_k=0, min_p=None, repetition_penalty=1.0,
-                    do_sample=True, seeds=None, generation_kwargs=None, compact=True) -> Rollout:
+                    do_sample=True, seeds=None, generation_kwargs=None, compact=True, merge_lora=True) -> Rollout:
     """``num_generations`` completions for each prompt (token-id lists, already templated).
 
     Each prompt's forward runs once; its KV cache is repeated to ``num_generations`` rows and all rows
@@ -197,7 +245,8 @@ def generate_groups(model, prompts, num_generations, *, max_new_tokens, eos_toke
     None draws them from torch's default generator. ``generation_kwargs`` override the sampling
     arguments (keys in ``GENERATION_KWARGS``; others are refused). ``compact``: True drops finished
     rows from the batch after every step, an int k every k steps, False never (finished rows are fed
-    padding): the same tokens either way, only the work differs. The model runs in eval
+    padding): the same tokens either way, only the work differs. ``merge_lora``: a LoRA model's adapted linears
+    decode as one matmul with their merged weight (``merged_lora``). The model runs in eval
     mode without gradients; every module's training flag is restored afterwards.
     """
     from transformers import DynamicCache
@@ -228,7 +277,10 @@ def generate_groups(model, prompts, num_generations, *, max_new_tokens, eos_toke
 
     modes = _module_modes(model)
     model.eval()
+    merged = contextlib.ExitStack()  # the merged LoRA weights, freed however decoding ends
     try:
+        if merge_lora:
+            merged.enter_context(merged_lora(model))
         # Prefill: left-padded prompts, one forward, logits of the last position only.
         _sync(device)
         t0 = time.perf_counter()
@@ -291,6 +343,7 @@ def generate_groups(model, prompts, num_generations, *, max_new_tokens, eos_toke
         _sync(device)
         t2 = time.perf_counter()
     finally:
+        merged.close()
         for m, was in modes:
             m.training = was
 
