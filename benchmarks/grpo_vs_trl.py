@@ -186,16 +186,10 @@ def _load(job: dict):
     """The prompts, the model and the tokenizer, loaded the same way on every side (before the clock starts)."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(job["seed"])
     rows = make_prompts(job["steps"] * job["prompts_per_step"], SHAPES[job["shape"]]["prompt_words"], job["seed"])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=getattr(torch, job["dtype"]),
-                                                 attn_implementation="sdpa").to(device)
-    tok = AutoTokenizer.from_pretrained(job["model"])
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    model, tok, device = vs_trl.load_model_and_tokenizer(job)
     prompts = {r["prompt"]: (i, len(tok(r["prompt"])["input_ids"])) for i, r in enumerate(rows)}  # (row, tokens)
     return Dataset.from_list(rows), model, tok, device, prompts
 

@@ -141,20 +141,29 @@ def peak_memory_bytes(device: str) -> int:
 # Workers (each runs in its own process)
 
 
-def _common(job: dict):
-    """The pairs, the model and the tokenizer, loaded the same way on both sides (before the clock starts)."""
+def load_model_and_tokenizer(job: dict):
+    """(model, tokenizer, device) of a job, loaded the same way on every side of a benchmark: the job's dtype,
+    SDPA attention, the GPU when there is one, the tokenizer's eos as pad when it has none."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.manual_seed(job["seed"])
-    shape = SHAPES[job["shape"]]
-    rows = make_pairs(job["num_pairs"], shape["prompt_words"], shape["response_words"], job["seed"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=getattr(torch, job["dtype"]),
                                                  attn_implementation="sdpa").to(device)
     tok = AutoTokenizer.from_pretrained(job["model"])
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    return model, tok, device
+
+
+def _common(job: dict):
+    """The pairs, the model and the tokenizer, loaded the same way on both sides (before the clock starts)."""
+    import torch
+
+    torch.manual_seed(job["seed"])
+    shape = SHAPES[job["shape"]]
+    rows = make_pairs(job["num_pairs"], shape["prompt_words"], shape["response_words"], job["seed"])
+    model, tok, device = load_model_and_tokenizer(job)
     return rows, model, tok, device
 
 

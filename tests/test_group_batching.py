@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_batching import per_segment  # {response: [targets]}, as the pair layouts' tests read a batch
 from transformers.masking_utils import find_packed_sequence_indices
 
 from preftune import attention
@@ -28,14 +29,6 @@ GROUPS = [
     {"prompt_ids": [20], "completions": [[30, 31]], "index": 2},  # a group of 1
     {"prompt_ids": [40, 41], "completions": [[], [42, 43]], "index": 5},  # an empty first completion
 ]
-
-
-def per_segment(batch):
-    """{response: [targets in order]} from a batch's flat (positions, targets, segments)."""
-    out: dict[int, list[int]] = {}
-    for t, s in zip(batch["targets"].tolist(), batch["segments"].tolist()):
-        out.setdefault(s, []).append(t)
-    return out
 
 
 def test_padded_by_hand():

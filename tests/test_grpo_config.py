@@ -12,6 +12,7 @@ import types
 
 import pytest
 import yaml
+from test_config import _to_argv  # the parser's obvious twin, as DPOConfig's tests use it
 
 from preftune.config_base import ConfigError, TrainConfig
 from preftune.grpo.config import LOSS_TYPES, VLLM_ONLY_DEFAULTS, GRPOConfig
@@ -394,23 +395,6 @@ def test_yaml_round_trip(tmp_path):
     assert GRPOConfig.from_yaml(str(path)) == c
     assert yaml.safe_load(text) == c.to_dict() and json.loads(json.dumps(c.to_dict())) == c.to_dict()
     assert GRPOConfig.from_yaml(str(path), beta=0.1).beta == 0.1
-
-
-def _to_argv(d: dict) -> list[str]:
-    argv = []
-    for k, v in d.items():
-        if v is None:
-            text = "none"
-        elif isinstance(v, bool):
-            text = str(v).lower()
-        elif isinstance(v, list):
-            text = ",".join(str(x) for x in v)
-        elif isinstance(v, dict):
-            text = json.dumps(v)
-        else:
-            text = repr(v) if isinstance(v, float) else str(v)
-        argv += [f"--{k}", text]
-    return argv
 
 
 def test_cli_round_trip_every_field():

@@ -80,14 +80,13 @@ def _report(trainer, out: Path, before, demo: bool) -> None:
 
 def _reward_curve(out: Path, k: int = 10):
     """Mean logged reward of the first and last k logged training rows (None when nothing was logged)."""
-    import json
+    from preftune.report import read_metrics
 
-    path = Path(out) / "metrics.jsonl"
-    if not path.is_file():
-        path = Path(out).parent / "metrics.jsonl"
-    if not path.is_file():
+    try:
+        train, _ = read_metrics(out)
+    except FileNotFoundError:
         return None, None
-    rewards = [row["reward"] for row in map(json.loads, path.read_text().splitlines()) if "reward" in row]
+    rewards = [row["reward"] for row in train if "reward" in row]
     if not rewards:
         return None, None
     k = max(1, min(k, len(rewards) // 2 or 1))

@@ -307,9 +307,9 @@ class GRPOTrainer(TrainLoop):
         batch = self._collate(records)
         tok = model_token_logps(self.model, batch, chunk_size=args.logps_chunk_size, temperature=args.temperature,
                                 entropies=True)
-        logps, mask = tok.padded()  # (B, T) in record order
+        logps, valid = tok.padded()  # (B, T) in record order
         entropies, _ = tok.padded(tok.entropies)
-        mask = self._loss_mask(records, mask)
+        mask = self._loss_mask(records, valid)
         old = self._padded(records, "old_logps", logps)
         ref = self._padded(records, "ref_logps", logps)
         adv = torch.tensor([rec["advantage"] for rec in records], dtype=torch.float32, device=logps.device)
@@ -328,7 +328,7 @@ class GRPOTrainer(TrainLoop):
             num_processes=self.accelerator.num_processes if train else 1,
             gradient_accumulation_steps=args.gradient_accumulation_steps if train else 1,
             steps_per_generation=self.steps_per_generation if train else 1)
-        metrics = {"entropy": _masked_mean(entropies, tok.padded()[1])}
+        metrics = {"entropy": _masked_mean(entropies, valid)}
         if train and args.use_adaptive_entropy:
             self._adapt_entropy_coef(entropies, mask, threshold if threshold is not None else (
                 _call_threshold(entropies, mask, args.top_entropy_quantile)))
@@ -712,6 +712,8 @@ class GRPOTrainer(TrainLoop):
     # --- metrics ----------------------------------------------------------------------------------------------
     def _generation_metrics(self, records: list[dict], *, prefix: str) -> dict[str, float]:
         """TRL's generation metrics over every process's completions of a round."""
+        from preftune.grpo.objective import nanstd
+
         G = self.num_generations if not prefix else self.num_generations_eval
         lengths = torch.tensor([len(rec["completion_ids"]) for rec in records], dtype=torch.float32)
         trunc = torch.tensor([rec["truncated"] for rec in records])
@@ -743,8 +745,9 @@ class GRPOTrainer(TrainLoop):
         n_groups = len(records) // G
         grouped = total[: n_groups * G].view(n_groups, G)
         m["reward"] = float(total.nanmean())
-        m["reward_std"] = float(_nanstd(grouped, dim=1).nanmean()) if n_groups else float("nan")
-        m["frac_reward_zero_std"] = float((_nanstd(grouped, dim=1) == 0).float().mean()) if n_groups else float("nan")
+        group_std = nanstd(grouped, dim=1) if n_groups else None
+        m["reward_std"] = float(group_std.nanmean()) if n_groups else float("nan")
+        m["frac_reward_zero_std"] = float((group_std == 0).float().mean()) if n_groups else float("nan")
         return m
 
     def _write_completions(self, records: list[dict], r: int) -> None:
@@ -829,14 +832,6 @@ def _call_threshold(entropies: torch.Tensor, mask: torch.Tensor, quantile: float
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-def _nanstd(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Bessel-corrected standard deviation ignoring NaN (NaN where fewer than two values)."""
-    n = (~torch.isnan(x)).sum(dim=dim)
-    mean = x.nanmean(dim=dim, keepdim=True)
-    var = ((x - mean) ** 2).nansum(dim=dim) / (n - 1).clamp(min=1)
-    return torch.where(n > 1, var.sqrt(), torch.full_like(var, float("nan")))
 
 
 __all__ = ["GRPOTrainer"]
