@@ -162,6 +162,8 @@ def test_layouts_give_the_same_update_as_the_shared_prompt_layout(tmp_path, layo
     for k in w0:
         torch.testing.assert_close(w0[k], w1[k], rtol=0, atol=1e-5, msg=k)
     assert [r["loss"] for r in rows0] == pytest.approx([r["loss"] for r in rows1], abs=1e-5)
+    # TRL's num_tokens: every completion's prompt + completion tokens, whatever the layout computes
+    assert [r["num_tokens"] for r in rows0] == [r["num_tokens"] for r in rows1]
 
 
 def test_resume_in_the_middle_of_a_generation_round_is_exact(tmp_path):

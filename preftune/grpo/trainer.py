@@ -112,7 +112,7 @@ class GRPOTrainer(TrainLoop):
         self.eval_prompts = self._eval_prompt_sets(eval_dataset)
         self.reference = self._build_reference()
         self._round: _Round | None = None
-        self._num_tokens = 0  # prompt + completion tokens trained on so far, over every process (TRL's num_tokens)
+        self._num_tokens = 0  # prompt + completion tokens of the rounds so far, over every process (TRL's num_tokens)
         self._micro_index = 0
         self._timings = None  # seconds of the current round's generation, scoring and log-probs
         # entropy bonus: the coefficient of the current step (use_adaptive_entropy moves it between steps) and the
@@ -284,19 +284,11 @@ class GRPOTrainer(TrainLoop):
             self._round = self._make_round(r)
         records = self._round.micro[(m % per_round) % self.steps_per_generation]
         out, metrics, tokens = self._micro_loss(records, self._round)
-        if self.model.training:
-            self._num_tokens += self._global_tokens(tokens)
         ids = torch.tensor([rec["row"] for rec in records], dtype=torch.long)
         # the loss couples the micro-batch's completions (its normalizers), so each carries an equal share: a
         # non-finite loss names all of them (the loop sums these)
         losses = out.loss.reshape(1).expand(len(records)) / len(records)
         return losses, {**self._round.metrics, **metrics}, tokens, ids
-
-    def _global_tokens(self, tokens: int) -> int:
-        if self.accelerator.num_processes == 1:
-            return int(tokens)
-        t = torch.tensor([float(tokens)], device=self.accelerator.device)
-        return int(self.accelerator.reduce(t, reduction="sum").item())
 
     def _micro_loss(self, records: list[dict], rnd: _Round, *, train: bool = True):
         """(PolicyLoss, metrics, tokens) of one micro-batch of completion records."""
@@ -442,6 +434,9 @@ class GRPOTrainer(TrainLoop):
             metrics.update(ds_metrics)
         mine = records[rank * L:(rank + 1) * L]
         num_items = sum(self._loss_tokens(rec) for rec in records)
+        # TRL's num_tokens: prompt + completion tokens of every completion trained on, over every process, counted
+        # once per round from the gathered records (no collective per micro-batch; the same in every batch layout)
+        self._num_tokens += sum(len(rec["prompt_ids"]) + len(rec["completion_ids"]) for rec in records)
         micro = self._split(mine, r)
         t = time.perf_counter()
         self._attach_logps(micro)
